@@ -1,0 +1,114 @@
+"""`etft` command line: parse, build, run, always clean up. User errors exit 2 with one clear message."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Sequence
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import config as config_mod
+from .config import ConfigError
+
+log = logging.getLogger("enhanced_tft.cli")
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults = configs/default.yaml)")
+    parser.add_argument("--task", choices=config_mod.TASKS, help="overrides the config's task")
+    parser.add_argument("--test_mode", action="store_true",
+                        help="the seed's smoke run: small data slice, small model, 2 epochs, full run folder")
+    parser.add_argument("--ensemble_size", type=int, metavar="N", help="train N members with seeds seed..seed+N-1")
+    parser.add_argument("--log_dir", metavar="DIR", help="parent of the run folders (default: logs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set model.d_model=64 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="etft", description="Enhanced TFT for market time series")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser("train", help="train a model (or an ensemble) and write a run folder")
+    _add_train_arguments(train)
+    return parser
+
+
+def resolve_train_config(args: argparse.Namespace) -> config_mod.Config:
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.append(f"task={args.task}")
+    if args.ensemble_size is not None:
+        overrides.append(f"train.ensemble_size={args.ensemble_size}")
+    if args.log_dir:
+        overrides.append(f"run.log_dir={args.log_dir!r}")
+    cfg = config_mod.load_config(args.config, overrides)
+    if args.test_mode:
+        cfg = config_mod.apply_test_mode(cfg)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # heavy imports only once the arguments are known to be good
+    from .data.pipeline import build_data
+    from .runs import RunFolder
+    from .train.ensemble import train_ensemble
+    from .train.precision import resolve_device, resolve_precision
+
+    cfg = resolve_train_config(args)
+    device = resolve_device(cfg.train.device)
+    policy = resolve_precision(cfg.train.mixed_precision, device)
+    # the saved config is what ran: record the effective device and precision
+    cfg = config_mod.update(cfg, train={"device": device.type, "mixed_precision": policy.name})
+    run = RunFolder.create(cfg.run.log_dir)
+    run.attach_logging()
+    started = time.time()
+    try:
+        run.write_config(config_mod.to_yaml(cfg))
+        log.info("run folder %s%s", run.path, "  (test mode)" if cfg.run.test_mode else "")
+        log.info("task %s; effective batch %d = micro-batch %d x %d accumulation steps; precision %s: %s",
+                 cfg.task, cfg.train.effective_batch_size, cfg.train.batch_size,
+                 cfg.train.gradient_accumulation_steps, policy.name, policy.reason)
+        data = build_data(cfg)
+        run.write_json("scaler.json", data.scaler)
+        with logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]):
+            summary = train_ensemble(cfg, data, device, policy, run)
+        _print_result(summary, run, time.time() - started)
+        return 0
+    finally:
+        run.detach_logging()
+
+
+def _print_result(summary: dict, run, seconds: float) -> None:
+    test, baseline = summary["test"], summary["baseline"]
+    keys = [k for k in test if k != "num_samples" and k in baseline]
+    label = "ensemble" if summary["ensemble"]["size"] > 1 else "model"
+    lines = [f"test metrics ({test['num_samples']} samples):", f"  {'metric':<20}{label:>12}{'baseline':>12}"]
+    lines += [f"  {k:<20}{test[k]:>12.4f}{baseline[k]:>12.4f}" for k in keys]
+    lines.append(f"baseline: {baseline['rule']}")
+    lines.append(f"train speed {summary['samples_per_s']:.0f} samples/s, peak memory "
+                 f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB, {seconds:.0f} s in all")
+    lines.append(f"run folder: {run.path}")
+    log.info("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .runs import setup_console_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_console_logging()
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+    except (ConfigError, ValueError) as err:
+        print(f"etft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"etft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

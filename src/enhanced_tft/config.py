@@ -1,0 +1,220 @@
+"""One typed config tree: defaults, YAML in and out, CLI overrides, validation.
+
+Precedence: CLI overrides (`--set section.key=value`, `--task`, ...) > YAML file > defaults.
+Every user error raises ConfigError (a ValueError) naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASKS = ("regression", "quantile", "classification_binary", "classification_multiclass")
+Task = Literal["regression", "quantile", "classification_binary", "classification_multiclass"]
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config value the user must change; the message names key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    # strict: YAML `d_model: "64"` or `batch_size: 8.5` is an error, not a silent cast.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic"] = Field("synthetic", description="where bars come from")
+    num_symbols: int = Field(5, ge=1, description="synthetic: number of symbols (series)")
+    num_bars: int = Field(2500, ge=10, description="synthetic: bars per symbol")
+    bar_minutes: int = Field(60, ge=1, description="synthetic: minutes per bar (calendar features)")
+    sequence_length: int = Field(48, ge=2, description="bars of history in each window (the seed's key)")
+    horizon: int = Field(1, ge=1, description="bars ahead the target looks")
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="last part of each series before test")
+    test_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="last part of each series")
+    purge_gap: int | None = Field(None, ge=0, description="bars left out between splits; None = horizon")
+    dead_zone_std: float = Field(0.43, ge=0.0, description="multiclass/binary: |return| below this many train stds is 'flat'")
+    return_lags: list[int] = Field([1, 2, 3, 5, 10, 20], description="lags (bars) of the log-return features")
+    volatility_windows: list[int] = Field([10, 30], description="rolling windows of the volatility features")
+
+    @field_validator("return_lags", "volatility_windows")
+    @classmethod
+    def _positive_list(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError(f"must be a non-empty list of integers >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
+                "leaves under 10% for training; allowed: a sum below 0.9")
+        return self
+
+    @property
+    def effective_purge_gap(self) -> int:
+        return self.horizon if self.purge_gap is None else self.purge_gap
+
+
+class ModelConfig(_Section):
+    d_model: int = Field(64, ge=1, description="width of every hidden state")
+    num_heads: int = Field(4, ge=1, description="attention heads; must divide d_model")
+    num_transformer_blocks: int = Field(2, ge=1, description="stacked self-attention blocks")
+    ff_dim: int = Field(128, ge=1, description="width of each block's feed-forward")
+    dropout_rate: float = Field(0.1, ge=0.0, lt=1.0, description="dropout everywhere, in [0, 1)")
+    variable_hidden_size: int = Field(16, ge=1, description="per-variable GRN width in variable selection")
+    lstm_layers: int = Field(1, ge=1, description="layers of the LSTM encoder")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} does not divide d_model={self.d_model}; "
+                "allowed: a num_heads that divides d_model")
+        return self
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(64, ge=1, description="micro-batch: samples per forward/backward (the seed's key)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    epochs: int = Field(8, ge=1, description="maximum epochs")
+    learning_rate: float = Field(2e-3, gt=0.0, description="peak AdamW learning rate")
+    weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay")
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of steps with linear warm-up")
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0, description="cosine decay ends at this share of the peak")
+    grad_clip_norm: float = Field(1.0, gt=0.0, description="gradient clipping by global norm")
+    early_stopping_patience: int = Field(3, ge=1, description="epochs without val improvement before stopping")
+    mixed_precision: bool | Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto | fp32 | fp16 | bf16; the seed's true/false still accepted")
+    regression_loss: Literal["mae", "huber"] = Field("huber", description="loss of the regression task")
+    huber_delta: float = Field(1.0, gt=0.0, description="Huber delta, in train-std units of the target")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
+    ensemble_size: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (smoke runs)")
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+
+class RunConfig(_Section):
+    log_dir: str = Field("logs", description="run folders go to LOG_DIR/training_<timestamp>")
+    test_mode: bool = Field(False, description="the seed's smoke run: small data, small model, 2 epochs")
+
+
+class Config(_Section):
+    task: Task = Field("classification_binary", description=f"one of {', '.join(TASKS)}")
+    seed: int = Field(42, description="seed of data order, initialisation and dropout")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            parent = _section_of(item["loc"][:-1])
+            allowed = ", ".join(sorted(parent.model_fields)) if parent else ""
+            lines.append(f"{loc}: unknown key; allowed keys here: {allowed}")
+        elif item["type"] == "literal_error" or "input" not in item:
+            lines.append(f"{loc}={item.get('input')!r}: {msg}")
+        else:
+            lines.append(f"{loc}={item['input']!r}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    cls: type[BaseModel] = Config
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict into a Config, or raise ConfigError listing every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, raw)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as YAML (64, 0.1, true, [1, 2])."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {assignment!r} must look like section.key=value, e.g. model.d_model=64")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then each `section.key=value` override, validated once."""
+    raw: dict[str, Any] = load_yaml(path) if path else {}
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    return build_config(raw)
+
+
+def update(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Return a validated copy with some fields replaced, e.g. update(cfg, train={"epochs": 2})."""
+    raw = cfg.model_dump()
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            raw[name].update(values)
+        else:
+            raw[name] = values
+    return build_config(raw)
+
+
+def apply_test_mode(cfg: Config) -> Config:
+    """The seed's --test_mode: a small slice of data, a small model, two epochs; still a full run."""
+    return update(
+        cfg,
+        data={"num_symbols": min(cfg.data.num_symbols, 3), "num_bars": min(cfg.data.num_bars, 800),
+              "sequence_length": min(cfg.data.sequence_length, 24)},
+        model={"d_model": 32, "num_heads": 4, "num_transformer_blocks": 1, "ff_dim": 64,
+               "variable_hidden_size": 8},
+        train={"epochs": 2, "batch_size": min(cfg.train.batch_size, 32), "gradient_accumulation_steps": 1},
+        run={"test_mode": True},
+    )
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Files or generators -> validated bars -> features and targets -> window views."""

@@ -1,0 +1,121 @@
+"""Enhanced TFT: TFT front end (variable selection, static context, LSTM) + stacked causal attention blocks.
+
+Legend: B batch, T past steps (sequence_length), H horizon steps, L = T + H, F variables, D d_model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import TaskHead
+from .layers import GatedLinearUnit, GatedResidualNetwork, VariableSelection
+
+
+@dataclass
+class ModelDims:
+    num_observed: int
+    num_known: int
+    num_symbols: int
+    horizon: int
+
+
+@dataclass
+class TFTOutput:
+    output: torch.Tensor                           # (B, O) raw head output, float32
+    observed_weights: torch.Tensor | None = None   # (B, T, F_obs + F_known)
+    future_weights: torch.Tensor | None = None     # (B, H, F_known)
+    attention: list[torch.Tensor] | None = None    # per block: (B, heads, L, L)
+
+
+class CausalSelfAttentionBlock(nn.Module):
+    """Causal multi-head attention and a gated feed-forward, each with a gated residual and LayerNorm."""
+
+    def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.attn_gate = GatedLinearUnit(d_model, d_model, dropout)
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.ff = GatedResidualNetwork(d_model, ff_dim, d_model, dropout)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, d_model = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3x (B, h, L, d)
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)  # safe in half precision
+            weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            attended = F.dropout(weights, self.dropout, self.training) @ v
+        else:
+            attended = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        attended = self.out(attended.transpose(1, 2).reshape(batch, length, d_model))
+        x = self.attn_norm(x + self.attn_gate(attended))
+        return self.ff(x), weights
+
+
+class EnhancedTFT(nn.Module):
+    """Inputs: observed (B, T, F_obs), known (B, L, F_known), symbol (B,). Output: the head's (B, O)."""
+
+    def __init__(self, dims: ModelDims, task: str, d_model: int, num_heads: int, num_transformer_blocks: int,
+                 ff_dim: int, dropout_rate: float, variable_hidden_size: int, lstm_layers: int = 1,
+                 regression_loss: str = "huber", huber_delta: float = 1.0):
+        super().__init__()
+        self.dims = dims
+        self.lstm_layers = lstm_layers
+        self.symbol_embedding = nn.Embedding(dims.num_symbols, d_model)
+        # static contexts: variable selection, enrichment, LSTM initial hidden and cell state
+        self.static_contexts = nn.ModuleList(
+            GatedResidualNetwork(d_model, d_model, d_model, dropout_rate) for _ in range(4))
+        self.past_selection = VariableSelection(
+            dims.num_observed + dims.num_known, variable_hidden_size, d_model, dropout_rate, d_model)
+        self.future_selection = VariableSelection(dims.num_known, variable_hidden_size, d_model, dropout_rate, d_model)
+        self.lstm = nn.LSTM(d_model, d_model, num_layers=lstm_layers, batch_first=True,
+                            dropout=dropout_rate if lstm_layers > 1 else 0.0)
+        self.lstm_gate = GatedLinearUnit(d_model, d_model, dropout_rate)
+        self.lstm_norm = nn.LayerNorm(d_model)
+        self.enrichment = GatedResidualNetwork(d_model, d_model, d_model, dropout_rate, context_dim=d_model)
+        self.blocks = nn.ModuleList(
+            CausalSelfAttentionBlock(d_model, num_heads, ff_dim, dropout_rate) for _ in range(num_transformer_blocks))
+        self.head = TaskHead(task, d_model, regression_loss, huber_delta)
+
+    def forward(self, observed: torch.Tensor, known: torch.Tensor, symbol: torch.Tensor,
+                return_weights: bool = False) -> TFTOutput:
+        past_len = observed.shape[1]
+        static = self.symbol_embedding(symbol)                                        # (B, D)
+        ctx_select, ctx_enrich, ctx_h, ctx_c = (grn(static) for grn in self.static_contexts)
+
+        past_inputs = torch.cat([observed, known[:, :past_len]], dim=-1)              # (B, T, F_obs+F_known)
+        past, past_weights = self.past_selection(past_inputs, ctx_select)             # (B, T, D)
+        future, future_weights = self.future_selection(known[:, past_len:], ctx_select)  # (B, H, D)
+        selected = torch.cat([past, future], dim=1)                                   # (B, L, D)
+
+        state = (ctx_h.unsqueeze(0).expand(self.lstm_layers, -1, -1).contiguous(),
+                 ctx_c.unsqueeze(0).expand(self.lstm_layers, -1, -1).contiguous())
+        encoded, _ = self.lstm(selected, state)                                       # (B, L, D)
+        x = self.lstm_norm(selected + self.lstm_gate(encoded))
+        x = self.enrichment(x, ctx_enrich)
+
+        attention = []
+        for block in self.blocks:
+            x, weights = block(x, need_weights=return_weights)
+            if return_weights:
+                attention.append(weights)
+        output = self.head(x[:, -1])                                                  # (B, O)
+        if not return_weights:
+            return TFTOutput(output)
+        return TFTOutput(output, past_weights, future_weights, attention)
+
+
+def build_model(cfg, dims: ModelDims) -> EnhancedTFT:
+    """The model described by a Config's `model` section for data of the given dimensions."""
+    m = cfg.model
+    return EnhancedTFT(dims, cfg.task, m.d_model, m.num_heads, m.num_transformer_blocks, m.ff_dim, m.dropout_rate,
+                       m.variable_hidden_size, m.lstm_layers, cfg.train.regression_loss, cfg.train.huber_delta)

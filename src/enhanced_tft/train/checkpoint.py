@@ -1,0 +1,25 @@
+"""Checkpoints written atomically (temp file, fsync, rename) and loaded without running pickled code."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file beside `path`, then rename over it: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint; weights_only refuses anything but tensors and plain containers."""
+    return torch.load(path, map_location="cpu", weights_only=True)
