@@ -49,13 +49,13 @@ def resolve_train_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    # heavy imports only once the arguments are known to be good
+    cfg = resolve_train_config(args)
+    # heavy imports (torch, pandas) only once the config is known to be good: bad input answers at once
     from .data.pipeline import build_data
     from .runs import RunFolder
     from .train.ensemble import train_ensemble
     from .train.precision import resolve_device, resolve_precision
 
-    cfg = resolve_train_config(args)
     device = resolve_device(cfg.train.device)
     policy = resolve_precision(cfg.train.mixed_precision, device)
     # the saved config is what ran: record the effective device and precision
@@ -81,11 +81,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_result(summary: dict, run, seconds: float) -> None:
     test, baseline = summary["test"], summary["baseline"]
-    keys = [k for k in test if k != "num_samples" and k in baseline]
+    data_stats = ("num_samples", "up_rate", "majority_rate")   # properties of the split, not of a model
+    keys = [k for k in test if k not in data_stats and k in baseline]
     label = "ensemble" if summary["ensemble"]["size"] > 1 else "model"
     lines = [f"test metrics ({test['num_samples']} samples):", f"  {'metric':<20}{label:>12}{'baseline':>12}"]
     lines += [f"  {k:<20}{test[k]:>12.4f}{baseline[k]:>12.4f}" for k in keys]
     lines.append(f"baseline: {baseline['rule']}")
+    if "majority_rate" in test:
+        lines.append(f"test split: {test['up_rate']:.1%} up bars, majority-class rate {test['majority_rate']:.1%}")
     lines.append(f"train speed {summary['samples_per_s']:.0f} samples/s, peak memory "
                  f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB, {seconds:.0f} s in all")
     lines.append(f"run folder: {run.path}")

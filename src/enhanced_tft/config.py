@@ -35,7 +35,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="last part of each series before test")
     test_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="last part of each series")
     purge_gap: int | None = Field(None, ge=0, description="bars left out between splits; None = horizon")
-    dead_zone_std: float = Field(0.43, ge=0.0, description="multiclass/binary: |return| below this many train stds is 'flat'")
+    flat_fraction: float = Field(0.33, ge=0.0, lt=1.0,
+                                 description="multiclass: share of train returns labelled flat; sets the dead zone")
     return_lags: list[int] = Field([1, 2, 3, 5, 10, 20], description="lags (bars) of the log-return features")
     volatility_windows: list[int] = Field([10, 30], description="rolling windows of the volatility features")
 
@@ -114,19 +115,40 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
 
-def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
-    lines = []
+def _clean_loc(loc: tuple) -> str:
+    """Drop pydantic's union-member tags (bool, literal[...], int) so that the key reads as in YAML."""
+    parts: list[str] = []
+    cls: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+            continue
+        if cls is not None and part in cls.model_fields:
+            parts.append(part)
+            annotation = cls.model_fields[part].annotation
+            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        elif cls is not None:     # an unknown key
+            parts.append(part)
+            cls = None
+    return ".".join(parts) or "(top level)"
+
+
+def _format_errors(err: ValidationError) -> str:
+    merged: dict[str, list[str]] = {}
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = _clean_loc(item["loc"])
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             parent = _section_of(item["loc"][:-1])
             allowed = ", ".join(sorted(parent.model_fields)) if parent else ""
-            lines.append(f"{loc}: unknown key; allowed keys here: {allowed}")
-        elif item["type"] == "literal_error" or "input" not in item:
-            lines.append(f"{loc}={item.get('input')!r}: {msg}")
+            key = f"{loc}: unknown key"
+            msg = f"allowed keys here: {allowed}"
         else:
-            lines.append(f"{loc}={item['input']!r}: {msg}")
+            # a section-level check (input is the whole section) names its keys in the message itself
+            shown = "input" in item and not isinstance(item["input"], dict)
+            key = f"{loc}={item['input']!r}" if shown else loc
+        merged.setdefault(key, []).append(msg)
+    lines = [f"{key}: {'; or '.join(msgs)}" for key, msgs in merged.items()]
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -147,7 +169,7 @@ def build_config(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, raw)) from None
+        raise ConfigError(_format_errors(err)) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

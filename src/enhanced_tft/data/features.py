@@ -56,7 +56,7 @@ def known_features(timestamps: pd.Series) -> np.ndarray:
     """(N, F_known) float32 calendar features: known in advance for any future bar."""
     ts = pd.DatetimeIndex(timestamps)
     hour = (ts.hour.to_numpy() + ts.minute.to_numpy() / 60.0) / 24.0
-    dow = ts.dayofweek.to_numpy() / 7.0
+    dow = ts.day_of_week.to_numpy() / 7.0
     return np.stack([np.sin(2 * np.pi * hour), np.cos(2 * np.pi * hour),
                      np.sin(2 * np.pi * dow), np.cos(2 * np.pi * dow)], axis=1).astype(np.float32)
 

@@ -27,7 +27,7 @@ class DataBundle:
     symbols: list[str]
     task: str
     target_std: float            # train std of the forward log return (regression targets are divided by it)
-    dead_zone: float             # multiclass: |return| below this is 'flat' (log-return units)
+    dead_zone: float             # multiclass: |return| at or below this is 'flat' (log-return units)
     scaler: dict[str, list[float]] = field(default_factory=dict)
     dropped_warmup_rows: int = 0
 
@@ -119,7 +119,7 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
     train_ends = np.concatenate(ends["train"])
     train_returns = forward[train_ends].astype(np.float64)
     target_std = float(train_returns.std()) or 1.0
-    dead_zone = float(data.dead_zone_std * target_std)
+    dead_zone = float(np.quantile(np.abs(train_returns), data.flat_fraction)) if data.flat_fraction else 0.0
     target = make_targets(cfg.task, np.nan_to_num(forward), target_std, dead_zone)
 
     arrays = SeriesArrays(

@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def small_raw() -> dict:
+    """A config small enough for behaviour tests of a few seconds."""
+    return {
+        "seed": 7,
+        "data": {"num_symbols": 2, "num_bars": 700, "sequence_length": 16},
+        "model": {"d_model": 16, "num_heads": 2, "num_transformer_blocks": 1, "ff_dim": 32,
+                  "variable_hidden_size": 4, "dropout_rate": 0.0},
+        "train": {"batch_size": 32, "epochs": 2},
+    }
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300):
+    """Run a real command line in a subprocess with the project's interpreter."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

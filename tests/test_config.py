@@ -1,0 +1,110 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from enhanced_tft.config import (Config, ConfigError, apply_test_mode, build_config, load_config)
+
+
+@pytest.mark.parametrize("raw, key, allowed", [
+    ({"model": {"d_model": 64, "num_heads": 7}}, "model", "num_heads that divides d_model"),
+    ({"data": {"sequence_length": 1}}, "data.sequence_length=1", "greater than or equal to 2"),
+    ({"train": {"batch_size": 0}}, "train.batch_size=0", "greater than or equal to 1"),
+    ({"model": {"dropout_rate": 1.0}}, "model.dropout_rate=1.0", "less than 1"),
+    ({"model": {"dropout_rate": -0.1}}, "model.dropout_rate=-0.1", "greater than or equal to 0"),
+    ({"task": "forecast_everything"}, "task='forecast_everything'", "'classification_binary'"),
+    ({"model": {"d_model": "big"}}, "model.d_model='big'", "valid integer"),
+    ({"train": {"batch_size": 8.5}}, "train.batch_size=8.5", "valid integer"),
+    ({"train": {"gradient_accumulation_steps": 0}}, "train.gradient_accumulation_steps=0", ">= 1".replace(">= ", "greater than or equal to ")),
+])
+def test_bad_values_name_key_value_and_what_is_allowed(raw, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        build_config(raw)
+    message = str(err.value)
+    assert key in message
+    assert allowed in message
+
+
+def test_num_heads_message_names_both_values():
+    with pytest.raises(ConfigError, match=r"num_heads=7 does not divide d_model=64"):
+        build_config({"model": {"d_model": 64, "num_heads": 7}})
+
+
+def test_unknown_key_is_an_error_listing_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        build_config({"model": {"d_modle": 64}})
+    assert "model.d_modle: unknown key" in str(err.value)
+    assert "d_model" in str(err.value) and "num_heads" in str(err.value)
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match="optimiser: unknown key"):
+        build_config({"optimiser": {"lr": 1}})
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        build_config({"train": {"batch_size": 0}, "data": {"sequence_length": 1}})
+    assert "train.batch_size" in str(err.value) and "data.sequence_length" in str(err.value)
+
+
+def test_default_yaml_is_exactly_the_builtin_defaults():
+    assert load_config(REPO / "configs" / "default.yaml") == Config()
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "seed_original.yaml", "seed_v2_1.yaml"])
+def test_shipped_yamls_validate(name):
+    load_config(REPO / "configs" / name)
+
+
+def test_seed_presets_hold_the_seed_sizes():
+    original = load_config(REPO / "configs" / "seed_original.yaml")
+    assert (original.model.d_model, original.model.num_transformer_blocks, original.model.ff_dim,
+            original.model.num_heads) == (256, 6, 512, 8)
+    assert (original.train.batch_size, original.train.gradient_accumulation_steps) == (16, 8)
+    assert original.train.effective_batch_size == 128
+    assert original.data.sequence_length == 60 and original.model.dropout_rate == 0.3
+    reduced = load_config(REPO / "configs" / "seed_v2_1.yaml")
+    assert (reduced.model.d_model, reduced.model.num_transformer_blocks, reduced.model.ff_dim) == (128, 4, 256)
+    assert reduced.train.effective_batch_size == 32
+
+
+def test_overrides_beat_yaml_and_parse_values(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"d_model": 32, "num_heads": 4}}))
+    cfg = load_config(path, ["model.d_model=64", "train.mixed_precision=false", "data.return_lags=[1, 4]"])
+    assert cfg.model.d_model == 64 and cfg.model.num_heads == 4
+    assert cfg.train.mixed_precision is False
+    assert cfg.data.return_lags == [1, 4]
+
+
+def test_malformed_override_says_how_it_should_look():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["model.d_model"])
+
+
+def test_missing_or_broken_yaml_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listing)
+
+
+def test_seed_mixed_precision_booleans_still_accepted():
+    assert build_config({"train": {"mixed_precision": True}}).train.mixed_precision is True
+    with pytest.raises(ConfigError, match="train.mixed_precision='half'"):
+        build_config({"train": {"mixed_precision": "half"}})
+
+
+def test_test_mode_shrinks_and_marks_the_run():
+    cfg = apply_test_mode(load_config(REPO / "configs" / "seed_original.yaml"))
+    assert cfg.run.test_mode and cfg.train.epochs == 2
+    assert cfg.model.d_model == 32 and cfg.data.num_bars <= 800
+    assert cfg.task == "classification_binary"
