@@ -63,11 +63,11 @@ def test_seed_presets_hold_the_seed_sizes():
     assert (original.model.d_model, original.model.num_transformer_blocks, original.model.ff_dim,
             original.model.num_heads) == (256, 6, 512, 8)
     assert (original.train.batch_size, original.train.gradient_accumulation_steps) == (16, 8)
-    assert original.train.effective_batch_size == 128
+    assert original.train.samples_per_step == 128
     assert original.data.sequence_length == 60 and original.model.dropout_rate == 0.3
     reduced = load_config(REPO / "configs" / "seed_v2_1.yaml")
     assert (reduced.model.d_model, reduced.model.num_transformer_blocks, reduced.model.ff_dim) == (128, 4, 256)
-    assert reduced.train.effective_batch_size == 32
+    assert reduced.train.samples_per_step == 32
 
 
 def test_overrides_beat_yaml_and_parse_values(tmp_path: Path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -31,7 +32,35 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser("train", help="train a model (or an ensemble) and write a run folder")
     _add_train_arguments(train)
+    train.add_argument("--auto_batch", action="store_true",
+                       help="pick the largest micro-batch that fits (GPU memory, or --gpu-memory) and keep the effective batch")
+    train.add_argument("--gpu-memory", "--gpu_memory", dest="gpu_memory", metavar="SIZE",
+                       help="memory budget for --auto_batch, e.g. 24GiB (default: the GPU's total memory)")
+    plan = commands.add_parser("plan", help="predict the memory of one training step before training (no GPU needed)")
+    plan.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set train.batch_size=128 (repeatable)")
+    plan.add_argument("--gpu-memory", "--gpu_memory", dest="gpu_memory", metavar="SIZE",
+                      help="memory budget, e.g. 24GiB or 8GB: also find the largest micro-batch that fits")
+    plan.add_argument("--num-features", "--num_features", dest="num_features", type=int, metavar="N",
+                      help="observed input variables (default: what the config's data section produces)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = config_mod.load_config(args.config, args.overrides)
+    budget = None
+    from .train.planner import parse_bytes
+    if args.gpu_memory:
+        budget = parse_bytes(args.gpu_memory)
+    if args.num_features is not None and args.num_features < 1:
+        raise ValueError(f"--num-features={args.num_features}; allowed: an integer >= 1")
+    from .plan_report import format_plan, plan_dims
+    from .train.planner import plan
+    result = plan(cfg, plan_dims(cfg, args.num_features), budget)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
 
 
 def resolve_train_config(args: argparse.Namespace) -> config_mod.Config:
@@ -60,6 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     policy = resolve_precision(cfg.train.mixed_precision, device)
     # the saved config is what ran: record the effective device and precision
     cfg = config_mod.update(cfg, train={"device": device.type, "mixed_precision": policy.name})
+    auto_batch_note = _auto_batch(cfg, device, args.gpu_memory) if args.auto_batch else None
+    if auto_batch_note:
+        cfg, auto_batch_note = auto_batch_note
     run = RunFolder.create(cfg.run.log_dir)
     run.attach_logging()
     started = time.time()
@@ -67,8 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         run.write_config(config_mod.to_yaml(cfg))
         log.info("run folder %s%s", run.path, "  (test mode)" if cfg.run.test_mode else "")
         log.info("task %s; effective batch %d = micro-batch %d x %d accumulation steps; precision %s: %s",
-                 cfg.task, cfg.train.effective_batch_size, cfg.train.batch_size,
+                 cfg.task, cfg.train.samples_per_step, cfg.train.batch_size,
                  cfg.train.gradient_accumulation_steps, policy.name, policy.reason)
+        if auto_batch_note:
+            log.info(auto_batch_note)
         data = build_data(cfg)
         run.write_json("scaler.json", data.scaler)
         with logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]):
@@ -77,6 +111,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     finally:
         run.detach_logging()
+
+
+def _auto_batch(cfg: config_mod.Config, device, gpu_memory: str | None):
+    """--auto_batch: the largest micro-batch the plan fits in the budget, with the effective batch kept."""
+    import torch
+
+    from .plan_report import plan_dims
+    from .train.memory import available_ram_bytes
+    from .train.planner import fit_budget, parse_bytes
+
+    if gpu_memory:
+        budget, source = parse_bytes(gpu_memory), "--gpu-memory"
+    elif device.type == "cuda":
+        budget, source = torch.cuda.get_device_properties(device).total_memory, "the GPU's total memory"
+    else:
+        budget, source = available_ram_bytes() // 2, "half of the available RAM"
+    fit = fit_budget(cfg, plan_dims(cfg), budget, cfg.train.mixed_precision, cfg.train.activation_checkpointing,
+                     probe=min(cfg.train.batch_size, 32))
+    if fit.micro_batch_size < 1:
+        raise ValueError(f"--auto_batch: the plan finds no micro-batch that fits {budget / 2**30:.1f} GiB ({source}); "
+                         "set train.activation_checkpointing=all or lower data.sequence_length or model.d_model")
+    new = config_mod.update(cfg, train={"batch_size": fit.micro_batch_size,
+                                        "gradient_accumulation_steps": fit.gradient_accumulation_steps})
+    note = (f"auto_batch: budget {budget / 2**30:.1f} GiB ({source}); largest micro-batch that fits "
+            f"{fit.max_micro_batch}; batch_size {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} -> "
+            f"{fit.micro_batch_size} x {fit.gradient_accumulation_steps} (effective batch {cfg.train.samples_per_step} "
+            f"kept, predicted peak {fit.predicted_peak_bytes / 2**30:.2f} GiB)")
+    return new, note
 
 
 def _print_result(summary: dict, run, seconds: float) -> None:
@@ -104,9 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "plan":
+            return cmd_plan(args)
     except (ConfigError, ValueError) as err:
         print(f"etft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .train.trainer import OutOfMemoryGiveUp
+        if not isinstance(err, OutOfMemoryGiveUp):
+            raise
+        print(f"etft {args.command}: error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"etft {args.command}: interrupted", file=sys.stderr)
         return 130

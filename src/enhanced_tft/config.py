@@ -81,6 +81,11 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1, description="micro-batch: samples per forward/backward (the seed's key)")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    effective_batch_size: int | None = Field(
+        None, ge=1, description="samples per optimizer step; if set, gradient_accumulation_steps is derived from it")
+    activation_checkpointing: Literal["none", "blocks", "all"] = Field(
+        "none", description="recompute activations in backward: blocks = transformer blocks, all = also selection and LSTM")
+    log_every_steps: int = Field(50, ge=1, description="optimizer steps per logging window (loss, speed, memory)")
     epochs: int = Field(8, ge=1, description="maximum epochs")
     learning_rate: float = Field(2e-3, gt=0.0, description="peak AdamW learning rate")
     weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay")
@@ -96,8 +101,28 @@ class TrainConfig(_Section):
     ensemble_size: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (smoke runs)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_accumulation(cls, raw: Any) -> Any:
+        """effective_batch_size fixes the samples per step; batch_size x accumulation must give exactly that."""
+        if not isinstance(raw, dict) or raw.get("effective_batch_size") is None:
+            return raw
+        effective, micro = raw["effective_batch_size"], raw.get("batch_size", cls.model_fields["batch_size"].default)
+        if not isinstance(effective, int) or not isinstance(micro, int) or micro < 1 or effective < 1:
+            return raw   # the field validators report the bad type or value
+        if effective % micro:
+            raise ValueError(f"effective_batch_size={effective} is not a multiple of batch_size={micro}; "
+                             "allowed: an effective_batch_size that batch_size divides")
+        steps = effective // micro
+        given = raw.get("gradient_accumulation_steps")
+        if given is not None and given != steps:
+            raise ValueError(f"batch_size={micro} x gradient_accumulation_steps={given} = {micro * given} "
+                             f"differs from effective_batch_size={effective}; set one of the two, or make them agree")
+        return {**raw, "gradient_accumulation_steps": steps}
+
     @property
-    def effective_batch_size(self) -> int:
+    def samples_per_step(self) -> int:
+        """The effective batch: samples behind one optimizer step."""
         return self.batch_size * self.gradient_accumulation_steps
 
 
@@ -219,6 +244,9 @@ def update(cfg: Config, **sections: dict[str, Any]) -> Config:
     raw = cfg.model_dump()
     for name, values in sections.items():
         if isinstance(values, dict):
+            if name == "train" and "effective_batch_size" not in values and (
+                    {"batch_size", "gradient_accumulation_steps"} & values.keys()):
+                raw[name]["effective_batch_size"] = None   # re-derived from the new sizes
             raw[name].update(values)
         else:
             raw[name] = values

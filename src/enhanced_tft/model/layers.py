@@ -9,6 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else x's own dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 class GatedLinearUnit(nn.Module):
     """Linear to 2x width, then value * sigmoid(gate): lets a block switch itself off."""
 
@@ -71,10 +79,16 @@ class VariableSelection(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, F), context: (B, C) -> selected (B, T, D), weights (B, T, F)."""
-        emb = x.unsqueeze(-1) * self.embed_weight + self.embed_bias                 # (B, T, F, H)
-        hidden = F.elu(torch.einsum("btfh,fhk->btfk", emb, self.w_in) + self.b_in)  # (B, T, F, H)
-        gated = F.glu(torch.einsum("btfh,fhk->btfk", self.dropout(hidden), self.w_gate) + self.b_gate, dim=-1)
-        processed = F.layer_norm(emb + gated, (self.var_hidden,)) * self.norm_weight + self.norm_bias
+        # the (B, T, F, H) tensors dominate this layer's memory: build them in the autocast dtype, since
+        # elementwise ops would otherwise keep them in float32 and save them for backward at full width
+        dtype = compute_dtype(x)
+        emb = torch.addcmul(self.embed_bias.to(dtype), x.to(dtype).unsqueeze(-1), self.embed_weight.to(dtype))  # (B, T, F, H)
+        hidden = F.elu(torch.einsum("btfh,fhk->btfk", emb, self.w_in.to(dtype)) + self.b_in.to(dtype))   # (B, T, F, H)
+        gated = F.glu(torch.einsum("btfh,fhk->btfk", self.dropout(hidden), self.w_gate.to(dtype))
+                      + self.b_gate.to(dtype), dim=-1)
+        with torch.autocast(x.device.type, enabled=False):   # autocast would widen the norm to float32
+            processed = F.layer_norm(emb + gated, (self.var_hidden,))
+        processed = torch.addcmul(self.norm_bias.to(dtype), processed, self.norm_weight.to(dtype))
         weights = torch.softmax(self.selector(x, context), dim=-1)                  # (B, T, F)
-        weighted = processed * weights.unsqueeze(-1)                                # (B, T, F, H)
+        weighted = processed * weights.to(dtype).unsqueeze(-1)                      # (B, T, F, H)
         return self.project(weighted.flatten(-2)), weights

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .heads import TaskHead
 from .layers import GatedLinearUnit, GatedResidualNetwork, VariableSelection
@@ -37,7 +38,8 @@ class CausalSelfAttentionBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        # no bias: a key bias cannot change softmax, so its gradient is rounding noise that Adam would amplify
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model)
         self.attn_gate = GatedLinearUnit(d_model, d_model, dropout)
         self.attn_norm = nn.LayerNorm(d_model)
@@ -52,10 +54,11 @@ class CausalSelfAttentionBlock(nn.Module):
             causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)  # safe in half precision
             weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-            attended = F.dropout(weights, self.dropout, self.training) @ v
+            attended = weights @ v
         else:
-            attended = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            # no dropout on the attention probabilities: without it the fused (flash) kernels run on CPU and GPU
+            # alike and keep O(L) memory instead of saving (B, heads, L, L); dropout acts on the output instead
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         attended = self.out(attended.transpose(1, 2).reshape(batch, length, d_model))
         x = self.attn_norm(x + self.attn_gate(attended))
         return self.ff(x), weights
@@ -85,6 +88,24 @@ class EnhancedTFT(nn.Module):
         self.blocks = nn.ModuleList(
             CausalSelfAttentionBlock(d_model, num_heads, ff_dim, dropout_rate) for _ in range(num_transformer_blocks))
         self.head = TaskHead(task, d_model, regression_loss, huber_delta)
+        self.activation_checkpointing = "none"   # set through set_activation_checkpointing()
+
+    def _run(self, level: str, fn, *args):
+        """Call fn, or checkpoint it (keep only its inputs, recompute in backward) when the policy covers `level`."""
+        policy = self.activation_checkpointing
+        if self.training and torch.is_grad_enabled() and (policy == "all" or policy == level):
+            # use_reentrant=False restores the RNG state for the recomputation: same dropout masks
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _encode(self, selected: torch.Tensor, ctx_h: torch.Tensor, ctx_c: torch.Tensor,
+                ctx_enrich: torch.Tensor) -> torch.Tensor:
+        """LSTM with gated skip connection, then static enrichment: (B, L, D) -> (B, L, D)."""
+        state = (ctx_h.unsqueeze(0).expand(self.lstm_layers, -1, -1).contiguous(),
+                 ctx_c.unsqueeze(0).expand(self.lstm_layers, -1, -1).contiguous())
+        encoded, _ = self.lstm(selected, state)
+        x = self.lstm_norm(selected + self.lstm_gate(encoded))
+        return self.enrichment(x, ctx_enrich)
 
     def forward(self, observed: torch.Tensor, known: torch.Tensor, symbol: torch.Tensor,
                 return_weights: bool = False) -> TFTOutput:
@@ -93,29 +114,38 @@ class EnhancedTFT(nn.Module):
         ctx_select, ctx_enrich, ctx_h, ctx_c = (grn(static) for grn in self.static_contexts)
 
         past_inputs = torch.cat([observed, known[:, :past_len]], dim=-1)              # (B, T, F_obs+F_known)
-        past, past_weights = self.past_selection(past_inputs, ctx_select)             # (B, T, D)
-        future, future_weights = self.future_selection(known[:, past_len:], ctx_select)  # (B, H, D)
+        past, past_weights = self._run("all", self.past_selection, past_inputs, ctx_select)      # (B, T, D)
+        future, future_weights = self._run("all", self.future_selection, known[:, past_len:], ctx_select)  # (B, H, D)
         selected = torch.cat([past, future], dim=1)                                   # (B, L, D)
-
-        state = (ctx_h.unsqueeze(0).expand(self.lstm_layers, -1, -1).contiguous(),
-                 ctx_c.unsqueeze(0).expand(self.lstm_layers, -1, -1).contiguous())
-        encoded, _ = self.lstm(selected, state)                                       # (B, L, D)
-        x = self.lstm_norm(selected + self.lstm_gate(encoded))
-        x = self.enrichment(x, ctx_enrich)
+        x = self._run("all", self._encode, selected, ctx_h, ctx_c, ctx_enrich)        # (B, L, D)
 
         attention = []
         for block in self.blocks:
-            x, weights = block(x, need_weights=return_weights)
             if return_weights:
+                x, weights = block(x, need_weights=True)
                 attention.append(weights)
+            else:
+                x = self._run("blocks", block, x)[0]
         output = self.head(x[:, -1])                                                  # (B, O)
         if not return_weights:
             return TFTOutput(output)
         return TFTOutput(output, past_weights, future_weights, attention)
 
 
+CHECKPOINTING = ("none", "blocks", "all")
+
+
+def set_activation_checkpointing(model: EnhancedTFT, policy: str) -> EnhancedTFT:
+    """Memory policy on a built model: the maths and the weights' names stay the same."""
+    if policy not in CHECKPOINTING:
+        raise ValueError(f"activation_checkpointing={policy!r}; allowed: {', '.join(CHECKPOINTING)}")
+    model.activation_checkpointing = policy
+    return model
+
+
 def build_model(cfg, dims: ModelDims) -> EnhancedTFT:
     """The model described by a Config's `model` section for data of the given dimensions."""
     m = cfg.model
-    return EnhancedTFT(dims, cfg.task, m.d_model, m.num_heads, m.num_transformer_blocks, m.ff_dim, m.dropout_rate,
-                       m.variable_hidden_size, m.lstm_layers, cfg.train.regression_loss, cfg.train.huber_delta)
+    model = EnhancedTFT(dims, cfg.task, m.d_model, m.num_heads, m.num_transformer_blocks, m.ff_dim, m.dropout_rate,
+                        m.variable_hidden_size, m.lstm_layers, cfg.train.regression_loss, cfg.train.huber_delta)
+    return set_activation_checkpointing(model, cfg.train.activation_checkpointing)

@@ -16,7 +16,7 @@ from .checkpoint import save_atomic
 from .memory import release_memory
 from .metrics import baseline_prediction, task_metrics
 from .precision import PrecisionPolicy
-from .trainer import Trainer
+from .trainer import FaultHook, OutOfMemoryGiveUp, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,12 @@ def model_dims(data: DataBundle) -> ModelDims:
 
 
 def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
-                   run: RunFolder) -> dict[str, Any]:
+                   run: RunFolder, fault_hook: FaultHook | None = None) -> dict[str, Any]:
     """Train `ensemble_size` members; return the summary (also written to the run folder)."""
     started = time.time()
     members, member_predictions = [], []
     test_eval = None
+    micro_batch_size = cfg.train.batch_size   # a size that had to shrink on OOM stays shrunk for later members
     for member in range(cfg.train.ensemble_size):
         seed = cfg.seed + member
         torch.manual_seed(seed)
@@ -40,11 +41,19 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
                      f"{sum(p.numel() for p in model.parameters()):,}", policy.name, policy.reason, device)
         checkpoint = run.checkpoint_path(member)
         trainer = Trainer(model, data, cfg, device, policy, seed=seed, member=member,
-                          on_epoch_end=run.append_metrics,
-                          on_best=lambda state, epoch, path=checkpoint: save_atomic(state, path))
+                          micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics,
+                          on_best=lambda state, epoch, path=checkpoint: save_atomic(state, path),
+                          fault_hook=fault_hook)
         try:
             result = trainer.fit()
             test_eval = trainer.evaluate("test")
+            micro_batch_size = trainer.micro_batch_size
+        except OutOfMemoryGiveUp as err:
+            last = run.path / "checkpoints" / f"member_{member}_last.pt"
+            save_atomic({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, last)
+            run.write_json("summary.json", {"task": cfg.task, "status": "out_of_memory", "error": str(err),
+                                            "checkpoint": str(last.relative_to(run.path))})
+            raise OutOfMemoryGiveUp(f"{err} Last weights: {last}") from None
         finally:
             trainer.close()
             del trainer, model
@@ -56,7 +65,8 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
             "member": member, "seed": seed, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "stopped_early": result.stopped_early, "best_val_loss": result.best_val_loss,
             "optimizer_steps": result.optimizer_steps, "samples_per_s": result.samples_per_s,
-            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_memory_bytes": result.peak_memory_bytes, "micro_batch_size": result.micro_batch_size,
+            "oom_recoveries": result.oom_recoveries,
             "checkpoint": str(checkpoint.relative_to(run.path)), "test": metrics,
         })
         log.info("member %d test: %s", member, _fmt(metrics))
@@ -83,7 +93,7 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
         "data": {"source": cfg.data.source, "symbols": len(data.symbols),
                  "samples": {name: len(split) for name, split in data.splits.items()},
                  "observed_features": data.observed_names, "known_features": data.known_names},
-        "effective_batch_size": cfg.train.effective_batch_size,
+        "effective_batch_size": cfg.train.samples_per_step,
         "wall_time_s": time.time() - started,
     }
     run.write_json("summary.json", summary)

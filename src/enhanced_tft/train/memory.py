@@ -1,17 +1,41 @@
-"""Memory figures for the log and summary, and release of memory between runs."""
+"""Memory figures for the log and summary (allocator, NVML, RSS), and release of memory between runs."""
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import sys
 
 import torch
+
+GIB = 2**30
 
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now, from /proc where there is one (else the peak, the best figure available)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable of /proc/meminfo (what the machine can still give), or the total RAM elsewhere."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -32,3 +56,54 @@ def release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def _nvml_handle(device: torch.device):
+    """NVML handle of the GPU (nvidia-ml-py), or None where the library or driver is absent."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:   # no nvidia-ml-py, or no driver: allocator figures still work
+        return None
+
+
+class MemoryMonitor:
+    """Figures for one logging window; `window()` returns them and starts the next window."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._nvml = _nvml_handle(device)
+
+    def window(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            return {"memory/rss_bytes": current_rss_bytes(), "memory/peak_rss_bytes": peak_rss_bytes()}
+        stats = torch.cuda.memory_stats(self.device)
+        figures = {
+            "memory/peak_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+            "memory/peak_reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)),
+            "memory/alloc_retries": int(stats.get("num_alloc_retries", 0)),
+            "memory/ooms": int(stats.get("num_ooms", 0)),
+        }
+        if self._nvml is not None:
+            import pynvml
+            info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml)
+            figures["memory/device_used_bytes"] = int(info.used)     # what nvidia-smi shows
+            figures["memory/device_total_bytes"] = int(info.total)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return figures
+
+    @staticmethod
+    def describe(figures: dict[str, int]) -> str:
+        """One short phrase for a log line."""
+        if "memory/peak_allocated_bytes" in figures:
+            text = (f"peak alloc {figures['memory/peak_allocated_bytes'] / GIB:.2f} GiB, reserved "
+                    f"{figures['memory/peak_reserved_bytes'] / GIB:.2f} GiB")
+            if "memory/device_used_bytes" in figures:
+                text += (f", device {figures['memory/device_used_bytes'] / GIB:.1f}/"
+                         f"{figures['memory/device_total_bytes'] / GIB:.1f} GiB")
+            return text + (f", {figures['memory/alloc_retries']} allocator retries" if figures["memory/alloc_retries"] else "")
+        return f"RSS {figures['memory/rss_bytes'] / 2**20:.0f} MiB (peak {figures['memory/peak_rss_bytes'] / 2**20:.0f} MiB)"

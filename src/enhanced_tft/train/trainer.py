@@ -6,6 +6,7 @@ it never opens a file: checkpoints and metrics leave through the `on_best` and `
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -19,13 +20,34 @@ from ..config import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..model.tft import EnhancedTFT
-from .memory import peak_memory_bytes, reset_peak
+from .memory import MemoryMonitor, peak_memory_bytes, reset_peak
 from .metrics import task_metrics
 from .precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("observed", "known", "symbol", "target")
+
+# fault_hook(phase, step, micro_index, indices) runs before each micro-batch's forward ("train") and each
+# evaluation chunk ("val", "test"); raising torch.OutOfMemoryError there is handled like a real OOM.
+FaultHook = Callable[[str, int, int, torch.Tensor], None]
+
+
+class OutOfMemoryGiveUp(RuntimeError):
+    """Out of memory even at micro-batch 1: the config itself must change."""
+
+
+def _give_up_message(cfg: Config, phase: str) -> str:
+    m = cfg.model
+    return (f"out of memory in {phase} even at micro-batch 1 (d_model {m.d_model}, ff_dim {m.ff_dim}, "
+            f"{m.num_transformer_blocks} blocks, sequence_length {cfg.data.sequence_length}, precision "
+            f"{cfg.train.mixed_precision}, activation_checkpointing {cfg.train.activation_checkpointing}). "
+            "Change the config: set train.activation_checkpointing=all and train.mixed_precision=bf16, or lower "
+            "data.sequence_length, model.d_model, model.ff_dim, model.num_transformer_blocks or "
+            "model.variable_hidden_size; `etft plan` shows what fits.")
+
+
+_SPLIT_STATS = ("num_samples", "up_rate", "majority_rate")   # properties of the data, not of the model
 
 
 @dataclass
@@ -37,6 +59,8 @@ class FitResult:
     samples_per_s: float        # train samples per second of training time, all epochs
     peak_memory_bytes: int
     optimizer_steps: int
+    micro_batch_size: int        # the working size at the end (smaller than configured after OOM recovery)
+    oom_recoveries: int
 
 
 @dataclass
@@ -68,13 +92,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class Trainer:
     def __init__(self, model: EnhancedTFT, data: DataBundle, cfg: Config, device: torch.device,
                  policy: PrecisionPolicy, *, seed: int, member: int = 0,
+                 micro_batch_size: int | None = None,
                  on_epoch_end: Callable[[dict], None] | None = None,
-                 on_best: Callable[[dict[str, torch.Tensor], int], None] | None = None):
+                 on_best: Callable[[dict[str, torch.Tensor], int], None] | None = None,
+                 fault_hook: FaultHook | None = None):
         self.model, self.data, self.cfg, self.device, self.policy = model, data, cfg, device, policy
         self.member = member
-        self.on_epoch_end, self.on_best = on_epoch_end, on_best
-        self.micro_batch_size = cfg.train.batch_size
-        self.effective_batch_size = cfg.train.effective_batch_size
+        self.on_epoch_end, self.on_best, self.fault_hook = on_epoch_end, on_best, fault_hook
+        self.effective_batch_size = cfg.train.samples_per_step
+        # may shrink on OOM (and start shrunk for later ensemble members); the effective batch never does
+        self.micro_batch_size = min(micro_batch_size or cfg.train.batch_size, self.effective_batch_size)
+        self.eval_batch_size = 2 * self.micro_batch_size
+        self.oom_recoveries = 0
+        self.monitor = MemoryMonitor(device)
+        self.global_step = 0
         self.order_generator = torch.Generator().manual_seed(seed)
         train = cfg.train
         self.optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate)
@@ -91,6 +122,10 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: batch[k].to(self.device, non_blocking=True) for k in INPUT_KEYS}
 
+    @property
+    def accumulation_steps(self) -> int:
+        return math.ceil(self.effective_batch_size / self.micro_batch_size)
+
     def accumulate(self, split: WindowSet, window: torch.Tensor) -> torch.Tensor:
         """Forward/backward one optimizer window as micro-batches; gradients = those of the whole window.
 
@@ -99,7 +134,9 @@ class Trainer:
         """
         count = window.numel()
         total = torch.zeros((), device=self.device)
-        for micro in window.split(self.micro_batch_size):
+        for index, micro in enumerate(window.split(self.micro_batch_size)):
+            if self.fault_hook:
+                self.fault_hook("train", self.global_step, index, micro)
             batch = self._to_device(split.batch(micro))
             with self.policy.autocast():
                 output = self.model(batch["observed"], batch["known"], batch["symbol"]).output
@@ -108,6 +145,35 @@ class Trainer:
             self.scaler.scale(loss_sum / count).backward()
             total += loss_sum.detach()
         return total
+
+    def _shrink_after_oom(self, phase: str, size_attr: str) -> None:
+        """Free what the failed attempt held, then halve the batch size named by `size_attr`."""
+        self.optimizer.zero_grad(set_to_none=True)   # the interrupted window's partial gradients
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        old = getattr(self, size_attr)
+        if old <= 1:
+            raise OutOfMemoryGiveUp(_give_up_message(self.cfg, phase))
+        setattr(self, size_attr, old // 2)
+        self.oom_recoveries += 1
+        if size_attr == "micro_batch_size":
+            self.eval_batch_size = min(self.eval_batch_size, 2 * self.micro_batch_size)
+            log.warning("out of memory in train step %d: micro-batch %d -> %d, accumulation steps -> %d, effective "
+                        "batch %d kept; redoing the window from its first micro-batch", self.global_step, old,
+                        self.micro_batch_size, self.accumulation_steps, self.effective_batch_size)
+        else:
+            log.warning("out of memory in %s: evaluation chunk %d -> %d; redoing the chunk", phase, old,
+                        getattr(self, size_attr))
+
+    def train_window(self, split: WindowSet, window: torch.Tensor) -> torch.Tensor:
+        """accumulate() with OOM recovery: retried at half the micro-batch until it fits, no sample lost or doubled."""
+        while True:
+            try:
+                return self.accumulate(split, window)
+            except torch.OutOfMemoryError:
+                pass   # leave the except block first so that the traceback's tensors are freed
+            self._shrink_after_oom("train", "micro_batch_size")
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
@@ -130,33 +196,70 @@ class Trainer:
         self.model.train()
         order = torch.randperm(len(split), generator=self.order_generator)
         loss_sum = torch.zeros((), device=self.device)
+        window_loss, window_samples = torch.zeros((), device=self.device), 0
         samples = 0
-        started = time.perf_counter()
+        started = window_started = time.perf_counter()
+        every = self.cfg.train.log_every_steps
         bar = tqdm(range(self.steps_per_epoch), desc=f"member {self.member} epoch {epoch}/{self.cfg.train.epochs}",
                    unit="step", leave=False, dynamic_ncols=True, disable=None)
         for step in bar:
             window = order[step * self.effective_batch_size:(step + 1) * self.effective_batch_size]
-            loss_sum += self.accumulate(split, window)
+            step_loss = self.train_window(split, window)
             self.optimizer_step()
+            self.global_step += 1
+            loss_sum += step_loss
+            window_loss += step_loss
             samples += window.numel()
+            window_samples += window.numel()
             if step % 10 == 0 or step == self.steps_per_epoch - 1:   # host sync only every 10 steps
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{float(loss_sum) / samples:.4f}", samples_s=f"{samples / elapsed:.0f}")
+            if (step + 1) % every == 0 and step + 1 < self.steps_per_epoch:
+                now = time.perf_counter()
+                self._log_window(epoch, step + 1, float(window_loss) / window_samples, window_samples / (now - window_started))
+                window_loss.zero_()
+                window_samples, window_started = 0, now
         bar.close()
         return float(loss_sum) / max(samples, 1), samples, time.perf_counter() - started
 
+    def _log_window(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
+        memory = self.monitor.window()
+        log.info("member %d epoch %d step %d/%d  loss %.5f  %.0f samples/s  micro-batch %d x %d  %s", self.member,
+                 epoch, step, self.steps_per_epoch, loss, samples_per_s, self.micro_batch_size,
+                 self.accumulation_steps, MemoryMonitor.describe(memory))
+        if self.on_epoch_end:
+            self.on_epoch_end({"kind": "window", "member": self.member, "epoch": epoch, "step": step,
+                               "loss/train": loss, "speed/samples_per_s": samples_per_s,
+                               "batch/micro": self.micro_batch_size, **memory})
+
     @torch.no_grad()
     def evaluate(self, split_name: str) -> Evaluation:
-        """Loss and predictions on a whole split, in order, in chunks of twice the micro-batch."""
+        """Loss and predictions on a whole split, in order; a chunk that runs out of memory is redone at half size."""
         split = self.data.splits[split_name]
         self.model.eval()
         outputs, loss_sum = [], torch.zeros((), device=self.device)
-        for chunk in split.all_indices().split(2 * self.micro_batch_size):
-            batch = self._to_device(split.batch(chunk))
-            with self.policy.autocast():
-                output = self.model(batch["observed"], batch["known"], batch["symbol"]).output
-            loss_sum += self.model.head.loss(output, batch["target"]).sum()
-            outputs.append(self.model.head.predict(output).cpu())
+        indices = split.all_indices()
+        position, chunk_index = 0, 0
+        while position < len(split):
+            chunk = indices[position:position + self.eval_batch_size]
+            try:
+                if self.fault_hook:
+                    self.fault_hook(split_name, self.global_step, chunk_index, chunk)
+                batch = self._to_device(split.batch(chunk))
+                with self.policy.autocast():
+                    output = self.model(batch["observed"], batch["known"], batch["symbol"]).output
+                chunk_loss = self.model.head.loss(output, batch["target"]).sum()
+                prediction = self.model.head.predict(output).cpu()
+            except torch.OutOfMemoryError:
+                pass
+            else:
+                loss_sum += chunk_loss
+                outputs.append(prediction)
+                position += chunk.numel()
+                chunk_index += 1
+                continue
+            batch = output = None
+            self._shrink_after_oom(split_name, "eval_batch_size")
         arrays = split.arrays
         ends = split.sample_ends
         return Evaluation(float(loss_sum) / max(len(split), 1), torch.cat(outputs),
@@ -183,17 +286,20 @@ class Trainer:
                     self.on_best(best_state, epoch)
             else:
                 stale += 1
+            memory = self.monitor.window()
             record = {
-                "member": self.member, "epoch": epoch, "loss/train": train_loss, "loss/val": evaluation.loss,
+                "kind": "epoch", "member": self.member, "epoch": epoch, "loss/train": train_loss, "loss/val": evaluation.loss,
                 **{f"val/{k}": v for k, v in val_metrics.items() if k != "num_samples"},
                 "lr": self.scheduler.get_last_lr()[0], "speed/samples_per_s": samples / seconds,
-                "memory/peak_bytes": peak_memory_bytes(self.device), "time/epoch_s": seconds,
-                "optimizer/skipped_steps": self.skipped_steps, "best": improved,
+                "memory/peak_bytes": peak_memory_bytes(self.device), **memory, "time/epoch_s": seconds,
+                "optimizer/skipped_steps": self.skipped_steps, "batch/micro": self.micro_batch_size,
+                "batch/accumulation_steps": self.accumulation_steps, "oom/recoveries": self.oom_recoveries,
+                "best": improved,
             }
-            log.info("member %d epoch %d/%d  train loss %.5f  val loss %.5f%s  %s  %.0f samples/s  peak %.0f MiB",
+            log.info("member %d epoch %d/%d  train loss %.5f  val loss %.5f%s  %s  %.0f samples/s  %s",
                      self.member, epoch, train.epochs, train_loss, evaluation.loss, " *" if improved else "  ",
-                     "  ".join(f"{k} {v:.4f}" for k, v in val_metrics.items() if k != "num_samples"),
-                     samples / seconds, record["memory/peak_bytes"] / 2**20)
+                     "  ".join(f"{k} {v:.4f}" for k, v in val_metrics.items() if k not in _SPLIT_STATS),
+                     samples / seconds, MemoryMonitor.describe(memory))
             if self.on_epoch_end:
                 self.on_epoch_end(record)
             if stale >= train.early_stopping_patience:
@@ -203,7 +309,7 @@ class Trainer:
         if best_state is not None:
             self.model.load_state_dict(best_state)
         return FitResult(best_epoch, best_loss, epoch, epoch < train.epochs, total_samples / max(total_seconds, 1e-9),
-                         peak, self.scheduler.last_epoch)
+                         peak, self.scheduler.last_epoch, self.micro_batch_size, self.oom_recoveries)
 
     def close(self) -> None:
         """Drop optimizer state and gradients so that the caller can release memory."""

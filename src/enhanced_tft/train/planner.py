@@ -1,0 +1,211 @@
+"""Pre-flight memory plan: the peak of one training step, traced on fake tensors (no real memory, no GPU).
+
+The model, optimizer and a batch are built under FakeTensorMode; one micro-batch's forward and backward
+and the optimizer step run there with a dispatch mode that counts every storage an op allocates and
+frees (rounded up to the CUDA caching allocator's 512-byte granularity). Parameters, gradients and
+AdamW's two moments are counted exactly from the parameter list. Activation memory is linear in the
+micro-batch, so two traces (at b and 2b) give bytes = fixed + per_sample * b, from which the largest
+micro-batch for a memory budget follows.
+For a GPU budget the plan keeps a stated margin: the CUDA context (CONTEXT_BYTES, never in the
+allocator's figures) and FRAGMENTATION_MARGIN on top of the allocator's peak for rounding and
+fragmentation (reserved exceeds allocated).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import asdict, dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..config import Config, update
+from ..model.tft import CHECKPOINTING, ModelDims, build_model
+from .trainer import param_groups
+
+CONTEXT_BYTES = 768 * 2**20          # CUDA context + cuBLAS/cuDNN workspaces, outside the allocator
+FRAGMENTATION_MARGIN = 0.15          # reserved vs allocated headroom
+ALLOCATOR_ROUNDING = 512
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Live and peak bytes of the storages that ops allocate while the mode is active."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+        # storages that exist before the step (parameters, gradients, optimizer moments, the batch) are
+        # counted separately; views of them and in-place updates must not count as new allocations
+        self._existing = {t.untyped_storage()._cdata for t in existing}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                if key not in self._seen and key not in self._existing:
+                    nbytes = _rounded(storage.nbytes())
+                    self._seen.add(key)
+                    self.live += nbytes
+                    weakref.finalize(storage, self._free, key, nbytes)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def lstm_workspace_bytes(cfg: Config, micro_batch: int, length: int) -> int:
+    """The fp32 LSTM kernel's workspace, which fake tensors do not see: 16 floats per step, sample and unit.
+
+    Measured against real CPU steps (benchmarks/plan_vs_measured.py); the reduced-precision path has none.
+    """
+    return 16 * 4 * micro_batch * length * cfg.model.d_model * cfg.model.lstm_layers
+
+
+@dataclass
+class StepMemory:
+    micro_batch: int
+    precision: str
+    checkpointing: str
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int        # saved for backward at the end of the forward
+    temporaries: int        # the rest of the peak: backward buffers, autocast weight copies, optimizer temporaries
+    peak_bytes: int
+
+
+def _trace(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, checkpointing: str) -> StepMemory:
+    accumulating = cfg.train.gradient_accumulation_steps > 1
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        torch.manual_seed(0)
+        model = build_model(update(cfg, train={"activation_checkpointing": checkpointing}), dims).train()
+        params = [p for p in model.parameters()]
+        param_bytes = sum(_rounded(p.numel() * p.element_size()) for p in params)
+        # foreach: what AdamW uses on CUDA by default (and 10x fewer ops to trace than the per-tensor loop)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=1e-3, foreach=True)
+        for p in params:   # create AdamW's moments before tracing: they live through every step
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        if not accumulating:
+            optimizer.zero_grad(set_to_none=True)
+        steps, horizon = cfg.data.sequence_length, dims.horizon
+        observed = torch.randn(micro_batch, steps, dims.num_observed)
+        known = torch.randn(micro_batch, steps + horizon, dims.num_known)
+        symbol = torch.zeros(micro_batch, dtype=torch.int64)
+        target = torch.zeros(micro_batch)
+        existing = params + [p.grad for p in params if p.grad is not None] + [observed, known, symbol, target]
+        existing += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        tracker = _StorageTracker(existing)
+        with tracker:
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                output = model(observed, known, symbol).output
+            loss = model.head.loss(output, target).sum() / micro_batch
+            after_forward = tracker.live
+            loss.backward()
+            del loss, output
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        grad_bytes = param_bytes
+        opt_bytes = 2 * param_bytes
+        base = param_bytes + opt_bytes + (grad_bytes if accumulating else 0)
+        lstm_extra = lstm_workspace_bytes(cfg, micro_batch, steps + horizon) if dtype is None else 0
+        peak = base + tracker.peak + lstm_extra
+        activations = after_forward + lstm_extra
+        temporaries = max(0, peak - param_bytes - opt_bytes - grad_bytes - activations)
+    return StepMemory(micro_batch, precision, checkpointing, param_bytes, grad_bytes, opt_bytes, activations,
+                      temporaries, peak)
+
+
+@dataclass
+class BudgetFit:
+    budget_bytes: int
+    usable_bytes: int
+    max_micro_batch: int
+    micro_batch_size: int              # largest divisor of the effective batch that fits
+    gradient_accumulation_steps: int
+    predicted_peak_bytes: int
+
+
+def fit_budget(cfg: Config, dims: ModelDims, budget_bytes: int, precision: str, checkpointing: str,
+               probe: int = 64, traced_probe: StepMemory | None = None) -> BudgetFit:
+    """Largest micro-batch under a GPU memory budget, keeping the context and fragmentation margins."""
+    small = traced_probe or _trace(cfg, dims, probe, precision, checkpointing)
+    large = _trace(cfg, dims, 2 * probe, precision, checkpointing)
+    per_sample = (large.peak_bytes - small.peak_bytes) / probe
+    fixed = small.peak_bytes - per_sample * probe
+    usable = int((budget_bytes - CONTEXT_BYTES) / (1 + FRAGMENTATION_MARGIN))
+    max_micro = max(0, int((usable - fixed) // per_sample)) if per_sample > 0 else 0
+    effective = cfg.train.samples_per_step
+    micro = max((d for d in range(1, min(max_micro, effective) + 1) if effective % d == 0), default=0)
+    return BudgetFit(budget_bytes, usable, max_micro, micro, effective // micro if micro else 0,
+                     int(fixed + per_sample * micro) if micro else 0)
+
+
+def plan(cfg: Config, dims: ModelDims, budget_bytes: int | None = None) -> dict:
+    """The configured step, every precision x checkpointing option, and the fit for a budget."""
+    configured_precision = _precision_name(cfg.train.mixed_precision)
+    micro = cfg.train.batch_size
+    traced = {(p, c): _trace(cfg, dims, micro, p, c) for p in ("fp32", "bf16") for c in CHECKPOINTING}
+    for c in CHECKPOINTING:   # fp16 stores what bf16 stores (2 bytes an element); its GradScaler adds 8 bytes
+        traced[("fp16", c)] = StepMemory(**{**asdict(traced[("bf16", c)]), "precision": "fp16"})
+    table = [asdict(traced[(p, c)]) for p in PRECISIONS for c in CHECKPOINTING]
+    chosen = traced[(configured_precision, cfg.train.activation_checkpointing)]
+    result = {
+        "micro_batch": micro, "precision": configured_precision,
+        "checkpointing": cfg.train.activation_checkpointing, "peak_bytes": chosen.peak_bytes,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "configured_gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "effective_batch_size": cfg.train.samples_per_step,
+        "num_parameters": chosen.parameters // 4, "input_features": dims.num_observed + dims.num_known,
+        "options": table,
+        "margin": {"cuda_context_bytes": CONTEXT_BYTES, "fragmentation": FRAGMENTATION_MARGIN,
+                   "allocator_rounding_bytes": ALLOCATOR_ROUNDING},
+    }
+    if budget_bytes is not None:
+        fit = fit_budget(cfg, dims, budget_bytes, configured_precision, cfg.train.activation_checkpointing,
+                         probe=micro, traced_probe=chosen)
+        result.update(budget_bytes=budget_bytes, max_micro_batch=fit.max_micro_batch,
+                      micro_batch_size=fit.micro_batch_size,
+                      gradient_accumulation_steps=fit.gradient_accumulation_steps,
+                      fits=fit.micro_batch_size > 0, budget=asdict(fit))
+    return result
+
+
+def _precision_name(requested: bool | str) -> str:
+    """What a GPU would run: auto/true -> bf16 (the plan assumes a bf16-capable card), false -> fp32."""
+    if requested in (True, "auto"):
+        return "bf16"
+    if requested is False:
+        return "fp32"
+    return str(requested)
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '8 GB', '512MiB', '1.5TiB' or a plain number of bytes."""
+    units = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if unit not in units or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--gpu-memory={text!r} is not a memory size; allowed: a positive number with a unit "
+                         "such as 24GiB, 8GB or 512MiB")
+    return int(value * units[unit])
