@@ -28,7 +28,8 @@ def _check_run_folder(run: Path, task: str, members: int) -> dict:
     assert len(summary["ensemble"]["members"]) == members
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["task"] == task and saved["train"]["mixed_precision"] in {"fp32", "bf16", "fp16"}
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in records if r["kind"] == "epoch"]
     assert len(lines) == sum(m["epochs_run"] for m in summary["ensemble"]["members"])
     assert all({"loss/train", "loss/val", "speed/samples_per_s", "memory/peak_bytes"} <= line.keys() for line in lines)
     log = (run / "training.log").read_text()

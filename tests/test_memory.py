@@ -205,3 +205,15 @@ def test_no_live_tensor_growth_across_five_members(small_raw):
             release_memory(CPU)
         counts.append(live())
     assert all(c == counts[0] for c in counts[1:]), counts
+
+
+@pytest.mark.parametrize("bf16_ok, requested, name, scaler", [
+    (True, "auto", "bf16", False), (False, "auto", "fp16", True), (True, True, "bf16", False),
+    (False, "bf16", "fp16", True), (True, "fp16", "fp16", True), (True, "fp32", "fp32", False),
+])
+def test_gpu_precision_choices(monkeypatch, bf16_ok, requested, name, scaler):
+    """The CUDA branch of the policy, with the GPU's bf16 support stubbed (no GPU on this machine)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    policy = resolve_precision(requested, torch.device("cuda"))
+    assert (policy.name, policy.uses_grad_scaler) == (name, scaler)
+    assert policy.autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]

@@ -2,10 +2,9 @@
 import json
 
 import pytest
-import torch
 
 from conftest import REPO, run_cli
-from enhanced_tft.config import build_config, load_config
+from enhanced_tft.config import build_config
 from enhanced_tft.plan_report import plan_dims
 from enhanced_tft.train.planner import _trace, fit_budget, parse_bytes
 

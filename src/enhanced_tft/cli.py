@@ -96,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run.attach_logging()
     started = time.time()
     try:
-        run.write_config(config_mod.to_yaml(cfg))
+        run.write_config(f"# resolved config of this run; precision {policy.name}: {policy.reason}\n"
+                         + config_mod.to_yaml(cfg))
         log.info("run folder %s%s", run.path, "  (test mode)" if cfg.run.test_mode else "")
         log.info("task %s; effective batch %d = micro-batch %d x %d accumulation steps; precision %s: %s",
                  cfg.task, cfg.train.samples_per_step, cfg.train.batch_size,
