@@ -37,8 +37,8 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
         torch.manual_seed(seed)
         model = build_model(cfg, model_dims(data)).to(device)
         if member == 0:
-            log.info("model: %s parameters; precision %s (%s); device %s",
-                     f"{sum(p.numel() for p in model.parameters()):,}", policy.name, policy.reason, device)
+            log.info("model: %s parameters on %s; activation checkpointing %s",
+                     f"{sum(p.numel() for p in model.parameters()):,}", device, cfg.train.activation_checkpointing)
         checkpoint = run.checkpoint_path(member)
         trainer = Trainer(model, data, cfg, device, policy, seed=seed, member=member,
                           micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics,

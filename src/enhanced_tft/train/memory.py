@@ -80,7 +80,8 @@ class MemoryMonitor:
 
     def window(self) -> dict[str, int]:
         if self.device.type != "cuda":
-            return {"memory/rss_bytes": current_rss_bytes(), "memory/peak_rss_bytes": peak_rss_bytes()}
+            current = current_rss_bytes()   # read after the kernel's peak counter: never report peak < current
+            return {"memory/rss_bytes": current, "memory/peak_rss_bytes": max(current, peak_rss_bytes())}
         stats = torch.cuda.memory_stats(self.device)
         figures = {
             "memory/peak_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
