@@ -217,3 +217,35 @@ def test_gpu_precision_choices(monkeypatch, bf16_ok, requested, name, scaler):
     policy = resolve_precision(requested, torch.device("cuda"))
     assert (policy.name, policy.uses_grad_scaler) == (name, scaler)
     assert policy.autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
+
+
+def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, tmp_path):
+    """After an OOM the next member starts at the working size; at micro-batch 1 the run stops with a checkpoint."""
+    import json
+
+    from enhanced_tft.data.pipeline import build_data
+    from enhanced_tft.runs import RunFolder
+    from enhanced_tft.train.ensemble import train_ensemble
+
+    raw = _oom_raw(small_raw)
+    raw["train"]["ensemble_size"] = 2
+    cfg = build_config(raw)
+    data = build_data(cfg)
+    run = RunFolder.create(tmp_path)
+    summary = train_ensemble(cfg, data, CPU, resolve_precision("fp32", CPU), run,
+                             fault_hook=InjectOOM({("train", 2, 0)}))
+    members = summary["ensemble"]["members"]
+    assert [m["oom_recoveries"] for m in members] == [1, 0]
+    assert [m["micro_batch_size"] for m in members] == [8, 8]
+
+    raw["train"].update(batch_size=1, gradient_accumulation_steps=2, ensemble_size=1)
+    cfg = build_config(raw)
+    run = RunFolder.create(tmp_path)
+
+    def always(phase, step, index, indices):
+        raise torch.OutOfMemoryError("injected")
+    with pytest.raises(OutOfMemoryGiveUp, match="Last weights: .*member_0_last.pt"):
+        train_ensemble(cfg, data, CPU, resolve_precision("fp32", CPU), run, fault_hook=always)
+    assert (run.path / "checkpoints" / "member_0_last.pt").is_file()
+    saved = json.loads((run.path / "summary.json").read_text())
+    assert saved["status"] == "out_of_memory" and "even at micro-batch 1" in saved["error"]
