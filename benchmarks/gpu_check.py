@@ -70,7 +70,7 @@ def train_steps(cfg, dims, micro_batch: int, precision: str, steps: int = 6, war
     result = {"peak_bytes": int(torch.cuda.max_memory_allocated(DEVICE)),
               "reserved_bytes": int(torch.cuda.max_memory_reserved(DEVICE)),
               "samples_per_s": steps * cfg.train.samples_per_step / seconds}
-    del model, optimizer, observed, known, symbol, target
+    del model, optimizer, scaler, output, loss, observed, known, symbol, target
     release_memory(DEVICE)
     return result
 
@@ -106,6 +106,10 @@ def main() -> int:
     original, dims = configs[0][1], plan_dims(configs[0][1], 64)
     for cap_gib in (24, 8):
         fit = fit_budget(original, dims, cap_gib * GIB, "bf16", "none", probe=16)
+        if fit.micro_batch_size < 1:
+            rows.append({"case": f"seed_original capped {cap_gib} GB", "micro_batch": 0, "planned_bytes": 0,
+                         "peak_bytes": 0, "reserved_bytes": 0, "samples_per_s": 0.0, "status": "plan: does not fit"})
+            continue
         capped(cap_gib * GIB)
         cfg = update(original, train={"batch_size": fit.micro_batch_size,
                                       "gradient_accumulation_steps": fit.gradient_accumulation_steps})
@@ -114,7 +118,7 @@ def main() -> int:
             status = "trained"
         except torch.OutOfMemoryError:
             measured, status = {"peak_bytes": 0, "reserved_bytes": 0, "samples_per_s": 0.0}, "OOM"
-            release_memory(DEVICE)
+        release_memory(DEVICE)
         rows.append({"case": f"seed_original capped {cap_gib} GB", "micro_batch": fit.micro_batch_size,
                      "planned_bytes": fit.predicted_peak_bytes, **measured, "status": status,
                      "max_micro_batch": fit.max_micro_batch})

@@ -108,3 +108,10 @@ def test_test_mode_shrinks_and_marks_the_run():
     assert cfg.run.test_mode and cfg.train.epochs == 2
     assert cfg.model.d_model == 32 and cfg.data.num_bars <= 800
     assert cfg.task == "classification_binary"
+
+
+def test_floats_in_exponent_form_are_numbers(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 3e-4\n  weight_decay: 1E-2\n")
+    cfg = load_config(path, ["train.grad_clip_norm=5e-1"])
+    assert (cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.grad_clip_norm) == (3e-4, 1e-2, 0.5)

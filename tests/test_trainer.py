@@ -114,3 +114,14 @@ def test_early_stopping_stops_and_keeps_the_best(small_raw):
     assert result.epochs_run == result.best_epoch + 1
     assert [r["epoch"] for r in records] == list(range(1, result.epochs_run + 1))
     assert min(r["loss/val"] for r in records) == pytest.approx(result.best_val_loss)
+
+
+def test_no_weight_decay_on_biases_norms_and_per_variable_vectors(small_raw):
+    from enhanced_tft.train.trainer import param_groups
+    trainer, _ = make_trainer(small_raw)
+    decayed = {id(p) for p in param_groups(trainer.model, 0.01)[0]["params"]}
+    names = {n for n, p in trainer.model.named_parameters() if id(p) in decayed}
+    assert "past_selection.w_in" in names and "blocks.0.qkv.weight" in names
+    for name in ("past_selection.norm_weight", "past_selection.b_in", "past_selection.b_gate",
+                 "past_selection.embed_bias", "blocks.0.attn_norm.weight", "head.linear.bias"):
+        assert name not in names

@@ -69,15 +69,17 @@ def resolve_train_config(args: argparse.Namespace) -> config_mod.Config:
         overrides.append(f"task={args.task}")
     if args.ensemble_size is not None:
         overrides.append(f"train.ensemble_size={args.ensemble_size}")
-    if args.log_dir:
-        overrides.append(f"run.log_dir={args.log_dir!r}")
     cfg = config_mod.load_config(args.config, overrides)
+    if args.log_dir:
+        cfg = config_mod.update(cfg, run={"log_dir": args.log_dir})
     if args.test_mode:
         cfg = config_mod.apply_test_mode(cfg)
     return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.gpu_memory and not args.auto_batch:
+        raise ValueError("--gpu-memory is the budget of --auto_batch; add --auto_batch, or use `etft plan --gpu-memory`")
     cfg = resolve_train_config(args)
     # heavy imports (torch, pandas) only once the config is known to be good: bad input answers at once
     from .data.pipeline import build_data
@@ -173,7 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"etft {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
+        import torch
+
         from .train.trainer import OutOfMemoryGiveUp
+        if isinstance(err, torch.OutOfMemoryError):   # outside a step (moving the model, say): no recovery there
+            err = OutOfMemoryGiveUp(f"out of memory outside a training step ({str(err).splitlines()[0]}); "
+                                    "`etft plan` shows what fits; lower model.d_model or model.ff_dim")
         if not isinstance(err, OutOfMemoryGiveUp):
             raise
         print(f"etft {args.command}: error: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ Every user error raises ConfigError (a ValueError) naming the key, the value and
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 TASKS = ("regression", "quantile", "classification_binary", "classification_multiclass")
 Task = Literal["regression", "quantile", "classification_binary", "classification_multiclass"]
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, plus floats written without a dot (1e-3): PyYAML's YAML 1.1 rules read those as strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"))
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -202,7 +217,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if data is None:
@@ -219,7 +234,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"override {assignment!r} must look like section.key=value, e.g. model.d_model=64")
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw

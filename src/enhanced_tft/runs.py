@@ -14,9 +14,16 @@ _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file, fsync, rename: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class RunFolder:

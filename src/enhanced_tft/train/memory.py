@@ -45,11 +45,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak_rss_bytes()
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def release_memory(device: torch.device) -> None:
     """Collect garbage (graphs, optimizer state) and hand cached GPU blocks back to the driver."""
     gc.collect()
@@ -77,12 +72,25 @@ class MemoryMonitor:
     def __init__(self, device: torch.device):
         self.device = device
         self._nvml = _nvml_handle(device)
+        # windows reset the allocator's peak, so the epoch's and the run's peaks are kept here
+        self.run_peak = 0
+        self.epoch_peak = 0
+
+    def start_epoch(self) -> None:
+        self.epoch_peak = 0
+
+    def peak_since_epoch_start(self) -> int:
+        """Peak allocated bytes (CUDA) or peak RSS (CPU) since start_epoch(), across window resets."""
+        return max(self.epoch_peak, peak_memory_bytes(self.device))
 
     def window(self) -> dict[str, int]:
         if self.device.type != "cuda":
             current = current_rss_bytes()   # read after the kernel's peak counter: never report peak < current
             return {"memory/rss_bytes": current, "memory/peak_rss_bytes": max(current, peak_rss_bytes())}
         stats = torch.cuda.memory_stats(self.device)
+        window_peak = int(torch.cuda.max_memory_allocated(self.device))
+        self.run_peak = max(self.run_peak, window_peak)
+        self.epoch_peak = max(self.epoch_peak, window_peak)
         figures = {
             "memory/peak_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
             "memory/peak_reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)),

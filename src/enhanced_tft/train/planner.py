@@ -160,7 +160,7 @@ def plan(cfg: Config, dims: ModelDims, budget_bytes: int | None = None) -> dict:
     configured_precision = _precision_name(cfg.train.mixed_precision)
     micro = cfg.train.batch_size
     traced = {(p, c): _trace(cfg, dims, micro, p, c) for p in ("fp32", "bf16") for c in CHECKPOINTING}
-    for c in CHECKPOINTING:   # fp16 stores what bf16 stores (2 bytes an element); its GradScaler adds 8 bytes
+    for c in CHECKPOINTING:   # fp16 stores what bf16 stores (2 bytes an element); its GradScaler's scalars are negligible
         traced[("fp16", c)] = StepMemory(**{**asdict(traced[("bf16", c)]), "precision": "fp16"})
     table = [asdict(traced[(p, c)]) for p in PRECISIONS for c in CHECKPOINTING]
     chosen = traced[(configured_precision, cfg.train.activation_checkpointing)]

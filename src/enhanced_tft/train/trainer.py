@@ -20,7 +20,7 @@ from ..config import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..model.tft import EnhancedTFT
-from .memory import MemoryMonitor, peak_memory_bytes, reset_peak
+from .memory import MemoryMonitor
 from .metrics import task_metrics
 from .precision import PrecisionPolicy
 
@@ -84,8 +84,10 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: decaying biases, norms and per-variable offsets only hurts."""
     decay, no_decay = [], []
+    # per-variable biases and norm scales of variable selection are stacked into 2-D tensors: not matrices
+    vector_like = ("embed_bias", "b_in", "b_gate", "norm_weight", "norm_bias")
     for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and "embed_bias" not in name else no_decay).append(param)
+        (decay if param.dim() >= 2 and not name.endswith(vector_like) else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -176,6 +178,16 @@ class Trainer:
             self._shrink_after_oom("train", "micro_batch_size")
 
     def optimizer_step(self) -> None:
+        try:
+            self._optimizer_step()
+        except torch.OutOfMemoryError:
+            # a half-applied step cannot be redone exactly: stop cleanly instead of training on a torn state
+            raise OutOfMemoryGiveUp(
+                "out of memory in the optimizer step (AdamW state and temporaries): the parameters, gradients and "
+                "optimizer state alone do not fit. Lower model.d_model, model.ff_dim or model.num_transformer_blocks; "
+                "`etft plan` shows the parameter, gradient and optimizer bytes.") from None
+
+    def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
         if self.scaler.is_enabled():
@@ -271,10 +283,11 @@ class Trainer:
         stale, total_samples, total_seconds, peak = 0, 0, 0.0, 0
         epoch = 0
         for epoch in range(1, train.epochs + 1):
-            reset_peak(self.device)
+            self.monitor.start_epoch()
             train_loss, samples, seconds = self.train_epoch(epoch)
             evaluation = self.evaluate("val")
-            peak = max(peak, peak_memory_bytes(self.device))
+            epoch_peak = self.monitor.peak_since_epoch_start()   # before window() resets the allocator's peak
+            peak = max(peak, epoch_peak)
             total_samples, total_seconds = total_samples + samples, total_seconds + seconds
             val_metrics = task_metrics(self.cfg.task, evaluation.prediction, evaluation.target,
                                        evaluation.raw_return, self.data.target_std)
@@ -291,7 +304,7 @@ class Trainer:
                 "kind": "epoch", "member": self.member, "epoch": epoch, "loss/train": train_loss, "loss/val": evaluation.loss,
                 **{f"val/{k}": v for k, v in val_metrics.items() if k != "num_samples"},
                 "lr": self.scheduler.get_last_lr()[0], "speed/samples_per_s": samples / seconds,
-                "memory/peak_bytes": peak_memory_bytes(self.device), **memory, "time/epoch_s": seconds,
+                "memory/peak_bytes": epoch_peak, **memory, "time/epoch_s": seconds,
                 "optimizer/skipped_steps": self.skipped_steps, "batch/micro": self.micro_batch_size,
                 "batch/accumulation_steps": self.accumulation_steps, "oom/recoveries": self.oom_recoveries,
                 "best": improved,
