@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Sequence
@@ -25,6 +26,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log_dir", metavar="DIR", help="parent of the run folders (default: logs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.d_model=64 (repeatable)")
+    parser.add_argument("--data", metavar="PATH",
+                        help="train on your OHLCV file (CSV, gzip CSV, Parquet): sets data.source=file and "
+                             "data.path=PATH; other data.* keys via --set, e.g. --set data.columns='{timestamp: Date}'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +73,15 @@ def resolve_train_config(args: argparse.Namespace) -> config_mod.Config:
         overrides.append(f"task={args.task}")
     if args.ensemble_size is not None:
         overrides.append(f"train.ensemble_size={args.ensemble_size}")
-    cfg = config_mod.load_config(args.config, overrides)
+    raw = config_mod.load_yaml(args.config) if args.config else {}
+    for assignment in overrides:
+        config_mod.apply_override(raw, assignment)
+    if getattr(args, "data", None):
+        # set directly, not through --set: a path is not parsed as YAML (a name like `true` or `1e3.csv` stays text)
+        section = raw.setdefault("data", {})
+        if isinstance(section, dict):
+            section.update(source="file", path=os.path.abspath(os.path.expanduser(args.data)))
+    cfg = config_mod.build_config(raw)
     if args.log_dir:
         cfg = config_mod.update(cfg, run={"log_dir": args.log_dir})
     if args.test_mode:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 TASKS = ("regression", "quantile", "classification_binary", "classification_multiclass")
 Task = Literal["regression", "quantile", "classification_binary", "classification_multiclass"]
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+FILE_COLUMNS = ("timestamp", "symbol", "open", "high", "low", "close", "volume", "adj_close")
 
 
 class _Loader(yaml.SafeLoader):
@@ -41,7 +42,25 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic"] = Field("synthetic", description="where bars come from")
+    source: Literal["synthetic", "file"] = Field(
+        "synthetic", description="where bars come from: the embedded generator, or data.path (etft train --data PATH)")
+    path: str | None = Field(None, description="file: OHLCV bars as CSV, gzip CSV (.gz) or Parquet")
+    columns: dict[str, str] = Field(
+        {}, description="file: our column name -> the file's (timestamp, symbol, open, high, low, close, volume, "
+                        "adj_close); unmapped names are looked up as they are, and `date` serves as timestamp")
+    timestamp_format: str | None = Field(
+        None, description="file: strftime format of the timestamps, e.g. '%Y-%m-%d %I-%p'; None = inferred")
+    skip_rows: int = Field(0, ge=0, description="file: lines before the header (free text of some exports)")
+    symbol: str | None = Field(
+        None, description="file: symbol of a file without a symbol column; with one, keep only this symbol's rows")
+    duplicates: Literal["error", "keep_last"] = Field(
+        "error", description="file: two bars of one symbol at one timestamp: stop, or keep the later row of the file")
+    missing: Literal["error", "drop"] = Field(
+        "error", description="file: an empty, NaN or inf value in a used column: stop, or drop the row (logged)")
+    too_short: Literal["error", "skip"] = Field(
+        "error", description="a symbol with too few bars for sequence_length, horizon and the splits: stop, or skip it")
+    adjust_column: str | None = Field(
+        None, description="file: adjusted close column (e.g. adj_close); OHLC are multiplied by it / close first")
     num_symbols: int = Field(5, ge=1, description="synthetic: number of symbols (series)")
     num_bars: int = Field(2500, ge=10, description="synthetic: bars per symbol")
     bar_minutes: int = Field(60, ge=1, description="synthetic: minutes per bar (calendar features)")
@@ -61,6 +80,25 @@ class DataConfig(_Section):
         if not value or any(v < 1 for v in value):
             raise ValueError(f"must be a non-empty list of integers >= 1, got {value}")
         return value
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(FILE_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown column name(s) {', '.join(unknown)}; allowed keys: {', '.join(FILE_COLUMNS)} "
+                             "(ours), each mapped to the file's column name")
+        return value
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> "DataConfig":
+        if self.source == "file" and not self.path:
+            raise ValueError("source='file' needs data.path, the CSV, gzip CSV or Parquet file of bars; "
+                             "set data.path or use `etft train --data PATH`")
+        if self.source == "synthetic" and self.path:
+            raise ValueError(f"data.path={self.path!r} is set but source='synthetic' would ignore it; "
+                             "set data.source=file (or use `etft train --data PATH`)")
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -101,6 +139,9 @@ class TrainConfig(_Section):
     activation_checkpointing: Literal["none", "blocks", "all"] = Field(
         "none", description="recompute activations in backward: blocks = transformer blocks, all = also selection and LSTM")
     log_every_steps: int = Field(50, ge=1, description="optimizer steps per logging window (loss, speed, memory)")
+    checkpoint_every_steps: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints (also at each epoch end)")
+    keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept per member, newest first (the best is kept apart)")
+    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive NaN/inf steps (skipped) before the run stops")
     epochs: int = Field(8, ge=1, description="maximum epochs")
     learning_rate: float = Field(2e-3, gt=0.0, description="peak AdamW learning rate")
     weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay")

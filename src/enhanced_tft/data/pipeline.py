@@ -56,7 +56,11 @@ def sample_ends_in(lo: int, hi: int, sequence_length: int, horizon: int) -> np.n
 
 
 def load_bars(cfg: Config) -> pd.DataFrame:
+    """Long-format bars of `cfg.data.source`: the embedded generator, or the user's file (data.path)."""
     data = cfg.data
+    if data.source == "file":
+        from .sources import load_file_bars
+        return load_file_bars(data)
     return generate_bars(data.num_symbols, data.num_bars, seed=cfg.seed, bar_minutes=data.bar_minutes)
 
 
@@ -81,6 +85,7 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
     ends: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     train_rows: list[np.ndarray] = []
     symbols: list[str] = []
+    skipped: list[str] = []
     offset = 0
     for symbol, frame in bars.groupby("symbol", sort=True):
         frame = frame.sort_values("timestamp")
@@ -92,10 +97,15 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
         per_split = {s: sample_ends_in(lo, hi, data.sequence_length, data.horizon) for s, (lo, hi) in bounds.items()}
         if any(len(v) == 0 for v in per_split.values()):
             counts = ", ".join(f"{s} {len(v)}" for s, v in per_split.items())
-            raise ValueError(
-                f"symbol {symbol!r} has {len(frame)} bars: after {warmup} warm-up bars, sequence_length="
-                f"{data.sequence_length} and horizon={data.horizon} leave samples {counts}; every split needs "
-                "at least one: give more bars or lower data.sequence_length")
+            message = (f"symbol {symbol!r} has {len(frame)} bars: after {warmup} warm-up bars, sequence_length="
+                       f"{data.sequence_length} and horizon={data.horizon} leave samples {counts}; every split "
+                       "needs at least one")
+            if data.too_short == "error":
+                raise ValueError(f"{message}: give more bars, lower data.sequence_length, or set "
+                                 "data.too_short=skip to leave such symbols out")
+            log.warning("skipped %s (data.too_short=skip)", message)
+            skipped.append(str(symbol))
+            continue
         for s in SPLITS:
             ends[s].append(per_split[s] + offset)
         train_rows.append(np.arange(bounds["train"][0], bounds["train"][1]) + offset)
@@ -105,6 +115,15 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
         symbol_parts.append(np.full(n, len(symbols), np.int64))
         symbols.append(str(symbol))
         offset += n
+    if not symbols:
+        raise ValueError(
+            f"every symbol is too short and was skipped ({', '.join(skipped) or 'no bars'}): with sequence_length="
+            f"{data.sequence_length}, horizon={data.horizon} and {warmup} warm-up bars, a split (val_fraction="
+            f"{data.val_fraction:g}, test_fraction={data.test_fraction:g}) holds no window in any of them; give "
+            "more bars or lower data.sequence_length")
+    if skipped:
+        log.warning("skipped %d of %d symbols as too short (data.too_short=skip): %s; training on %d: %s",
+                    len(skipped), len(skipped) + len(symbols), ", ".join(skipped), len(symbols), ", ".join(symbols))
     log.info("features: %d observed + %d known per bar; dropped the first %d bars of each of %d series "
              "as feature warm-up", len(observed_names), len(features.KNOWN_FEATURES), warmup, len(symbols))
 
