@@ -244,8 +244,8 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
 
     def always(phase, step, index, indices):
         raise torch.OutOfMemoryError("injected")
-    with pytest.raises(OutOfMemoryGiveUp, match="Last weights: .*member_0_last.pt"):
+    with pytest.raises(OutOfMemoryGiveUp, match=r"Last weights: .*member_0_step_000000000\.pt"):
         train_ensemble(cfg, data, CPU, resolve_precision("fp32", CPU), run, fault_hook=always)
-    assert (run.path / "checkpoints" / "member_0_last.pt").is_file()
+    assert (run.path / "checkpoints" / "member_0_step_000000000.pt").is_file()
     saved = json.loads((run.path / "summary.json").read_text())
     assert saved["status"] == "out_of_memory" and "even at micro-batch 1" in saved["error"]

@@ -23,6 +23,15 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)   # after a failed write: no stray temp file, the old checkpoint untouched
 
 
-def load_weights(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint; weights_only refuses anything but tensors and plain containers."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, or holding more than tensors and plain data."""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint; weights_only refuses anything but tensors and plain containers: no code runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # pickle.UnpicklingError for hidden code, RuntimeError/EOFError for damage
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} refused: it is damaged or holds more than tensors and "
+                              f"plain data, and nothing in it was run ({reason[:200]})") from None

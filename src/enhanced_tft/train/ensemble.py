@@ -3,7 +3,9 @@ predictions, and compose summary.json."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,10 +14,11 @@ from ..config import Config
 from ..data.pipeline import DataBundle
 from ..model.tft import ModelDims, build_model
 from ..runs import RunFolder
-from .checkpoint import save_atomic
+from .checkpoint import load_checkpoint, save_atomic
 from .memory import release_memory
 from .metrics import baseline_prediction, task_metrics
 from .precision import PrecisionPolicy
+from .resume import NonFiniteGiveUp
 from .trainer import FaultHook, OutOfMemoryGiveUp, Trainer
 
 log = logging.getLogger(__name__)
@@ -25,35 +28,90 @@ def model_dims(data: DataBundle) -> ModelDims:
     return ModelDims(data.num_observed, data.num_known, len(data.symbols), data.splits["train"].horizon)
 
 
+class CheckpointRotation:
+    """Resumable checkpoints of one member: member_<i>_step_<n>.pt, the newest `keep` of them kept."""
+
+    def __init__(self, folder: Path, member: int, keep: int):
+        self.folder, self.member, self.keep = folder, member, keep
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob(f"member_{self.member}_step_*.pt"))
+
+    def save(self, state: dict) -> None:
+        save_atomic(state, self.folder / f"member_{self.member}_step_{state['global_step']:09d}.pt")
+        for old in self.files()[:-self.keep]:
+            old.unlink(missing_ok=True)
+
+    def latest(self) -> Path | None:
+        files = self.files()
+        return files[-1] if files else None
+
+
+def check_free_space(run: RunFolder, num_parameters: int, keep: int) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints: weights, two AdamW moments, best weights."""
+    needed = num_parameters * 4 * 4 * (keep + 1) + 64 * 2**20
+    free = shutil.disk_usage(run.path).free
+    if free < needed:
+        raise ValueError(f"only {free / 2**20:.0f} MiB free under {run.path.parent}, the checkpoints need about "
+                         f"{needed / 2**20:.0f} MiB: free some space or set run.log_dir to another disk")
+
+
+def _member_result_path(run: RunFolder, member: int) -> Path:
+    return run.path / "checkpoints" / f"member_{member}_result.pt"
+
+
+def _stop_with_checkpoint(cfg: Config, run: RunFolder, trainer: Trainer, rotation: CheckpointRotation,
+                          status: str, err: Exception) -> None:
+    rotation.save(trainer.state_dict())
+    latest = rotation.latest()
+    run.write_json("summary.json", {"task": cfg.task, "status": status, "error": str(err),
+                                    "checkpoint": str(latest.relative_to(run.path))})
+    raise type(err)(f"{err} Last weights: {latest}") from None
+
+
 def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
-                   run: RunFolder, fault_hook: FaultHook | None = None) -> dict[str, Any]:
-    """Train `ensemble_size` members; return the summary (also written to the run folder)."""
+                   run: RunFolder, fault_hook: FaultHook | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train `ensemble_size` members (continuing a stopped run if `resume`); return and write the summary."""
     started = time.time()
     members, member_predictions = [], []
-    test_eval = None
     micro_batch_size = cfg.train.batch_size   # a size that had to shrink on OOM stays shrunk for later members
+    folder = run.path / "checkpoints"
     for member in range(cfg.train.ensemble_size):
         seed = cfg.seed + member
+        if resume and _member_result_path(run, member).is_file():
+            done = load_checkpoint(_member_result_path(run, member))
+            members.append(done["summary"])
+            member_predictions.append(done["prediction"])
+            micro_batch_size = done["summary"]["micro_batch_size"]
+            log.info("member %d finished before the interruption: its results are reused", member)
+            continue
         torch.manual_seed(seed)
         model = build_model(cfg, model_dims(data)).to(device)
         if member == 0:
+            num_parameters = sum(p.numel() for p in model.parameters())
+            check_free_space(run, num_parameters, cfg.train.keep_checkpoints)
             log.info("model: %s parameters on %s; activation checkpointing %s",
-                     f"{sum(p.numel() for p in model.parameters()):,}", device, cfg.train.activation_checkpointing)
+                     f"{num_parameters:,}", device, cfg.train.activation_checkpointing)
         checkpoint = run.checkpoint_path(member)
+        rotation = CheckpointRotation(folder, member, cfg.train.keep_checkpoints)
         trainer = Trainer(model, data, cfg, device, policy, seed=seed, member=member,
                           micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics,
                           on_best=lambda state, epoch, path=checkpoint: save_atomic(state, path),
-                          fault_hook=fault_hook)
+                          on_checkpoint=rotation.save, fault_hook=fault_hook)
+        latest = rotation.latest() if resume else None
+        if latest is not None:
+            best = load_checkpoint(checkpoint) if checkpoint.is_file() else None
+            trainer.load_state_dict(load_checkpoint(latest), best)
+            log.info("member %d resumed from %s (epoch %d, step %d of it)", member, latest.name,
+                     trainer.progress.epoch, trainer.progress.step_in_epoch)
         try:
             result = trainer.fit()
             test_eval = trainer.evaluate("test")
             micro_batch_size = trainer.micro_batch_size
         except OutOfMemoryGiveUp as err:
-            last = run.path / "checkpoints" / f"member_{member}_last.pt"
-            save_atomic({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, last)
-            run.write_json("summary.json", {"task": cfg.task, "status": "out_of_memory", "error": str(err),
-                                            "checkpoint": str(last.relative_to(run.path))})
-            raise OutOfMemoryGiveUp(f"{err} Last weights: {last}") from None
+            _stop_with_checkpoint(cfg, run, trainer, rotation, "out_of_memory", err)
+        except NonFiniteGiveUp as err:
+            _stop_with_checkpoint(cfg, run, trainer, rotation, "non_finite", err)
         finally:
             trainer.close()
             del trainer, model
@@ -61,7 +119,7 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
         metrics = task_metrics(cfg.task, test_eval.prediction, test_eval.target, test_eval.raw_return,
                                data.target_std)
         member_predictions.append(test_eval.prediction)
-        members.append({
+        members.append(summary := {
             "member": member, "seed": seed, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "stopped_early": result.stopped_early, "best_val_loss": result.best_val_loss,
             "optimizer_steps": result.optimizer_steps, "samples_per_s": result.samples_per_s,
@@ -69,16 +127,20 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
             "oom_recoveries": result.oom_recoveries,
             "checkpoint": str(checkpoint.relative_to(run.path)), "test": metrics,
         })
+        save_atomic({"prediction": test_eval.prediction, "summary": summary}, _member_result_path(run, member))
         log.info("member %d test: %s", member, _fmt(metrics))
 
+    test_split = data.splits["test"]
+    test_target = test_split.arrays.target.index_select(0, test_split.sample_ends)
+    test_return = test_split.arrays.raw_return.index_select(0, test_split.sample_ends)
     averaged = torch.stack(member_predictions).mean(dim=0)
-    ensemble_metrics = task_metrics(cfg.task, averaged, test_eval.target, test_eval.raw_return, data.target_std)
+    ensemble_metrics = task_metrics(cfg.task, averaged, test_target, test_return, data.target_std)
     train_split = data.splits["train"]
     train_ends = train_split.sample_ends
     baseline = baseline_prediction(cfg.task, train_split.arrays.target.index_select(0, train_ends),
                                    train_split.arrays.raw_return.index_select(0, train_ends),
-                                   data.target_std, len(test_eval.target))
-    baseline_metrics = task_metrics(cfg.task, baseline, test_eval.target, test_eval.raw_return, data.target_std)
+                                   data.target_std, len(test_target))
+    baseline_metrics = task_metrics(cfg.task, baseline, test_target, test_return, data.target_std)
     summary = {
         "task": cfg.task,
         "status": "completed",

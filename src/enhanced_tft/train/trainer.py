@@ -23,6 +23,7 @@ from ..model.tft import EnhancedTFT
 from .memory import MemoryMonitor
 from .metrics import task_metrics
 from .precision import PrecisionPolicy
+from .resume import STOP, NonFiniteGiveUp, TrainingInterrupted, TrainProgress, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,14 @@ class Trainer:
                  micro_batch_size: int | None = None,
                  on_epoch_end: Callable[[dict], None] | None = None,
                  on_best: Callable[[dict[str, torch.Tensor], int], None] | None = None,
+                 on_checkpoint: Callable[[dict], None] | None = None,
                  fault_hook: FaultHook | None = None):
         self.model, self.data, self.cfg, self.device, self.policy = model, data, cfg, device, policy
         self.member = member
         self.on_epoch_end, self.on_best, self.fault_hook = on_epoch_end, on_best, fault_hook
+        self.on_checkpoint = on_checkpoint
+        self.progress = TrainProgress()
+        self.best_state: dict[str, torch.Tensor] | None = None
         self.effective_batch_size = cfg.train.samples_per_step
         # may shrink on OOM (and start shrunk for later ensemble members); the effective batch never does
         self.micro_batch_size = min(micro_batch_size or cfg.train.batch_size, self.effective_batch_size)
@@ -189,31 +194,57 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
         if self.scaler.is_enabled():
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.scaler.get_scale() < scale_before:   # inf/NaN gradients: the step was skipped
-                self.skipped_steps += 1
-                log.info("fp16 overflow: step skipped, loss scale now %g", self.scaler.get_scale())
+            finite = self.scaler.get_scale() >= scale_before   # a lowered scale means inf/NaN: step skipped
         else:
-            self.optimizer.step()
+            finite = bool(torch.isfinite(norm))   # one host sync per optimizer step, not per micro-batch
+            if finite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self._count_nonfinite(finite)
+
+    def _count_nonfinite(self, finite: bool) -> None:
+        p = self.progress
+        if finite:
+            p.nonfinite_in_a_row = 0
+            return
+        p.nonfinite_in_a_row += 1
+        p.nonfinite_steps += 1
+        self.skipped_steps += 1
+        log.warning("member %d step %d: NaN/inf loss or gradient, step skipped (%d in a row, %d in all)%s",
+                    self.member, self.global_step, p.nonfinite_in_a_row, p.nonfinite_steps,
+                    f"; fp16 loss scale now {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "")
+        if p.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteGiveUp(
+                f"{p.nonfinite_in_a_row} optimizer steps in a row had NaN/inf losses or gradients (member "
+                f"{self.member}, step {self.global_step}); the weights are those of the last good step. Lower "
+                "train.learning_rate, check the data for extreme values, or use train.mixed_precision=bf16 or fp32.")
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float]:
-        """One pass over (a shuffled order of) the train split; returns mean loss, samples, seconds."""
-        split = self.data.splits["train"]
+        """Train (the rest of) one epoch over a shuffled order; returns mean loss, samples, seconds.
+
+        The order comes from the data-order RNG as it stood at the epoch's start, so a resumed epoch sees
+        the same order and continues at `progress.step_in_epoch`.
+        """
+        split, p = self.data.splits["train"], self.progress
         self.model.train()
+        if p.order_state is None:
+            p.order_state = self.order_generator.get_state()
+        self.order_generator.set_state(p.order_state)
         order = torch.randperm(len(split), generator=self.order_generator)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.full((), p.epoch_loss_sum, device=self.device, dtype=torch.float64)
         window_loss, window_samples = torch.zeros((), device=self.device), 0
-        samples = 0
         started = window_started = time.perf_counter()
+        seconds_before = p.epoch_seconds
         every = self.cfg.train.log_every_steps
-        bar = tqdm(range(self.steps_per_epoch), desc=f"member {self.member} epoch {epoch}/{self.cfg.train.epochs}",
-                   unit="step", leave=False, dynamic_ncols=True, disable=None)
+        bar = tqdm(range(p.step_in_epoch, self.steps_per_epoch), initial=p.step_in_epoch, total=self.steps_per_epoch,
+                   desc=f"member {self.member} epoch {epoch}/{self.cfg.train.epochs}", unit="step", leave=False,
+                   dynamic_ncols=True, disable=None)
         for step in bar:
             window = order[step * self.effective_batch_size:(step + 1) * self.effective_batch_size]
             step_loss = self.train_window(split, window)
@@ -221,18 +252,29 @@ class Trainer:
             self.global_step += 1
             loss_sum += step_loss
             window_loss += step_loss
-            samples += window.numel()
+            p.epoch_samples += window.numel()
+            p.step_in_epoch = step + 1
             window_samples += window.numel()
+            elapsed = time.perf_counter() - started
+            p.epoch_seconds = seconds_before + elapsed
             if step % 10 == 0 or step == self.steps_per_epoch - 1:   # host sync only every 10 steps
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{float(loss_sum) / samples:.4f}", samples_s=f"{samples / elapsed:.0f}")
+                bar.set_postfix(loss=f"{float(loss_sum) / p.epoch_samples:.4f}",
+                                samples_s=f"{p.epoch_samples / p.epoch_seconds:.0f}")
             if (step + 1) % every == 0 and step + 1 < self.steps_per_epoch:
                 now = time.perf_counter()
                 self._log_window(epoch, step + 1, float(window_loss) / window_samples, window_samples / (now - window_started))
                 window_loss.zero_()
                 window_samples, window_started = 0, now
+            if step + 1 < self.steps_per_epoch:
+                stopping = STOP.is_set()
+                if stopping or self.global_step % self.cfg.train.checkpoint_every_steps == 0:
+                    p.epoch_loss_sum = float(loss_sum)
+                    self.checkpoint()
+                if stopping:
+                    raise TrainingInterrupted(STOP.signal_name, f"member {self.member} epoch {epoch} step {step + 1}")
         bar.close()
-        return float(loss_sum) / max(samples, 1), samples, time.perf_counter() - started
+        p.epoch_loss_sum = float(loss_sum)
+        return p.epoch_loss_sum / max(p.epoch_samples, 1), p.epoch_samples, p.epoch_seconds
 
     def _log_window(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
         memory = self.monitor.window()
@@ -278,27 +320,27 @@ class Trainer:
                           arrays.target.index_select(0, ends), arrays.raw_return.index_select(0, ends))
 
     def fit(self) -> FitResult:
-        train = self.cfg.train
-        best_loss, best_epoch, best_state = math.inf, 0, None
-        stale, total_samples, total_seconds, peak = 0, 0, 0.0, 0
-        epoch = 0
-        for epoch in range(1, train.epochs + 1):
+        """Train until the last epoch or early stopping; resumes from `progress` if it was restored."""
+        train, p = self.cfg.train, self.progress
+        while p.epoch <= train.epochs:
+            epoch = p.epoch
             self.monitor.start_epoch()
             train_loss, samples, seconds = self.train_epoch(epoch)
             evaluation = self.evaluate("val")
             epoch_peak = self.monitor.peak_since_epoch_start()   # before window() resets the allocator's peak
-            peak = max(peak, epoch_peak)
-            total_samples, total_seconds = total_samples + samples, total_seconds + seconds
+            p.peak_bytes = max(p.peak_bytes, epoch_peak)
+            p.total_samples += samples
+            p.total_seconds += seconds
             val_metrics = task_metrics(self.cfg.task, evaluation.prediction, evaluation.target,
                                        evaluation.raw_return, self.data.target_std)
-            improved = evaluation.loss < best_loss - 1e-6
+            improved = evaluation.loss < p.best_loss - 1e-6
             if improved:
-                best_loss, best_epoch, stale = evaluation.loss, epoch, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                p.best_loss, p.best_epoch, p.stale_epochs = evaluation.loss, epoch, 0
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
                 if self.on_best:
-                    self.on_best(best_state, epoch)
+                    self.on_best(self.best_state, epoch)
             else:
-                stale += 1
+                p.stale_epochs += 1
             memory = self.monitor.window()
             record = {
                 "kind": "epoch", "member": self.member, "epoch": epoch, "loss/train": train_loss, "loss/val": evaluation.loss,
@@ -315,14 +357,51 @@ class Trainer:
                      samples / seconds, MemoryMonitor.describe(memory))
             if self.on_epoch_end:
                 self.on_epoch_end(record)
-            if stale >= train.early_stopping_patience:
+            stop_early = p.stale_epochs >= train.early_stopping_patience and epoch < train.epochs
+            p.epochs_done = epoch
+            p.start_epoch(epoch + 1)
+            if stop_early:
+                p.stopped_early = True
+                p.epoch = train.epochs + 1   # a resumed run must not train on
                 log.info("early stopping: val loss has not improved for %d epochs (best %.5f at epoch %d)",
-                         stale, best_loss, best_epoch)
+                         train.early_stopping_patience, p.best_loss, p.best_epoch)
+            self.checkpoint()
+            if STOP.is_set():
+                raise TrainingInterrupted(STOP.signal_name, f"member {self.member} after epoch {epoch}")
+            if stop_early:
                 break
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        return FitResult(best_epoch, best_loss, epoch, epoch < train.epochs, total_samples / max(total_seconds, 1e-9),
-                         peak, self.scheduler.last_epoch, self.micro_batch_size, self.oom_recoveries)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return FitResult(p.best_epoch, p.best_loss, p.epochs_done, p.stopped_early, p.total_samples / max(p.total_seconds, 1e-9), p.peak_bytes, self.scheduler.last_epoch,
+                         self.micro_batch_size, self.oom_recoveries)
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizer, scaler, schedule, counters, RNG."""
+        return {
+            "member": self.member, "global_step": self.global_step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "progress": self.progress.to_dict(),
+            "order_generator": self.order_generator.get_state(), "rng": rng_state(self.device),
+            "micro_batch_size": self.micro_batch_size, "eval_batch_size": self.eval_batch_size,
+            "oom_recoveries": self.oom_recoveries, "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict, best_state: dict[str, torch.Tensor] | None = None) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = TrainProgress.from_dict(state["progress"])
+        self.order_generator.set_state(state["order_generator"])
+        set_rng_state(state["rng"], self.device)
+        self.global_step = state["global_step"]
+        self.micro_batch_size, self.eval_batch_size = state["micro_batch_size"], state["eval_batch_size"]
+        self.oom_recoveries, self.skipped_steps = state["oom_recoveries"], state["skipped_steps"]
+        self.best_state = best_state
+
+    def checkpoint(self) -> None:
+        if self.on_checkpoint:
+            self.on_checkpoint(self.state_dict())
 
     def close(self) -> None:
         """Drop optimizer state and gradients so that the caller can release memory."""

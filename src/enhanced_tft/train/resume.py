@@ -1,0 +1,102 @@
+"""What a run must remember to continue exactly where it stopped, and the ways a run stops early."""
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived: a checkpoint was written after the current step."""
+
+    def __init__(self, signal_name: str, where: str):
+        super().__init__(f"stopped by {signal_name} at {where}; a checkpoint was saved")
+        self.signal_name = signal_name
+
+
+class NonFiniteGiveUp(RuntimeError):
+    """Too many NaN/inf steps in a row: the last good weights were kept."""
+
+
+@dataclass
+class TrainProgress:
+    """Counters of the epoch loop; saved in every checkpoint as plain numbers and tensors."""
+    epoch: int = 1                  # the epoch being trained (1-based)
+    step_in_epoch: int = 0          # optimizer steps already done in it
+    epoch_loss_sum: float = 0.0
+    epoch_samples: int = 0
+    epoch_seconds: float = 0.0
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    stale_epochs: int = 0
+    total_samples: int = 0
+    total_seconds: float = 0.0
+    peak_bytes: int = 0
+    epochs_done: int = 0
+    stopped_early: bool = False
+    nonfinite_in_a_row: int = 0
+    nonfinite_steps: int = 0
+    order_state: torch.Tensor | None = field(default=None, repr=False)   # data-order RNG at the epoch's start
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step_in_epoch = epoch, 0
+        self.epoch_loss_sum, self.epoch_samples, self.epoch_seconds = 0.0, 0, 0.0
+        self.order_state = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainProgress":
+        return cls(**values)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the trainer checks it between optimizer steps."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.signal_name = ""
+
+    def request(self, signum: int, _frame=None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        self._event.clear()
+        self.signal_name = ""
+
+
+STOP = StopFlag()
+
+
+def install_signal_handlers() -> dict:
+    """Route SIGINT and SIGTERM to STOP; returns the previous handlers for restore_signal_handlers."""
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, STOP.request)
+    return previous
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    STOP.clear()
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
