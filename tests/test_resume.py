@@ -133,3 +133,104 @@ def test_rotation_keeps_the_newest(tmp_path):
         rotation.save({"global_step": step, "w": torch.tensor([step])})
     assert [p.name for p in rotation.files()] == ["member_1_step_000000010.pt", "member_1_step_000000012.pt"]
     assert rotation.latest().name == "member_1_step_000000012.pt"
+
+
+# --- the real CLI: kill -9 and SIGTERM, then --resume ------------------------------------------------
+
+CLI_SETTINGS = ["--set", "data.num_symbols=3", "--set", "data.num_bars=1500", "--set", "data.sequence_length=24",
+                "--set", "model.d_model=32", "--set", "model.num_transformer_blocks=1", "--set", "model.ff_dim=64",
+                "--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "train.checkpoint_every_steps=5"]
+
+
+def _start(tmp_path, log_dir):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.Popen([sys.executable, "-m", "enhanced_tft.cli", "train", "--log_dir", str(log_dir),
+                             *CLI_SETTINGS], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_checkpoint(log_dir, process, timeout=120.0):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = sorted(log_dir.glob("training_*/checkpoints/member_0_step_*.pt"))
+        if found:
+            return found[0].parents[1]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _final(run):
+    import json
+    return load_checkpoint(run / "checkpoints" / "member_0_best.pt"), json.loads((run / "summary.json").read_text())
+
+
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    import signal
+
+    from conftest import run_cli
+    reference = run_cli(["-m", "enhanced_tft.cli", "train", "--log_dir", str(tmp_path / "ref"), *CLI_SETTINGS],
+                        cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    expected_weights, expected = _final(next((tmp_path / "ref").glob("training_*")))
+
+    process = _start(tmp_path, tmp_path / "killed")
+    run = _wait_for_checkpoint(tmp_path / "killed", process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert not (run / "summary.json").exists()                     # it really died before finishing
+
+    resumed = run_cli(["-m", "enhanced_tft.cli", "train", "--resume", str(run)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "member 0 resumed from member_0_step_" in resumed.stderr
+    weights, summary = _final(run)
+    for name, value in expected_weights.items():
+        torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=0, msg=name)
+    for key, value in expected["test"].items():
+        assert summary["test"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    import signal
+
+    from conftest import run_cli
+    process = _start(tmp_path, tmp_path / "logs")
+    run = _wait_for_checkpoint(tmp_path / "logs", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert f"Resume with: etft train --resume {run}" in stderr
+    assert "Traceback" not in stderr
+    resumed = run_cli(["-m", "enhanced_tft.cli", "train", "--resume", str(run), "--set", "train.epochs=3"],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    _, summary = _final(run)
+    assert summary["status"] == "completed"
+
+
+def test_resume_refuses_a_changed_model_and_a_malicious_checkpoint(tmp_path):
+    from conftest import run_cli
+    result = run_cli(["-m", "enhanced_tft.cli", "train", "--log_dir", str(tmp_path), *CLI_SETTINGS,
+                      "--set", "train.epochs=1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = next(tmp_path.glob("training_*"))
+    changed = run_cli(["-m", "enhanced_tft.cli", "train", "--resume", str(run), "--set", "model.d_model=64"],
+                      cwd=tmp_path)
+    assert changed.returncode == 2
+    assert "model.d_model: 32 -> 64" in changed.stderr and "allowed changes: train.epochs" in changed.stderr
+    for stale in (run / "checkpoints").glob("member_0_*"):
+        stale.unlink()
+    with open(run / "checkpoints" / "member_0_step_000000099.pt", "wb") as handle:
+        pickle.dump({"model": _Exploit()}, handle)
+    evil = run_cli(["-m", "enhanced_tft.cli", "train", "--resume", str(run)], cwd=tmp_path)
+    assert evil.returncode == 2 and "refused" in evil.stderr and "Traceback" not in evil.stderr
+    assert not (tmp_path / "PWNED").exists()
+    missing = run_cli(["-m", "enhanced_tft.cli", "train", "--resume", str(tmp_path / "nope")], cwd=tmp_path)
+    assert missing.returncode == 2 and "is not a run folder" in missing.stderr

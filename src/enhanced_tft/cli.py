@@ -26,6 +26,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log_dir", metavar="DIR", help="parent of the run folders (default: logs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.d_model=64 (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue a stopped run from its newest checkpoint (logs/training_...)")
     parser.add_argument("--data", metavar="PATH",
                         help="train on your OHLCV file (CSV, gzip CSV, Parquet): sets data.source=file and "
                              "data.path=PATH; other data.* keys via --set, e.g. --set data.columns='{timestamp: Date}'")
@@ -89,15 +91,67 @@ def resolve_train_config(args: argparse.Namespace) -> config_mod.Config:
     return cfg
 
 
+SAFE_RESUME_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.log_every_steps",
+                       "train.checkpoint_every_steps", "train.keep_checkpoints", "train.max_nonfinite_steps")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "columns":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resolve_resume_config(args: argparse.Namespace):
+    """The stopped run's own config, with only the changes that keep a resumed run exact."""
+    from pathlib import Path
+
+    folder = Path(args.resume)
+    for flag, given in (("--config", args.config), ("--data", args.data), ("--test_mode", args.test_mode),
+                        ("--auto_batch", args.auto_batch), ("--log_dir", args.log_dir)):
+        if given:
+            raise ValueError(f"{flag} cannot be combined with --resume: a resumed run keeps its own config and "
+                             f"folder; allowed with --resume: --set for {', '.join(SAFE_RESUME_CHANGES)}")
+    if not (folder / "config.yaml").is_file() or not (folder / "checkpoints").is_dir():
+        raise ValueError(f"--resume {str(folder)!r} is not a run folder: it needs config.yaml and checkpoints/ "
+                         "(a folder like logs/training_20261128_101500)")
+    saved = config_mod.load_config(folder / "config.yaml")
+    raw = saved.model_dump(mode="json")
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.append(f"task={args.task}")
+    if args.ensemble_size is not None:
+        overrides.append(f"train.ensemble_size={args.ensemble_size}")
+    for assignment in overrides:
+        config_mod.apply_override(raw, assignment)
+    cfg = config_mod.build_config(raw)
+    before, after = _flatten(saved.model_dump(mode="json")), _flatten(cfg.model_dump(mode="json"))
+    changed = [k for k in after if before.get(k) != after[k]]
+    unsafe = [k for k in changed if k not in SAFE_RESUME_CHANGES]
+    if unsafe:
+        listing = "; ".join(f"{k}: {before.get(k)!r} -> {after[k]!r}" for k in unsafe)
+        raise ValueError(f"--resume: the config differs from the run's in a way that would change what was "
+                         f"trained ({listing}); allowed changes: {', '.join(SAFE_RESUME_CHANGES)}")
+    return cfg, folder, changed
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.gpu_memory and not args.auto_batch:
         raise ValueError("--gpu-memory is the budget of --auto_batch; add --auto_batch, or use `etft plan --gpu-memory`")
-    cfg = resolve_train_config(args)
+    resuming = bool(args.resume)
+    if resuming:
+        cfg, folder, changed = resolve_resume_config(args)
+    else:
+        cfg = resolve_train_config(args)
     # heavy imports (torch, pandas) only once the config is known to be good: bad input answers at once
     from .data.pipeline import build_data
     from .runs import RunFolder
     from .train.ensemble import train_ensemble
     from .train.precision import resolve_device, resolve_precision
+    from .train.resume import TrainingInterrupted, install_signal_handlers, restore_signal_handlers
 
     device = resolve_device(cfg.train.device)
     policy = resolve_precision(cfg.train.mixed_precision, device)
@@ -106,13 +160,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     auto_batch_note = _auto_batch(cfg, device, args.gpu_memory) if args.auto_batch else None
     if auto_batch_note:
         cfg, auto_batch_note = auto_batch_note
-    run = RunFolder.create(cfg.run.log_dir)
+    run = RunFolder(folder) if resuming else RunFolder.create(cfg.run.log_dir)
     run.attach_logging()
     started = time.time()
+    training_started = False
+    previous_handlers = install_signal_handlers()
     try:
         run.write_config(f"# resolved config of this run; precision {policy.name}: {policy.reason}\n"
                          + config_mod.to_yaml(cfg))
-        log.info("run folder %s%s", run.path, "  (test mode)" if cfg.run.test_mode else "")
+        if resuming:
+            log.info("resuming run folder %s%s", run.path, f" with changed {', '.join(changed)}" if changed else "")
+        else:
+            log.info("run folder %s%s", run.path, "  (test mode)" if cfg.run.test_mode else "")
         log.info("task %s; effective batch %d = micro-batch %d x %d accumulation steps; precision %s: %s",
                  cfg.task, cfg.train.samples_per_step, cfg.train.batch_size,
                  cfg.train.gradient_accumulation_steps, policy.name, policy.reason)
@@ -120,12 +179,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             log.info(auto_batch_note)
         data = build_data(cfg)
         run.write_json("scaler.json", data.scaler)
+        training_started = True
         with logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]):
-            summary = train_ensemble(cfg, data, device, policy, run)
+            summary = train_ensemble(cfg, data, device, policy, run, resume=resuming)
         _print_result(summary, run, time.time() - started)
         return 0
+    except TrainingInterrupted as stop:
+        print(f"etft train: {stop}. Resume with: etft train --resume {run.path}", file=sys.stderr)
+        return 143 if stop.signal_name == "SIGTERM" else 130
     finally:
+        restore_signal_handlers(previous_handlers)
         run.detach_logging()
+        if not training_started and not resuming:
+            import shutil
+            shutil.rmtree(run.path, ignore_errors=True)   # bad input found before training: leave no empty run
 
 
 def _auto_batch(cfg: config_mod.Config, device, gpu_memory: str | None):
@@ -189,11 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:
         import torch
 
+        from .train.resume import NonFiniteGiveUp
         from .train.trainer import OutOfMemoryGiveUp
         if isinstance(err, torch.OutOfMemoryError):   # outside a step (moving the model, say): no recovery there
             err = OutOfMemoryGiveUp(f"out of memory outside a training step ({str(err).splitlines()[0]}); "
                                     "`etft plan` shows what fits; lower model.d_model or model.ff_dim")
-        if not isinstance(err, OutOfMemoryGiveUp):
+        if not isinstance(err, (OutOfMemoryGiveUp, NonFiniteGiveUp)):
             raise
         print(f"etft {args.command}: error: {err}", file=sys.stderr)
         return 3

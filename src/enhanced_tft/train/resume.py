@@ -61,6 +61,8 @@ class StopFlag:
         self.signal_name = ""
 
     def request(self, signum: int, _frame=None) -> None:
+        if self._event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt   # a second Ctrl-C: stop now, without waiting for the step to end
         self.signal_name = signal.Signals(signum).name
         self._event.set()
 
