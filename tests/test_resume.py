@@ -234,3 +234,24 @@ def test_resume_refuses_a_changed_model_and_a_malicious_checkpoint(tmp_path):
     assert not (tmp_path / "PWNED").exists()
     missing = run_cli(["-m", "enhanced_tft.cli", "train", "--resume", str(tmp_path / "nope")], cwd=tmp_path)
     assert missing.returncode == 2 and "is not a run folder" in missing.stderr
+
+
+def test_full_disk_and_unusable_log_dir_are_reported_before_training(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from conftest import run_cli
+    from enhanced_tft.runs import RunFolder
+    from enhanced_tft.train.ensemble import check_free_space
+
+    run = RunFolder.create(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(ValueError, match=r"only 1 MiB free under .*the checkpoints need about \d+ MiB"):
+        check_free_space(run, num_parameters=1_000_000, keep=2)
+    monkeypatch.undo()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_cli(["-m", "enhanced_tft.cli", "train", "--test_mode", "--log_dir", str(blocker / "logs")],
+                     cwd=tmp_path)
+    assert result.returncode == 2 and "cannot be created" in result.stderr and "Traceback" not in result.stderr
