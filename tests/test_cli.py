@@ -19,8 +19,12 @@ def _only_run_folder(log_dir: Path) -> Path:
 
 def _check_run_folder(run: Path, task: str, members: int) -> dict:
     assert RUN_FILES <= {p.name for p in run.iterdir()}
-    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert checkpoints == [f"member_{i}_best.pt" for i in range(members)]
+    checkpoints = {p.name for p in (run / "checkpoints").iterdir()}
+    for i in range(members):
+        assert {f"member_{i}_best.pt", f"member_{i}_result.pt"} <= checkpoints
+        resumable = [name for name in checkpoints if name.startswith(f"member_{i}_step_")]
+        assert 1 <= len(resumable) <= 2                       # train.keep_checkpoints
+    assert not [name for name in checkpoints if name.endswith(".tmp")]
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["task"] == task

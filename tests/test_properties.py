@@ -110,3 +110,28 @@ def test_any_corrupted_csv_loads_or_fails_with_one_clear_message(tmp_path_factor
         split = data.splits["train"]
         assert len(split) > 0 and np.isfinite(split.arrays.observed.numpy()).all()
         assert np.isfinite(split.arrays.raw_return[split.sample_ends].numpy()).all()
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(CORRUPTIONS), row=st.integers(0, 599),
+       column=st.sampled_from(["open", "high", "low", "close", "volume"]))
+def test_the_cli_trains_or_exits_2_on_any_corrupted_csv(tmp_path_factory, clean_frame, kind, row, column):
+    """End to end through the real command, bounded by a timeout: exit 0 with a summary, or 2 with one message."""
+    import json
+
+    from conftest import run_cli
+    folder = tmp_path_factory.mktemp("cli")
+    path = folder / "bars.csv"
+    path.write_text(_corrupt(clean_frame, kind, row, column))
+    result = run_cli(["-m", "enhanced_tft.cli", "train", "--data", str(path), "--test_mode", "--log_dir",
+                      str(folder / "logs"), "--set", "data.sequence_length=16", "--set", "train.max_steps_per_epoch=3"],
+                     cwd=folder, timeout=180)
+    if result.returncode == 0:
+        run = next((folder / "logs").glob("training_*"))
+        assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    else:
+        assert result.returncode == 2, result.stderr
+        message = result.stderr.strip().splitlines()[-1]
+        assert message.startswith("etft train: error: data file") or "invalid config" in result.stderr
+        _one_paragraph(result.stderr.split("etft train: error:")[-1])
+        assert not (folder / "logs").exists() or not list((folder / "logs").iterdir())   # no half-made run

@@ -76,6 +76,7 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
     members, member_predictions = [], []
     micro_batch_size = cfg.train.batch_size   # a size that had to shrink on OOM stays shrunk for later members
     folder = run.path / "checkpoints"
+    config_record = cfg.model_dump(mode="json")   # each checkpoint says which config it belongs to
     for member in range(cfg.train.ensemble_size):
         seed = cfg.seed + member
         if resume and _member_result_path(run, member).is_file():
@@ -97,7 +98,8 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
         trainer = Trainer(model, data, cfg, device, policy, seed=seed, member=member,
                           micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics,
                           on_best=lambda state, epoch, path=checkpoint: save_atomic(state, path),
-                          on_checkpoint=rotation.save, fault_hook=fault_hook)
+                          on_checkpoint=lambda state: rotation.save({**state, "config": config_record}),
+                          fault_hook=fault_hook)
         latest = rotation.latest() if resume else None
         if latest is not None:
             best = load_checkpoint(checkpoint) if checkpoint.is_file() else None

@@ -21,6 +21,7 @@ from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..model.tft import EnhancedTFT
 from .memory import MemoryMonitor
+from .optim import lr_lambda, param_groups  # noqa: F401  (param_groups is also used by the planner)
 from .metrics import task_metrics
 from .precision import PrecisionPolicy
 from .resume import STOP, NonFiniteGiveUp, TrainingInterrupted, TrainProgress, rng_state, set_rng_state
@@ -70,26 +71,6 @@ class Evaluation:
     prediction: torch.Tensor     # (N,) or (N, O) as TaskHead.predict returns, on the CPU
     target: torch.Tensor         # (N,)
     raw_return: torch.Tensor     # (N,)
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then cosine decay to `min_ratio` of it."""
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: decaying biases, norms and per-variable offsets only hurts."""
-    decay, no_decay = [], []
-    # per-variable biases and norm scales of variable selection are stacked into 2-D tensors: not matrices
-    vector_like = ("embed_bias", "b_in", "b_gate", "norm_weight", "norm_bias")
-    for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and not name.endswith(vector_like) else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class Trainer:

@@ -1,0 +1,27 @@
+"""AdamW parameter groups and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then cosine decay to `min_ratio` of it."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: decaying biases, norms and per-variable offsets only hurts."""
+    decay, no_decay = [], []
+    # per-variable biases and norm scales of variable selection are stacked into 2-D tensors: not matrices
+    vector_like = ("embed_bias", "b_in", "b_gate", "norm_weight", "norm_bias")
+    for name, param in model.named_parameters():
+        (decay if param.dim() >= 2 and not name.endswith(vector_like) else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
