@@ -62,7 +62,7 @@ def _member_result_path(run: RunFolder, member: int) -> Path:
 
 def _stop_with_checkpoint(cfg: Config, run: RunFolder, trainer: Trainer, rotation: CheckpointRotation,
                           status: str, err: Exception) -> None:
-    rotation.save(trainer.state_dict())
+    trainer.checkpoint()   # through the same hook as every other checkpoint: rotation, config included
     latest = rotation.latest()
     run.write_json("summary.json", {"task": cfg.task, "status": status, "error": str(err),
                                     "checkpoint": str(latest.relative_to(run.path))})
