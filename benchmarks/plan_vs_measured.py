@@ -20,7 +20,7 @@ from enhanced_tft.config import load_config, update  # noqa: E402
 from enhanced_tft.model.tft import ModelDims, build_model  # noqa: E402
 from enhanced_tft.plan_report import plan_dims  # noqa: E402
 from enhanced_tft.train.planner import _trace  # noqa: E402
-from enhanced_tft.train.trainer import param_groups  # noqa: E402
+from enhanced_tft.train.optim import param_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [  # (name, config file, overrides, observed features or None)

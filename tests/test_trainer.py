@@ -9,7 +9,8 @@ from enhanced_tft.model.tft import build_model
 from enhanced_tft.train.ensemble import model_dims
 from enhanced_tft.train.metrics import task_metrics
 from enhanced_tft.train.precision import resolve_precision
-from enhanced_tft.train.trainer import Trainer, lr_lambda
+from enhanced_tft.train.optim import lr_lambda
+from enhanced_tft.train.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -117,7 +118,7 @@ def test_early_stopping_stops_and_keeps_the_best(small_raw):
 
 
 def test_no_weight_decay_on_biases_norms_and_per_variable_vectors(small_raw):
-    from enhanced_tft.train.trainer import param_groups
+    from enhanced_tft.train.optim import param_groups
     trainer, _ = make_trainer(small_raw)
     decayed = {id(p) for p in param_groups(trainer.model, 0.01)[0]["params"]}
     names = {n for n, p in trainer.model.named_parameters() if id(p) in decayed}

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..config import Config, update
 from ..model.tft import CHECKPOINTING, ModelDims, build_model
-from .trainer import param_groups
+from .optim import param_groups
 
 CONTEXT_BYTES = 768 * 2**20          # CUDA context + cuBLAS/cuDNN workspaces, outside the allocator
 FRAGMENTATION_MARGIN = 0.15          # reserved vs allocated headroom

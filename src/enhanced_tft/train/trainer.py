@@ -2,7 +2,8 @@
 
 Read top to bottom: fetch a window of `effective_batch_size` samples, run it as micro-batches
 (forward, loss, backward), clip, step, log. The trainer receives a built model and window sets;
-it never opens a file: checkpoints and metrics leave through the `on_best` and `on_epoch_end` hooks.
+it never opens a file: checkpoints and metrics leave through the `on_checkpoint`, `on_best` and
+`on_epoch_end` hooks.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..model.tft import EnhancedTFT
 from .memory import MemoryMonitor
-from .optim import lr_lambda, param_groups  # noqa: F401  (param_groups is also used by the planner)
 from .metrics import task_metrics
+from .optim import lr_lambda, param_groups
 from .precision import PrecisionPolicy
 from .resume import STOP, NonFiniteGiveUp, TrainingInterrupted, TrainProgress, rng_state, set_rng_state
 
