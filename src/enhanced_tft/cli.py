@@ -69,14 +69,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_train_config(args: argparse.Namespace) -> config_mod.Config:
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """--set assignments, then the flags that are shorthands for config keys."""
     overrides = list(args.overrides)
     if args.task:
         overrides.append(f"task={args.task}")
     if args.ensemble_size is not None:
         overrides.append(f"train.ensemble_size={args.ensemble_size}")
+    return overrides
+
+
+def resolve_train_config(args: argparse.Namespace) -> config_mod.Config:
     raw = config_mod.load_yaml(args.config) if args.config else {}
-    for assignment in overrides:
+    for assignment in _flag_overrides(args):
         config_mod.apply_override(raw, assignment)
     if getattr(args, "data", None):
         # set directly, not through --set: a path is not parsed as YAML (a name like `true` or `1e3.csv` stays text)
@@ -120,12 +125,7 @@ def resolve_resume_config(args: argparse.Namespace):
                          "(a folder like logs/training_20261128_101500)")
     saved = config_mod.load_config(folder / "config.yaml")
     raw = saved.model_dump(mode="json")
-    overrides = list(args.overrides)
-    if args.task:
-        overrides.append(f"task={args.task}")
-    if args.ensemble_size is not None:
-        overrides.append(f"train.ensemble_size={args.ensemble_size}")
-    for assignment in overrides:
+    for assignment in _flag_overrides(args):
         config_mod.apply_override(raw, assignment)
     cfg = config_mod.build_config(raw)
     before, after = _flatten(saved.model_dump(mode="json")), _flatten(cfg.model_dump(mode="json"))
