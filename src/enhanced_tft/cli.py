@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-features", "--num_features", dest="num_features", type=int, metavar="N",
                       help="observed input variables (default: what the config's data section produces)")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    report = commands.add_parser("report", help="(re)build report.html of a run folder from its files")
+    report.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder (logs/training_...)")
     return parser
 
 
@@ -183,6 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         with logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]):
             summary = train_ensemble(cfg, data, device, policy, run, resume=resuming)
         _print_result(summary, run, time.time() - started)
+        _after_training(cfg, data, device, policy, run)
         return 0
     except TrainingInterrupted as stop:
         print(f"etft train: {stop}. Resume with: etft train --resume {run.path}", file=sys.stderr)
@@ -193,6 +196,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not training_started and not resuming:
             import shutil
             shutil.rmtree(run.path, ignore_errors=True)   # bad input found before training: leave no empty run
+
+
+def _after_training(cfg: config_mod.Config, data, device, policy, run) -> None:
+    """Interpretation CSVs, the test split's predictions and report.html; the trained run is already saved,
+    so a failure here is reported and leaves the exit code alone."""
+    from .interpret import write_interpretation
+    from .predict import write_test_predictions
+    try:
+        write_interpretation(run.path, cfg, data, device, policy)
+        write_test_predictions(run.path, cfg, data, device, policy)
+    except Exception:
+        log.exception("interpretation or test predictions failed (the trained run is saved)")
+    try:
+        from .report import write_report
+        write_report(run.path)
+    except ImportError as err:
+        log.warning("report.html skipped: %s (pip install 'matplotlib>=3.8', then etft report --run %s)",
+                    err, run.path)
+    except Exception:
+        log.exception("report.html failed (the trained run is saved); etft report --run %s retries", run.path)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if not Path(args.run).is_dir():
+        raise ValueError(f"--run {args.run!r} is not a folder; give a run folder like logs/training_20261128_101500")
+    from .report import write_report
+    print(write_report(args.run))
+    return 0
 
 
 def _auto_batch(cfg: config_mod.Config, device, gpu_memory: str | None):
@@ -250,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "report":
+            return cmd_report(args)
     except (ConfigError, ValueError) as err:
         print(f"etft {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,13 @@ def model_dims(data: DataBundle) -> ModelDims:
     return ModelDims(data.num_observed, data.num_known, len(data.symbols), data.splits["train"].horizon)
 
 
+def load_member(cfg: Config, dims: ModelDims, checkpoint: Path, device: torch.device) -> torch.nn.Module:
+    """A member's best weights in a freshly built model, in eval mode (weights-only load: no code runs)."""
+    model = build_model(cfg, dims)
+    model.load_state_dict(load_checkpoint(checkpoint))
+    return model.to(device).eval()
+
+
 class CheckpointRotation:
     """Resumable checkpoints of one member: member_<i>_step_<n>.pt, the newest `keep` of them kept."""
 
