@@ -260,9 +260,13 @@ def _print_result(summary: dict, run, seconds: float) -> None:
     test, baseline = summary["test"], summary["baseline"]
     data_stats = ("num_samples", "up_rate", "majority_rate")   # properties of the split, not of a model
     keys = [k for k in test if k not in data_stats and k in baseline]
-    label = "ensemble" if summary["ensemble"]["size"] > 1 else "model"
-    lines = [f"test metrics ({test['num_samples']} samples):", f"  {'metric':<20}{label:>12}{'baseline':>12}"]
-    lines += [f"  {k:<20}{test[k]:>12.4f}{baseline[k]:>12.4f}" for k in keys]
+    several = summary["ensemble"]["size"] > 1
+    mean_member = summary["ensemble"].get("mean_member", {}) if several else {}
+    label = "ensemble" if several else "model"
+    header = f"  {'metric':<20}{label:>12}" + (f"{'mean member':>14}" if mean_member else "") + f"{'baseline':>12}"
+    lines = [f"test metrics ({test['num_samples']} samples):", header]
+    lines += [f"  {k:<20}{test[k]:>12.4f}" + (f"{mean_member[k]:>14.4f}" if mean_member else "")
+              + f"{baseline[k]:>12.4f}" for k in keys]
     lines.append(f"baseline: {baseline['rule']}")
     if "majority_rate" in test:
         lines.append(f"test split: {test['up_rate']:.1%} up bars, majority-class rate {test['majority_rate']:.1%}")

@@ -155,6 +155,9 @@ class TrainConfig(_Section):
     huber_delta: float = Field(1.0, gt=0.0, description="Huber delta, in train-std units of the target")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     ensemble_size: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...")
+    bootstrap: bool = Field(
+        False, description="each member trains on a resample with replacement of the training windows, drawn "
+                           "with its seed (more diverse members); false: every member sees every window")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (smoke runs)")
 
     @model_validator(mode="before")

@@ -38,6 +38,7 @@ class WeightSums:
     future_SF: torch.Tensor      # (S, F_known) float64: same for the H future steps
     count_S: torch.Tensor        # (S,) float64: samples per symbol
     attention_KhL: torch.Tensor  # (K, h, L) float64: sum over samples of the forecast position's attention
+    passes: int = 1              # members added in: each sample is counted once per member
 
     @classmethod
     def zeros(cls, num_symbols: int, num_past: int, num_known: int, num_blocks: int, num_heads: int,
@@ -49,6 +50,7 @@ class WeightSums:
     def add(self, other: "WeightSums") -> None:
         for name in ("past_SF", "future_SF", "count_S", "attention_KhL"):
             getattr(self, name).add_(getattr(other, name))
+        self.passes += other.passes
 
 
 @torch.no_grad()
@@ -116,7 +118,8 @@ def importance_frames(sums: WeightSums, observed_names: list[str], known_names: 
                 continue
             for j in order:
                 symbol_rows.append({"symbol": symbol, "selection": selection, "variable": names[j],
-                                    "importance": float(sum_SF[s, j] / count), "num_samples": int(count)})
+                                    "importance": float(sum_SF[s, j] / count),
+                                    "num_samples": int(count) // sums.passes})
     return pd.DataFrame(rows), pd.DataFrame(symbol_rows)
 
 
