@@ -199,6 +199,6 @@ def test_cli_trains_on_the_stock_file(tmp_path):
     assert 0.0 <= summary["test"]["accuracy"] <= 1.0
     log = (run / "training.log").read_text()
     assert "loaded 12154 bars of 5 symbol(s)" in log and "training on 4: AAPL, GOOG, IBM, MSFT" in log
-    assert "samples: train 10788, val 375, test 375 (sequence_length 24" in log
+    assert "samples: train 10788, val 375, test 375 (val_fraction=0.04, test_fraction=0.04; sequence_length 24" in log
     saved = (run / "config.yaml").read_text()
     assert "source: file" in saved and str(STOCKS) in saved

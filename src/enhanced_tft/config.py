@@ -61,14 +61,31 @@ class DataConfig(_Section):
         "error", description="a symbol with too few bars for sequence_length, horizon and the splits: stop, or skip it")
     adjust_column: str | None = Field(
         None, description="file: adjusted close column (e.g. adj_close); OHLC are multiplied by it / close first")
+    extra_columns: list[str] | Literal["all"] = Field(
+        [], description="file: other numeric columns passed through as observed inputs (names in the file), "
+                        "or 'all' for every numeric column not used above")
+    fill_gaps: int = Field(0, ge=0, description="fill a gap of up to this many missing bars (on the series' usual "
+                                                "step) with flat bars at the last close and zero volume; 0 = never")
     num_symbols: int = Field(5, ge=1, description="synthetic: number of symbols (series)")
     num_bars: int = Field(2500, ge=10, description="synthetic: bars per symbol")
     bar_minutes: int = Field(60, ge=1, description="synthetic: minutes per bar (calendar features)")
+    num_extra_features: int = Field(0, ge=0, description="synthetic: extra observed inputs x_1.. (AR(1) noise "
+                                                         "without signal), for feature-count benchmarks")
     sequence_length: int = Field(48, ge=2, description="bars of history in each window (the seed's key)")
     horizon: int = Field(1, ge=1, description="bars ahead the target looks")
+    target: Literal["return", "volatility"] = Field(
+        "return", description="regression/quantile: future log return over the horizon, or future realized "
+                              "volatility (root mean square of the next `horizon` 1-bar log returns)")
+    binary_dead_zone: float = Field(0.0, ge=0.0, lt=1.0, description="classification_binary: share of the "
+                                    "smallest train |returns| whose samples are left out of every split (0 = none)")
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="last part of each series before test")
     test_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="last part of each series")
+    val_start: str | None = Field(None, description="first date of validation (e.g. 2011-01-01); with test_start "
+                                                   "it replaces the fractions")
+    test_start: str | None = Field(None, description="first date of the test split; needs val_start")
     purge_gap: int | None = Field(None, ge=0, description="bars left out between splits; None = horizon")
+    memory_map_dir: str | None = Field(None, description="keep the feature array in a memory-mapped file in this "
+                                                         "folder (for data larger than RAM); None = in memory")
     flat_fraction: float = Field(0.33, ge=0.0, lt=1.0,
                                  description="multiclass: share of train returns labelled flat; sets the dead zone")
     return_lags: list[int] = Field([1, 2, 3, 5, 10, 20], description="lags (bars) of the log-return features")
@@ -106,6 +123,24 @@ class DataConfig(_Section):
             raise ValueError(
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
                 "leaves under 10% for training; allowed: a sum below 0.9")
+        return self
+
+    @model_validator(mode="after")
+    def _dates(self) -> "DataConfig":
+        if (self.val_start is None) != (self.test_start is None):
+            raise ValueError(f"val_start={self.val_start!r} and test_start={self.test_start!r}: set both dates "
+                             "(splits by date) or neither (splits by val_fraction and test_fraction)")
+        if self.val_start is not None:
+            import pandas as pd
+            parsed = []
+            for key, text in (("val_start", self.val_start), ("test_start", self.test_start)):
+                try:
+                    parsed.append(pd.Timestamp(text))
+                except (ValueError, TypeError):
+                    raise ValueError(f"{key}={text!r} is not a date; allowed: a date like 2011-01-01 or "
+                                     "2011-01-01 09:30") from None
+            if not parsed[0] < parsed[1]:
+                raise ValueError(f"val_start={self.val_start!r} is not before test_start={self.test_start!r}")
         return self
 
     @property
@@ -197,6 +232,15 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _target_fits_task(self) -> "Config":
+        if self.data.target == "volatility" and self.task not in ("regression", "quantile"):
+            raise ValueError(f"data.target='volatility' needs task regression or quantile, not {self.task!r}")
+        if self.data.binary_dead_zone and self.task != "classification_binary":
+            raise ValueError(f"data.binary_dead_zone={self.data.binary_dead_zone:g} applies to task "
+                             f"classification_binary only, not {self.task!r}; set it to 0")
+        return self
 
 
 def _clean_loc(loc: tuple) -> str:

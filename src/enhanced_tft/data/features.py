@@ -6,6 +6,9 @@ Observed inputs (known only up to the bar itself):
   range          log(high / low)
   close_location (close - low) / (high - low) - 1/2, in [-1/2, 1/2]
   volume_z       z-score of log volume against its trailing 20-bar mean and std
+  rsi_14         Wilder's relative strength index over 14 bars, as RSI/100 - 1/2, in [-1/2, 1/2]
+  atr_14         Wilder's average true range over 14 bars, divided by the close (scale-free)
+  <extra>        the file's extra numeric columns (data.extra_columns), as they are
 Known-future inputs (calendar, known for every bar ahead): sin/cos of hour of day and day of week.
 The first `warmup_bars` rows of each series lack full history; the pipeline drops them and says so.
 """
@@ -15,17 +18,18 @@ import numpy as np
 import pandas as pd
 
 VOLUME_WINDOW = 20
+WILDER_WINDOW = 14   # RSI and ATR, Wilder's standard smoothing 1/14
 KNOWN_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
 
 
 def observed_feature_names(return_lags: list[int], volatility_windows: list[int]) -> list[str]:
     return ([f"ret_{k}" for k in return_lags] + [f"vol_{w}" for w in volatility_windows]
-            + ["range", "close_location", "volume_z"])
+            + ["range", "close_location", "volume_z", f"rsi_{WILDER_WINDOW}", f"atr_{WILDER_WINDOW}"])
 
 
 def warmup_bars(return_lags: list[int], volatility_windows: list[int]) -> int:
     """Rows at the start of each series whose features need more history than exists."""
-    return max(max(return_lags), max(volatility_windows) + 1, VOLUME_WINDOW)
+    return max(max(return_lags), max(volatility_windows) + 1, VOLUME_WINDOW, WILDER_WINDOW + 1)
 
 
 def observed_features(bars: pd.DataFrame, return_lags: list[int], volatility_windows: list[int]) -> np.ndarray:
@@ -49,7 +53,33 @@ def observed_features(bars: pd.DataFrame, return_lags: list[int], volatility_win
     mean = log_volume.rolling(VOLUME_WINDOW, min_periods=VOLUME_WINDOW).mean()
     std = log_volume.rolling(VOLUME_WINDOW, min_periods=VOLUME_WINDOW).std()
     columns.append(((log_volume - mean) / std.where(std > 0, 1.0)).to_numpy())
+    columns.append(_rsi(close))
+    columns.append(_atr(high, low, close) / close)
     return np.stack(columns, axis=1).astype(np.float32)
+
+
+def _wilder(values: np.ndarray) -> np.ndarray:
+    """Wilder's smoothing (an EMA with alpha 1/14); NaN until 14 values have been seen."""
+    return pd.Series(values).ewm(alpha=1.0 / WILDER_WINDOW, adjust=False, min_periods=WILDER_WINDOW).mean().to_numpy()
+
+
+def _rsi(close: np.ndarray) -> np.ndarray:
+    """RSI/100 - 1/2 from Wilder-smoothed gains and losses of the close; 0 (RSI 50) on a flat stretch."""
+    change = np.concatenate([[np.nan], np.diff(close)])
+    gain = _wilder(np.where(np.isnan(change), np.nan, np.maximum(change, 0.0)))
+    loss = _wilder(np.where(np.isnan(change), np.nan, np.maximum(-change, 0.0)))
+    total = gain + loss
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, gain / np.where(total > 0, total, 1.0), 0.5)
+    return np.where(np.isnan(total), np.nan, share - 0.5)
+
+
+def _atr(high: np.ndarray, low: np.ndarray, close: np.ndarray) -> np.ndarray:
+    """Wilder-smoothed true range: max(high - low, |high - previous close|, |low - previous close|)."""
+    previous = np.concatenate([[np.nan], close[:-1]])
+    true_range = np.fmax(high - low, np.fmax(np.abs(high - previous), np.abs(low - previous)))
+    true_range[0] = np.nan
+    return _wilder(true_range)
 
 
 def known_features(timestamps: pd.Series) -> np.ndarray:
@@ -59,6 +89,14 @@ def known_features(timestamps: pd.Series) -> np.ndarray:
     dow = ts.day_of_week.to_numpy() / 7.0
     return np.stack([np.sin(2 * np.pi * hour), np.cos(2 * np.pi * hour),
                      np.sin(2 * np.pi * dow), np.cos(2 * np.pi * dow)], axis=1).astype(np.float32)
+
+
+def forward_realized_volatility(close: np.ndarray, horizon: int) -> np.ndarray:
+    """sqrt(mean of the squared 1-bar log returns of bars t+1 .. t+horizon), aligned to row t; NaN at the end."""
+    log_close = np.log(close.astype(np.float64))
+    squared = np.concatenate([np.diff(log_close) ** 2, [np.nan]])       # row t: r[t+1]^2
+    out = pd.Series(squared[::-1]).rolling(horizon, min_periods=horizon).mean().to_numpy()[::-1]
+    return np.sqrt(out).astype(np.float32)
 
 
 def forward_log_return(close: np.ndarray, horizon: int) -> np.ndarray:

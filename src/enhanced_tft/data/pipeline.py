@@ -1,8 +1,14 @@
-"""Bars -> features and targets -> chronological, purged splits -> train-fitted scaling -> window sets."""
+"""Bars -> features and targets -> chronological, purged splits -> train-fitted scaling -> window sets.
+
+Memory: each output array is allocated once at its final size (in RAM, or in a memory-mapped file with
+data.memory_map_dir) and filled symbol by symbol; statistics and scaling go by blocks of rows. The peak is
+the output arrays plus one symbol's bars and features: never a second copy of the whole feature array.
+"""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -10,8 +16,9 @@ import torch
 
 from ..config import Config, DataConfig
 from . import features
-from .synthetic import generate_bars
-from .windows import SeriesArrays, WindowSet
+from .arrays import SeriesBuffer
+from .transform import RunningMoments, Transform
+from .windows import WindowSet
 
 log = logging.getLogger(__name__)
 
@@ -22,29 +29,77 @@ SPLITS = ("train", "val", "test")
 class DataBundle:
     """Everything the trainer and the model need to know about the data, and nothing about files."""
     splits: dict[str, WindowSet]
-    observed_names: list[str]
-    known_names: list[str]
-    symbols: list[str]
-    task: str
-    target_std: float            # train std of the forward log return (regression targets are divided by it)
-    dead_zone: float             # multiclass: |return| at or below this is 'flat' (log-return units)
-    scaler: dict[str, list[float]] = field(default_factory=dict)
+    transform: Transform
     dropped_warmup_rows: int = 0
 
-    @property
-    def num_observed(self) -> int:
-        return len(self.observed_names)
+    observed_names = property(lambda self: self.transform.features)
+    known_names = property(lambda self: self.transform.known_features)
+    symbols = property(lambda self: self.transform.symbols)
+    task = property(lambda self: self.transform.task)
+    target_std = property(lambda self: self.transform.target_std)
+    target_mean = property(lambda self: self.transform.target_mean)
+    dead_zone = property(lambda self: self.transform.dead_zone)
+    num_observed = property(lambda self: len(self.transform.features))
+    num_known = property(lambda self: len(self.transform.known_features))
+
+    def target_scale(self) -> dict:
+        """task_metrics' keywords that turn the model's scaled output back into the raw target's units."""
+        return {"target_std": self.target_std, "target_mean": self.target_mean,
+                "volatility": self.transform.target == "volatility"}
 
     @property
-    def num_known(self) -> int:
-        return len(self.known_names)
+    def scaler(self) -> dict:
+        """What scaler.json holds: the whole fitted transform."""
+        return self.transform.to_dict()
 
 
-def split_bounds(num_rows: int, data: DataConfig) -> dict[str, tuple[int, int]]:
-    """Row ranges [lo, hi) of each split within one series, with the purge gap between them."""
+class BarSource:
+    """Bars one symbol at a time, with each symbol's row count known before any is read (to size the arrays)."""
+
+    def __init__(self, lengths: dict[str, int], frames: Iterator[tuple[str, pd.DataFrame]], extra_columns: list[str]):
+        self.lengths, self._frames, self.extra_columns = lengths, frames, extra_columns
+
+    def frames(self) -> Iterator[tuple[str, pd.DataFrame]]:
+        return self._frames
+
+    @classmethod
+    def from_frame(cls, bars: pd.DataFrame) -> "BarSource":
+        groups = bars.groupby("symbol", sort=True)
+        extra = [c for c in bars.columns if c not in ("timestamp", "symbol", "open", "high", "low", "close", "volume")]
+        lengths = {str(k): int(v) for k, v in groups.size().items()}
+        return cls(lengths, ((str(s), f.sort_values("timestamp")) for s, f in groups), extra)
+
+
+def bar_source(cfg: Config, bars: pd.DataFrame | None = None) -> BarSource:
+    """`bars` if given, else the user's file (data.source=file), else the embedded generator, made lazily."""
+    data = cfg.data
+    if bars is not None:
+        return BarSource.from_frame(bars)
+    if data.source == "file":
+        from .sources import load_file_bars
+        return BarSource.from_frame(load_file_bars(data))
+    from .synthetic import symbol_frame, symbol_name
+    frames = ((symbol_name(i), symbol_frame(cfg.seed, i, data.num_bars, data.bar_minutes, num_extra=data.num_extra_features))
+              for i in range(data.num_symbols))
+    return BarSource({symbol_name(i): data.num_bars for i in range(data.num_symbols)}, frames,
+                     [f"x_{i + 1}" for i in range(data.num_extra_features)])
+
+
+def load_bars(cfg: Config) -> pd.DataFrame:
+    """All bars of `cfg.data.source` in one long-format frame."""
+    return pd.concat([frame for _, frame in bar_source(cfg).frames()], ignore_index=True)
+
+
+def split_bounds(num_rows: int, data: DataConfig, timestamps: np.ndarray | None = None) -> dict[str, tuple[int, int]]:
+    """Row ranges [lo, hi) of each split within one series, with the purge gap between them: by fractions, or
+    by dates (data.val_start, data.test_start) when those are set."""
     gap = data.effective_purge_gap
-    train_end = int(num_rows * (1.0 - data.val_fraction - data.test_fraction))
-    val_end = int(num_rows * (1.0 - data.test_fraction))
+    if data.val_start is not None:
+        train_end, val_end = (int(np.searchsorted(timestamps, np.datetime64(pd.Timestamp(d)), side="left"))
+                              for d in (data.val_start, data.test_start))
+    else:
+        train_end = int(num_rows * (1.0 - data.val_fraction - data.test_fraction))
+        val_end = int(num_rows * (1.0 - data.test_fraction))
     return {"train": (0, train_end), "val": (train_end + gap, val_end), "test": (val_end + gap, num_rows)}
 
 
@@ -55,107 +110,199 @@ def sample_ends_in(lo: int, hi: int, sequence_length: int, horizon: int) -> np.n
     return np.arange(first, last + 1, dtype=np.int64) if last >= first else np.empty(0, np.int64)
 
 
-def load_bars(cfg: Config) -> pd.DataFrame:
-    """Long-format bars of `cfg.data.source`: the embedded generator, or the user's file (data.path)."""
-    data = cfg.data
-    if data.source == "file":
-        from .sources import load_file_bars
-        return load_file_bars(data)
-    return generate_bars(data.num_symbols, data.num_bars, seed=cfg.seed, bar_minutes=data.bar_minutes)
-
-
-def make_targets(task: str, forward_return: np.ndarray, target_std: float, dead_zone: float) -> np.ndarray:
-    """What the task learns, per row: scaled return, up-indicator, or class id (0 down, 1 flat, 2 up)."""
+def make_targets(task: str, forward_target: np.ndarray, forward_return: np.ndarray, transform: Transform) -> np.ndarray:
+    """What the task learns, per row: scaled return or volatility, up-indicator, or class (0 down, 1 flat, 2 up)."""
     if task in ("regression", "quantile"):
-        return (forward_return / target_std).astype(np.float32)
+        return ((forward_target - transform.target_mean) / transform.target_std).astype(np.float32)
     if task == "classification_binary":
         return (forward_return > 0).astype(np.float32)
-    classes = np.where(forward_return > dead_zone, 2, np.where(forward_return < -dead_zone, 0, 1))
-    return classes.astype(np.float32)
+    zone = transform.dead_zone
+    return np.where(forward_return > zone, 2, np.where(forward_return < -zone, 0, 1)).astype(np.float32)
+
+
+def _series_rows(frame: pd.DataFrame, data: DataConfig, extra_columns: list[str], warmup: int) -> dict[str, np.ndarray]:
+    """One symbol's features and raw targets, warm-up rows dropped."""
+    observed = features.observed_features(frame, data.return_lags, data.volatility_windows)
+    if extra_columns:
+        observed = np.concatenate([observed, frame[extra_columns].to_numpy(np.float32)], axis=1)
+    close = frame["close"].to_numpy()
+    forward_return = features.forward_log_return(close, data.horizon)
+    forward_target = (features.forward_realized_volatility(close, data.horizon) if data.target == "volatility"
+                      else forward_return)
+    return {"observed": observed[warmup:], "known": features.known_features(frame["timestamp"])[warmup:],
+            "forward_return": forward_return[warmup:], "forward_target": forward_target[warmup:],
+            "timestamp": frame["timestamp"].to_numpy("datetime64[ns]")[warmup:]}
+
+
+def _check_finite(rows: dict[str, np.ndarray], names: list[str], symbol: str) -> None:
+    bad = ~np.isfinite(rows["observed"])
+    if bad.any():
+        counts = ", ".join(f"{names[j]} {int(n)}" for j, n in enumerate(bad.sum(axis=0)) if n)
+        raise ValueError(f"symbol {symbol!r}: non-finite feature values after the warm-up (per feature: {counts}); "
+                         "check the bars of that symbol (zero or negative prices, constant stretches)")
 
 
 def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
-    """Turn long-format bars (timestamp, symbol, OHLCV) into the three window sets of `cfg.task`."""
+    """Turn long-format bars (timestamp, symbol, OHLCV, extra columns) into the three window sets of `cfg.task`."""
     data = cfg.data
-    bars = load_bars(cfg) if bars is None else bars
+    source = bar_source(cfg, bars)
     warmup = features.warmup_bars(data.return_lags, data.volatility_windows)
-    observed_names = features.observed_feature_names(data.return_lags, data.volatility_windows)
-
-    observed_parts, known_parts, return_parts, symbol_parts = [], [], [], []
+    names = features.observed_feature_names(data.return_lags, data.volatility_windows) + source.extra_columns
+    total = sum(max(n - warmup, 0) for n in source.lengths.values())
+    buffer = SeriesBuffer(total, len(names), len(features.KNOWN_FEATURES), data.memory_map_dir)
+    moments = RunningMoments(len(names))
     ends: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    train_rows: list[np.ndarray] = []
     symbols: list[str] = []
     skipped: list[str] = []
-    offset = 0
-    for symbol, frame in bars.groupby("symbol", sort=True):
-        frame = frame.sort_values("timestamp")
-        observed = features.observed_features(frame, data.return_lags, data.volatility_windows)[warmup:]
-        known = features.known_features(frame["timestamp"])[warmup:]
-        forward = features.forward_log_return(frame["close"].to_numpy(), data.horizon)[warmup:]
-        n = len(observed)
-        bounds = split_bounds(n, data)
+    for symbol, frame in source.frames():
+        rows = _series_rows(frame, data, source.extra_columns, warmup)
+        n = len(rows["observed"])
+        bounds = split_bounds(n, data, rows["timestamp"])
         per_split = {s: sample_ends_in(lo, hi, data.sequence_length, data.horizon) for s, (lo, hi) in bounds.items()}
         if any(len(v) == 0 for v in per_split.values()):
-            counts = ", ".join(f"{s} {len(v)}" for s, v in per_split.items())
-            message = (f"symbol {symbol!r} has {len(frame)} bars: after {warmup} warm-up bars, sequence_length="
-                       f"{data.sequence_length} and horizon={data.horizon} leave samples {counts}; every split "
-                       "needs at least one")
-            if data.too_short == "error":
-                raise ValueError(f"{message}: give more bars, lower data.sequence_length, or set "
-                                 "data.too_short=skip to leave such symbols out")
-            log.warning("skipped %s (data.too_short=skip)", message)
-            skipped.append(str(symbol))
+            _too_short(symbol, len(frame), warmup, per_split, data)
+            skipped.append(symbol)
             continue
+        _check_finite(rows, names, symbol)
+        offset = buffer.append(rows, len(symbols))
+        moments.add(rows["observed"][bounds["train"][0]:bounds["train"][1]])
         for s in SPLITS:
             ends[s].append(per_split[s] + offset)
-        train_rows.append(np.arange(bounds["train"][0], bounds["train"][1]) + offset)
-        observed_parts.append(observed)
-        known_parts.append(known)
-        return_parts.append(forward)
-        symbol_parts.append(np.full(n, len(symbols), np.int64))
-        symbols.append(str(symbol))
-        offset += n
+        symbols.append(symbol)
     if not symbols:
         raise ValueError(
             f"every symbol is too short and was skipped ({', '.join(skipped) or 'no bars'}): with sequence_length="
-            f"{data.sequence_length}, horizon={data.horizon} and {warmup} warm-up bars, a split (val_fraction="
-            f"{data.val_fraction:g}, test_fraction={data.test_fraction:g}) holds no window in any of them; give "
-            "more bars or lower data.sequence_length")
+            f"{data.sequence_length}, horizon={data.horizon} and {warmup} warm-up bars, a split ({_split_rule(data)}) "
+            "holds no window in any of them; give more bars or lower data.sequence_length")
     if skipped:
         log.warning("skipped %d of %d symbols as too short (data.too_short=skip): %s; training on %d: %s",
                     len(skipped), len(skipped) + len(symbols), ", ".join(skipped), len(symbols), ", ".join(symbols))
-    log.info("features: %d observed + %d known per bar; dropped the first %d bars of each of %d series "
-             "as feature warm-up", len(observed_names), len(features.KNOWN_FEATURES), warmup, len(symbols))
+    log.info("features: %d observed (%d passed through from the data) + %d known per bar; dropped the first %d bars "
+             "of each of %d series as feature warm-up", len(names), len(source.extra_columns),
+             len(features.KNOWN_FEATURES), warmup, len(symbols))
 
-    observed = np.concatenate(observed_parts)
-    forward = np.concatenate(return_parts)
-    train_idx = np.concatenate(train_rows)
-    mean = observed[train_idx].mean(axis=0, dtype=np.float64)
-    std = observed[train_idx].std(axis=0, dtype=np.float64)
-    std = np.where(std > 1e-12, std, 1.0)
-    observed = ((observed - mean) / std).astype(np.float32)
-
-    train_ends = np.concatenate(ends["train"])
-    train_returns = forward[train_ends].astype(np.float64)
-    target_std = float(train_returns.std()) or 1.0
-    dead_zone = float(np.quantile(np.abs(train_returns), data.flat_fraction)) if data.flat_fraction else 0.0
-    target = make_targets(cfg.task, np.nan_to_num(forward), target_std, dead_zone)
-
-    arrays = SeriesArrays(
-        observed=torch.from_numpy(np.ascontiguousarray(observed)),
-        known=torch.from_numpy(np.ascontiguousarray(np.concatenate(known_parts))),
-        target=torch.from_numpy(target),
-        raw_return=torch.from_numpy(np.nan_to_num(forward).astype(np.float32)),
-        symbol=torch.from_numpy(np.concatenate(symbol_parts)),
+    arrays = buffer.finish()
+    split_ends = {s: np.concatenate(ends[s]) for s in SPLITS}
+    train_target = buffer.forward_target[split_ends["train"]].astype(np.float64)
+    train_abs_return = np.abs(buffer.forward_return[split_ends["train"]].astype(np.float64))
+    volatility = data.target == "volatility"
+    transform = Transform(
+        task=cfg.task, target=data.target, sequence_length=data.sequence_length, horizon=data.horizon,
+        features=names, known_features=list(features.KNOWN_FEATURES), extra_columns=source.extra_columns,
+        symbols=symbols, mean=moments.mean.tolist(), std=moments.std().tolist(),
+        target_mean=float(train_target.mean()) if volatility else 0.0,
+        target_std=float(train_target.std()) or 1.0,
+        dead_zone=float(np.quantile(train_abs_return, data.flat_fraction)) if data.flat_fraction else 0.0,
+        binary_dead_zone=float(np.quantile(train_abs_return, data.binary_dead_zone)) if data.binary_dead_zone else 0.0,
     )
-    splits = {s: WindowSet(arrays, np.concatenate(ends[s]), data.sequence_length, data.horizon) for s in SPLITS}
-    log.info("samples: train %d, val %d, test %d (sequence_length %d, horizon %d, purge gap %d)",
-             len(splits["train"]), len(splits["val"]), len(splits["test"]), data.sequence_length,
+    transform.scale(buffer.observed)
+    buffer.set_target(make_targets(cfg.task, np.nan_to_num(buffer.forward_target),
+                                   np.nan_to_num(buffer.forward_return), transform))
+    if transform.binary_dead_zone:
+        split_ends = _leave_out_dead_zone(split_ends, buffer.forward_return, transform.binary_dead_zone, data)
+    splits = {s: WindowSet(arrays, split_ends[s], data.sequence_length, data.horizon) for s in SPLITS}
+    log.info("samples: train %d, val %d, test %d (%s; sequence_length %d, horizon %d, purge gap %d)",
+             len(splits["train"]), len(splits["val"]), len(splits["test"]), _split_rule(data), data.sequence_length,
              data.horizon, data.effective_purge_gap)
-    return DataBundle(
-        splits=splits, observed_names=observed_names, known_names=list(features.KNOWN_FEATURES),
-        symbols=symbols, task=cfg.task, target_std=target_std, dead_zone=dead_zone,
-        scaler={"features": observed_names, "mean": mean.tolist(), "std": std.tolist(),
-                "target_std": target_std, "dead_zone": dead_zone},
-        dropped_warmup_rows=warmup * len(symbols),
-    )
+    return DataBundle(splits=splits, transform=transform, dropped_warmup_rows=warmup * len(symbols))
+
+
+def _split_rule(data: DataConfig) -> str:
+    if data.val_start is not None:
+        return f"val from {data.val_start}, test from {data.test_start}"
+    return f"val_fraction={data.val_fraction:g}, test_fraction={data.test_fraction:g}"
+
+
+def _too_short(symbol: str, num_bars: int, warmup: int, per_split: dict[str, np.ndarray], data: DataConfig) -> None:
+    counts = ", ".join(f"{s} {len(v)}" for s, v in per_split.items())
+    message = (f"symbol {symbol!r} has {num_bars} bars: after {warmup} warm-up bars, sequence_length="
+               f"{data.sequence_length} and horizon={data.horizon} leave samples {counts} ({_split_rule(data)}); "
+               "every split needs at least one")
+    if data.too_short == "error":
+        raise ValueError(f"{message}: give more bars, lower data.sequence_length, or set data.too_short=skip to "
+                         "leave such symbols out")
+    log.warning("skipped %s (data.too_short=skip)", message)
+
+
+def _leave_out_dead_zone(split_ends: dict[str, np.ndarray], forward_return: np.ndarray, threshold: float,
+                         data: DataConfig) -> dict[str, np.ndarray]:
+    kept = {s: e[np.abs(forward_return[e]) > threshold] for s, e in split_ends.items()}
+    log.info("binary dead zone: left out the samples with |return| <= %.3g (the smallest %g of train): %s",
+             threshold, data.binary_dead_zone,
+             ", ".join(f"{s} {len(split_ends[s]) - len(kept[s])} of {len(split_ends[s])}" for s in SPLITS))
+    if any(len(v) == 0 for v in kept.values()):
+        raise ValueError(f"data.binary_dead_zone={data.binary_dead_zone:g} leaves a split without samples; lower it")
+    return kept
+
+
+@dataclass
+class PredictionData:
+    """Windows over every bar of new data (the last ones included) with the run's own transform applied."""
+    windows: WindowSet
+    target_known: np.ndarray   # (num samples,) bool: the bar `horizon` ahead is in the data (False at the end)
+    transform: Transform
+
+    def symbol_names(self) -> np.ndarray:
+        ids = self.windows.arrays.symbol.index_select(0, self.windows.sample_ends).numpy()
+        return np.asarray(self.transform.symbols, dtype=object)[ids]
+
+    def timestamps(self) -> np.ndarray:
+        return self.windows.arrays.timestamp.index_select(0, self.windows.sample_ends).numpy().view("datetime64[ns]")
+
+
+def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame | None = None) -> PredictionData:
+    """Samples ending at every bar that has a full window, scaled with the run's transform. The calendar inputs
+    of the `horizon` bars after the last one are extrapolated with the symbol's usual (median) bar step."""
+    data = cfg.data
+    source = bar_source(cfg, bars)
+    if source.extra_columns != transform.extra_columns:
+        raise ValueError(
+            "the data's extra columns differ from the run's: the run was trained on "
+            f"[{', '.join(transform.extra_columns)}], the data has [{', '.join(source.extra_columns)}] (missing: "
+            f"{', '.join(sorted(set(transform.extra_columns) - set(source.extra_columns))) or '-'}; not in training: "
+            f"{', '.join(sorted(set(source.extra_columns) - set(transform.extra_columns))) or '-'})")
+    unknown = sorted(set(source.lengths) - set(transform.symbols))
+    if unknown:
+        raise ValueError(f"symbol(s) {', '.join(unknown[:20])} were not in the run's training data; the model knows "
+                         f"{', '.join(transform.symbols)} (each symbol has its own learned embedding)")
+    warmup = features.warmup_bars(data.return_lags, data.volatility_windows)
+    horizon, length = transform.horizon, transform.sequence_length
+    total = sum(max(n - warmup, 0) + horizon for n in source.lengths.values())
+    buffer = SeriesBuffer(total, len(transform.features), len(transform.known_features), data.memory_map_dir)
+    ends, known_target = [], []
+    for symbol, frame in source.frames():
+        rows = _series_rows(frame, data, source.extra_columns, warmup)
+        n = len(rows["observed"])
+        if n < length:
+            message = (f"symbol {symbol!r} has {len(frame)} bars, fewer than the {warmup} warm-up bars + "
+                       f"sequence_length={length} that one prediction needs")
+            if data.too_short == "error":
+                raise ValueError(f"{message}; give more bars, or set data.too_short=skip")
+            log.warning("skipped %s (data.too_short=skip)", message)
+            continue
+        _check_finite(rows, transform.features, symbol)
+        offset = buffer.append(_with_future_rows(rows, horizon), transform.symbols.index(symbol))
+        symbol_ends = np.arange(length - 1, n, dtype=np.int64)
+        ends.append(symbol_ends + offset)
+        known_target.append(symbol_ends <= n - 1 - horizon)
+    if not ends:
+        raise ValueError("no symbol has enough bars for one prediction")
+    arrays = buffer.finish()
+    transform.scale(buffer.observed)
+    buffer.set_target(make_targets(transform.task, np.nan_to_num(buffer.forward_target),
+                                   np.nan_to_num(buffer.forward_return), transform))
+    windows = WindowSet(arrays, np.concatenate(ends), length, horizon)
+    return PredictionData(windows, np.concatenate(known_target), transform)
+
+
+def _with_future_rows(rows: dict[str, np.ndarray], horizon: int) -> dict[str, np.ndarray]:
+    """`horizon` rows after the last bar: calendar inputs of the extrapolated times, no observations, no target."""
+    stamps = rows["timestamp"]
+    step = np.median(np.diff(stamps)) if len(stamps) > 1 else np.timedelta64(1, "D")
+    future = stamps[-1] + step * np.arange(1, horizon + 1)
+    pad = np.full(horizon, np.nan, np.float32)
+    return {"observed": np.concatenate([rows["observed"], np.zeros((horizon, rows["observed"].shape[1]), np.float32)]),
+            "known": np.concatenate([rows["known"], features.known_features(pd.Series(future))]),
+            "forward_return": np.concatenate([rows["forward_return"], pad]),
+            "forward_target": np.concatenate([rows["forward_target"], pad]),
+            "timestamp": np.concatenate([stamps, future])}

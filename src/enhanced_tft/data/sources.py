@@ -65,13 +65,16 @@ def load_file_bars(data: DataConfig) -> pd.DataFrame:
     if "adj_close" in frame:
         factor = frame["adj_close"] / frame["close"]
         frame[list(PRICES)] = frame[list(PRICES)].mul(factor, axis=0)
-        log.info("adjusted open/high/low/close by %s / close (factor %.4g .. %.4g)",
+        frame["volume"] = frame["volume"] / factor   # a 2:1 split doubles the shares traded: same in adjusted units
+        log.info("adjusted open/high/low/close by %s / close and volume by its inverse (factor %.4g .. %.4g)",
                  data.adjust_column, float(factor.min()), float(factor.max()))
     frame = _handle_duplicates(frame, data.duplicates, name, where)
     frame = _sort(frame)
+    frame = _gaps(frame, data.fill_gaps)
     log.info("loaded %d bars of %d symbol(s) from %s: %s", len(frame), frame["symbol"].nunique(), path,
              ", ".join(f"{s} {n}" for s, n in frame.groupby("symbol", sort=True).size().items()))
-    return frame[list(OUTPUT)].reset_index(drop=True)
+    extras = [c for c in frame.columns if c not in OUTPUT and c != "adj_close"]
+    return frame[[*OUTPUT, *extras]].reset_index(drop=True)
 
 
 def _read_table(path: Path, skip_rows: int) -> tuple[pd.DataFrame, bool]:
@@ -148,6 +151,8 @@ def _select_columns(raw: pd.DataFrame, data: DataConfig, name: str) -> pd.DataFr
             f"map our names to the file's with data.columns, e.g. --set data.columns='{{{example}}}' (our names: "
             f"timestamp (or date), symbol, open, high, low, close, volume, adj_close){symbol_hint}")
     frame = pd.DataFrame({ours: raw[theirs] for ours, theirs in picked.items()})
+    for column in _extra_columns(raw, data, set(picked.values()), name):
+        frame[column] = raw[column]
     if data.symbol:
         if "symbol" in frame:
             keep = frame["symbol"].astype(str).str.strip() == data.symbol
@@ -160,6 +165,25 @@ def _select_columns(raw: pd.DataFrame, data: DataConfig, name: str) -> pd.DataFr
     else:
         frame["symbol"] = frame["symbol"].astype(str).str.strip()
     return frame
+
+
+def _extra_columns(raw: pd.DataFrame, data: DataConfig, used: set[str], name: str) -> list[str]:
+    """data.extra_columns as the file names them; 'all' = every other column whose values are all numbers."""
+    if data.extra_columns == "all":
+        extra = [c for c in raw.columns if c not in used and _to_number(raw[c]).notna().all()]
+        skipped = [c for c in raw.columns if c not in used and c not in extra]
+        if skipped:
+            log.info("extra_columns=all: left out non-numeric column(s) %s", ", ".join(skipped))
+        return extra
+    missing = [c for c in data.extra_columns if c not in raw.columns]
+    if missing:
+        raise ValueError(f"{name} lacks the extra column(s) {', '.join(missing)} named in data.extra_columns; the file "
+                         f"has: {', '.join(map(str, raw.columns))}")
+    clash = [c for c in data.extra_columns if c in used or c in OUTPUT]
+    if clash:
+        raise ValueError(f"data.extra_columns names {', '.join(clash)}, already used as a bar column; allowed: other "
+                         "numeric columns of the file")
+    return list(data.extra_columns)
 
 
 def _to_number(values: pd.Series) -> pd.Series:
@@ -265,3 +289,37 @@ def _sort(frame: pd.DataFrame) -> pd.DataFrame:
         why = "the symbols were not in alphabetical blocks"
     log.info("sorted %d rows: %s", len(frame), why)
     return frame.sort_values(["symbol", "timestamp"], kind="stable")
+
+
+def _gaps(frame: pd.DataFrame, fill_limit: int) -> pd.DataFrame:
+    """Report steps longer than a symbol's usual (median) step; fill those of up to `fill_limit` missing bars
+    with flat bars (open = high = low = close = the last close, volume 0, extra columns carried forward)."""
+    step = frame.groupby("symbol", sort=False)["timestamp"].diff()
+    usual = step.groupby(frame["symbol"], sort=False).transform("median")
+    missing = (step / usual).round().fillna(1).astype(np.int64).to_numpy() - 1     # bars missing before each row
+    gaps = missing > 0
+    if not gaps.any():
+        return frame
+    largest = frame.loc[gaps].assign(missing=missing[gaps]).nlargest(3, "missing")
+    shown = ", ".join(f"{r.symbol} {r.missing} bars before {r.timestamp}" for r in largest.itertuples())
+    fill = gaps & (missing <= fill_limit)
+    log.info("%d gaps (steps longer than the symbol's usual step, %d missing bars in all); the largest: %s; %s",
+             int(gaps.sum()), int(missing[gaps].sum()), shown,
+             f"filled the {int(fill.sum())} of at most {fill_limit} missing bars with {int(missing[fill].sum())} flat "
+             "bars (data.fill_gaps)" if fill_limit else "left as they are (data.fill_gaps=N fills gaps of up to N bars)")
+    if not fill.any():
+        return frame
+    # each filled row i brings missing[i] new bars before it: copies of the row before, stepped forward in time
+    inserts = np.where(fill, missing, 0)
+    source = np.repeat(np.arange(len(frame)), inserts + 1)
+    rank = np.arange(len(source)) - np.repeat(np.cumsum(inserts + 1) - (inserts + 1), inserts + 1)  # 0 .. inserts[i]
+    is_new = rank < np.repeat(inserts, inserts + 1)
+    previous = np.where(is_new, source - 1, source)
+    out = frame.iloc[previous].reset_index(drop=True)
+    new_rows = np.flatnonzero(is_new)
+    out.loc[new_rows, "timestamp"] = (out["timestamp"].to_numpy()[new_rows]
+                                      + (rank[new_rows] + 1) * usual.to_numpy()[source[new_rows]])
+    for column in PRICES:
+        out.loc[new_rows, column] = out["close"].to_numpy()[new_rows]
+    out.loc[new_rows, "volume"] = 0.0
+    return out

@@ -82,13 +82,31 @@ def generate_symbol(seed: int, index: int, num_bars: int, with_signal: bool = Fa
     return out
 
 
-def generate_bars(num_symbols: int, num_bars: int, seed: int = 0, bar_minutes: int = 60,
-                  start: str = "2020-01-01", with_signal: bool = False) -> pd.DataFrame:
-    """Long-format OHLCV bars: timestamp, symbol, open, high, low, close, volume (sorted by symbol, time)."""
+EXTRA_PERSISTENCE = 0.9   # AR(1) coefficient of the extra, signal-free inputs x_1, x_2, ...
+
+
+def symbol_name(index: int) -> str:
+    return f"SYN{index:03d}"
+
+
+def symbol_frame(seed: int, index: int, num_bars: int, bar_minutes: int = 60, start: str = "2020-01-01",
+                 num_extra: int = 0, with_signal: bool = False) -> pd.DataFrame:
+    """One symbol's bars: timestamp, symbol, OHLCV, then `num_extra` float32 columns x_1.. of AR(1) noise
+    (drawn from a stream of their own: the bars are the same with or without them)."""
+    from scipy.signal import lfilter
+
     timestamps = pd.date_range(start=start, periods=num_bars, freq=pd.Timedelta(minutes=bar_minutes))
-    frames = []
-    for index in range(num_symbols):
-        arrays = generate_symbol(seed, index, num_bars, with_signal=with_signal)
-        frame = pd.DataFrame({"timestamp": timestamps, "symbol": f"SYN{index:03d}", **arrays})
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    frame = pd.DataFrame({"timestamp": timestamps, "symbol": symbol_name(index),
+                          **generate_symbol(seed, index, num_bars, with_signal=with_signal)})
+    if num_extra:
+        noise = np.random.default_rng([seed, index, 1]).standard_normal((num_bars, num_extra), dtype=np.float32)
+        extra = lfilter([1.0], [1.0, -EXTRA_PERSISTENCE], noise, axis=0).astype(np.float32)
+        frame = pd.concat([frame, pd.DataFrame(extra, columns=[f"x_{i + 1}" for i in range(num_extra)])], axis=1)
+    return frame
+
+
+def generate_bars(num_symbols: int, num_bars: int, seed: int = 0, bar_minutes: int = 60,
+                  start: str = "2020-01-01", with_signal: bool = False, num_extra: int = 0) -> pd.DataFrame:
+    """Long-format OHLCV bars: timestamp, symbol, open, high, low, close, volume (sorted by symbol, time)."""
+    return pd.concat([symbol_frame(seed, index, num_bars, bar_minutes, start, num_extra, with_signal)
+                      for index in range(num_symbols)], ignore_index=True)

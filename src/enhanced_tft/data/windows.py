@@ -19,8 +19,10 @@ class SeriesArrays:
     observed: torch.Tensor     # (N, F_obs) float32, scaled with train statistics
     known: torch.Tensor        # (N, F_known) float32
     target: torch.Tensor       # (N,) float32: what the task learns (scaled return, 0/1, or class id)
-    raw_return: torch.Tensor   # (N,) float32: forward log return, for metrics and baselines
+    raw_return: torch.Tensor   # (N,) float32: the raw target (forward log return, or forward realized volatility
+                               # with data.target=volatility), in its own units, for metrics and baselines
     symbol: torch.Tensor       # (N,) int64: series id
+    timestamp: torch.Tensor | None = None   # (N,) int64: the bar's time, ns since 1970 (UTC)
 
 
 class WindowSet:

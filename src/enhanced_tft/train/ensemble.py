@@ -141,7 +141,7 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
             del trainer, model
             release_memory(device)
         metrics = task_metrics(cfg.task, test_eval.prediction, test_eval.target, test_eval.raw_return,
-                               data.target_std)
+                               **data.target_scale())
         member_predictions.append(test_eval.prediction)
         members.append(summary := {
             "member": member, "seed": seed, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -158,18 +158,19 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
     test_target = test_split.arrays.target.index_select(0, test_split.sample_ends)
     test_return = test_split.arrays.raw_return.index_select(0, test_split.sample_ends)
     averaged = torch.stack(member_predictions).mean(dim=0)
-    ensemble_metrics = task_metrics(cfg.task, averaged, test_target, test_return, data.target_std)
+    ensemble_metrics = task_metrics(cfg.task, averaged, test_target, test_return, **data.target_scale())
     train_split = data.splits["train"]
     train_ends = train_split.sample_ends
     baseline = baseline_prediction(cfg.task, train_split.arrays.target.index_select(0, train_ends),
                                    train_split.arrays.raw_return.index_select(0, train_ends),
-                                   data.target_std, len(test_target))
-    baseline_metrics = task_metrics(cfg.task, baseline, test_target, test_return, data.target_std)
+                                   data.target_std, len(test_target), data.target_mean)
+    baseline_metrics = task_metrics(cfg.task, baseline, test_target, test_return, **data.target_scale())
     summary = {
         "task": cfg.task,
         "status": "completed",
         "test": ensemble_metrics,
-        "baseline": {"rule": _BASELINE_RULE[cfg.task], **baseline_metrics},
+        "baseline": {"rule": ("train mean of the volatility target" if cfg.data.target == "volatility" and
+                              cfg.task == "regression" else _BASELINE_RULE[cfg.task]), **baseline_metrics},
         "samples_per_s": sum(m["samples_per_s"] for m in members) / len(members),
         "peak_memory_bytes": max(m["peak_memory_bytes"] for m in members),
         "ensemble": {"size": len(members), "averaging": "mean of member predictions",
@@ -177,7 +178,7 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
                      "mean_member": {k: sum(m["test"][k] for m in members) / len(members) for k in ensemble_metrics}},
         "precision": {"name": policy.name, "reason": policy.reason},
         "device": str(device),
-        "data": {"source": cfg.data.source, "symbols": len(data.symbols),
+        "data": {"source": cfg.data.source, "target": cfg.data.target, "symbols": len(data.symbols),
                  "samples": {name: len(split) for name, split in data.splits.items()},
                  "observed_features": data.observed_names, "known_features": data.known_names},
         "effective_batch_size": cfg.train.samples_per_step,

@@ -8,8 +8,9 @@ from ..model.heads import QUANTILES
 
 
 def task_metrics(task: str, prediction: torch.Tensor, target: torch.Tensor, raw_return: torch.Tensor,
-                 target_std: float) -> dict[str, float]:
-    """prediction as TaskHead.predict returns it; target as the task's labels; raw_return in log-return units."""
+                 target_std: float, target_mean: float = 0.0, volatility: bool = False) -> dict[str, float]:
+    """prediction as TaskHead.predict returns it; target as the task's labels; raw_return the raw target in its
+    own units (forward log return, or forward realized volatility when `volatility`)."""
     prediction, target, raw_return = prediction.float().cpu(), target.float().cpu(), raw_return.float().cpu()
     if task == "classification_binary":
         labels = target.long()
@@ -32,16 +33,14 @@ def task_metrics(task: str, prediction: torch.Tensor, target: torch.Tensor, raw_
             "num_samples": int(labels.numel()),
         }
     if task == "regression":
-        value = prediction * target_std
+        value = prediction * target_std + target_mean
         error = value - raw_return
-        return {
-            "mae": float(error.abs().mean()),
-            "rmse": float(error.pow(2).mean().sqrt()),
-            "direction_accuracy": float(((value > 0) == (raw_return > 0)).float().mean()),
-            "num_samples": int(raw_return.numel()),
-        }
+        out = {"mae": float(error.abs().mean()), "rmse": float(error.pow(2).mean().sqrt())}
+        if not volatility:
+            out["direction_accuracy"] = float(((value > 0) == (raw_return > 0)).float().mean())
+        return {**out, "num_samples": int(raw_return.numel())}
     quantiles = torch.tensor(QUANTILES)
-    values = prediction * target_std                                     # (N, Q)
+    values = prediction * target_std + target_mean                       # (N, Q)
     error = raw_return.unsqueeze(1) - values
     pinball = torch.maximum(quantiles * error, (quantiles - 1) * error)
     inside = (raw_return >= values[:, 0]) & (raw_return <= values[:, -1])
@@ -54,8 +53,9 @@ def task_metrics(task: str, prediction: torch.Tensor, target: torch.Tensor, raw_
 
 
 def baseline_prediction(task: str, train_target: torch.Tensor, train_return: torch.Tensor, target_std: float,
-                        num_samples: int) -> torch.Tensor:
-    """The naive rule, fitted on train: majority class / class frequencies, zero return, train quantiles."""
+                        num_samples: int, target_mean: float = 0.0) -> torch.Tensor:
+    """The naive rule, fitted on train: majority class / class frequencies, zero return (the train mean of a
+    volatility target), train quantiles."""
     if task == "classification_binary":
         majority = float(train_target.float().mean() > 0.5)
         # probability just off 0.5 towards the majority: accuracy = majority rate, AUC = 0.5
@@ -65,5 +65,6 @@ def baseline_prediction(task: str, train_target: torch.Tensor, train_return: tor
         return (freq / freq.sum()).expand(num_samples, 3).clone()
     if task == "regression":
         return torch.zeros(num_samples)
-    q = torch.quantile(train_return.double(), torch.tensor(QUANTILES, dtype=torch.float64)).float() / target_std
+    q = (torch.quantile(train_return.double(), torch.tensor(QUANTILES, dtype=torch.float64)).float()
+         - target_mean) / target_std
     return q.expand(num_samples, len(QUANTILES)).clone()

@@ -314,7 +314,7 @@ class Trainer:
             p.total_samples += samples
             p.total_seconds += seconds
             val_metrics = task_metrics(self.cfg.task, evaluation.prediction, evaluation.target,
-                                       evaluation.raw_return, self.data.target_std)
+                                       evaluation.raw_return, **self.data.target_scale())
             improved = evaluation.loss < p.best_loss - 1e-6
             if improved:
                 p.best_loss, p.best_epoch, p.stale_epochs = evaluation.loss, epoch, 0
