@@ -113,7 +113,8 @@ def section_data(run: RunFiles) -> str:
             ["known features", ", ".join(data["known_features"])]]
     scaler = json.loads(run.text("scaler.json") or "{}")
     if "target_std" in scaler:
-        rows.append(["train std of the forward log return", f"{scaler['target_std']:.6f}"])
+        target = "forward realized volatility" if data.get("target") == "volatility" else "forward log return"
+        rows.append([f"train std of the target ({target})", f"{scaler['target_std']:.6f}"])
     if run.summary.get("task") == "classification_multiclass" and "dead_zone" in scaler:
         rows.append(["flat class: |log return| at most", f"{scaler['dead_zone']:.6f}"])
     return "<h2>Data</h2>" + _table(["", ""], rows)
@@ -181,7 +182,7 @@ def section_calibration(run: RunFiles, predictions: pd.DataFrame | None) -> str:
         return ""
     if predictions is None:
         return "<h2>Calibration</h2>" + _note(f"{PREDICTIONS_TEST_CSV} is missing.")
-    png = plots.calibration({c: predictions[c].to_numpy() for c in columns}, predictions["target"].to_numpy())
+    png = plots.calibration({c: predictions[c].to_numpy() for c in columns}, predictions["label"].to_numpy())
     return ("<h2>Calibration</h2>" + _img(png, "calibration")
             + _note("Each point: one tenth of the test samples, sorted by predicted probability; on the dashed "
                     "line the predicted probability is the observed frequency."))

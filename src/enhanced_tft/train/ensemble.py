@@ -16,7 +16,7 @@ from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..model.tft import ModelDims, build_model
 from ..runs import RunFolder
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .memory import release_memory
 from .metrics import baseline_prediction, task_metrics
 from .precision import PrecisionPolicy
@@ -33,7 +33,11 @@ def model_dims(data: DataBundle) -> ModelDims:
 def load_member(cfg: Config, dims: ModelDims, checkpoint: Path, device: torch.device) -> torch.nn.Module:
     """A member's best weights in a freshly built model, in eval mode (weights-only load: no code runs)."""
     model = build_model(cfg, dims)
-    model.load_state_dict(load_checkpoint(checkpoint))
+    try:
+        model.load_state_dict(load_checkpoint(checkpoint))
+    except RuntimeError as err:   # missing or misshapen weights: another model's checkpoint
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not fit the run's model (config.yaml): "
+                              f"{str(err).splitlines()[0][:300]}") from None
     return model.to(device).eval()
 
 
@@ -170,7 +174,8 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
         "status": "completed",
         "test": ensemble_metrics,
         "baseline": {"rule": ("train mean of the volatility target" if cfg.data.target == "volatility" and
-                              cfg.task == "regression" else _BASELINE_RULE[cfg.task]), **baseline_metrics},
+                              cfg.task == "regression" else _BASELINE_RULE[cfg.task]), **baseline_metrics,
+                     "output": baseline[0].tolist()},   # the rule's constant output: `etft evaluate` applies it
         "samples_per_s": sum(m["samples_per_s"] for m in members) / len(members),
         "peak_memory_bytes": max(m["peak_memory_bytes"] for m in members),
         "ensemble": {"size": len(members), "averaging": "mean of member predictions",
