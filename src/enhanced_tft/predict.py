@@ -8,6 +8,7 @@ Legend: B batch, M members, O head outputs (1, 3 quantiles or 3 classes).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -98,14 +99,19 @@ class TableWriter:
                 self._writer = pq.ParquetWriter(self.path, table.schema)
             self._writer.write_table(table)
         else:
-            frame.to_csv(self.path, mode="w" if self.rows == 0 else "a", header=self.rows == 0, index=False,
-                         float_format="%.8g")
+            if self._handle is None:   # one handle for the whole file: gzip output stays one stream
+                self._handle = (gzip.open(self.path, "wt", newline="") if self.path.suffix == ".gz"
+                                else open(self.path, "w", newline=""))
+            frame.to_csv(self._handle, header=self.rows == 0, index=False, float_format="%.8g")
         self.rows += len(frame)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 def _row_columns(split: WindowSet, chunk_B: torch.Tensor, ends_B: torch.Tensor, symbols: np.ndarray,
@@ -240,7 +246,7 @@ def predict_to_file(run: SavedRun, windows: WindowSet, target_known: np.ndarray 
     """Stream every window's predictions to `out`; returns the number of rows written."""
     models = run.load_models(device)
     writer = TableWriter(out)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".tmp.{out.name}")   # same ending: the writer picks the format from it
     writer.path = tmp   # a crash leaves no half file under the name the user asked for
     try:
         stream_predictions(models, windows, run.transform, device, policy, batch_size, writer, target_known)
