@@ -32,7 +32,7 @@ body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1140px;
 h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 28px; }
 table { border-collapse: collapse; font-size: 14px; margin: 8px 0; }
 td, th { border: 1px solid #ddd; padding: 3px 10px; text-align: right; } th { background: #f4f4f4; }
-td:first-child, th:first-child { text-align: left; }
+td:first-child, th:first-child { text-align: left; } .kv td { text-align: left; }
 img { max-width: 100%; } .note { color: #666; font-size: 13px; } pre { background: #f7f7f7; padding: 8px; font-size: 12px; }
 """
 
@@ -68,12 +68,22 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):   # small losses keep 4 significant digits, not 4 decimals
+        return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
+    return html.escape(str(value))
+
+
 def _table(header: list[str], rows: list[list]) -> str:
-    def cell(value) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _key_values(rows: list[list]) -> str:
+    """A two-column table of names and values, left-aligned, without a header row."""
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in rows)
+    return '<table class="kv">' + body + "</table>"
 
 
 def _note(text: str) -> str:
@@ -99,7 +109,7 @@ def section_overview(run: RunFiles) -> str:
                  ["wall time", f"{s['wall_time_s']:.0f} s"]]
     if s.get("status") != "completed":
         rows.append(["error", s.get("error", "")])
-    return "<h2>Run</h2>" + _table(["", ""], rows)
+    return "<h2>Run</h2>" + _key_values(rows)
 
 
 def section_data(run: RunFiles) -> str:
@@ -117,7 +127,7 @@ def section_data(run: RunFiles) -> str:
         rows.append([f"train std of the target ({target})", f"{scaler['target_std']:.6f}"])
     if run.summary.get("task") == "classification_multiclass" and "dead_zone" in scaler:
         rows.append(["flat class: |log return| at most", f"{scaler['dead_zone']:.6f}"])
-    return "<h2>Data</h2>" + _table(["", ""], rows)
+    return "<h2>Data</h2>" + _key_values(rows)
 
 
 def section_metrics(run: RunFiles) -> str:

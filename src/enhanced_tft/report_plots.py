@@ -16,6 +16,7 @@ from matplotlib.patches import Patch
 MEMBER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 MODEL, MEAN_MEMBER, BASELINE = "#1f77b4", "#8fbbe0", "#b0b0b0"
 LOWER_IS_BETTER = {"mae", "rmse", "quantile_loss", "mae_p50"}
+NOMINAL = {"coverage_p10_p90": 0.8}   # neither higher nor lower: a calibrated P10-P90 band holds 80%
 
 
 def _figure(width: float, height: float, **kwargs) -> Figure:
@@ -45,7 +46,12 @@ def metrics_bars(rows: list[tuple[str, float, float | None, float]], model_label
         labels, values, colors = labels + ["baseline"], values + [baseline], colors + [BASELINE]
         bars = ax.bar(labels, values, color=colors)
         ax.bar_label(bars, fmt="%.4g", fontsize=8, padding=2)
-        ax.set_title(f"{name} ({'lower' if name in LOWER_IS_BETTER else 'higher'} is better)", fontsize=9)
+        if name in NOMINAL:
+            ax.axhline(NOMINAL[name], color="black", ls="--", lw=1)
+            ax.set_title(f"{name} (dashed: nominal {NOMINAL[name]:g})", fontsize=9)
+            values = values + [NOMINAL[name]]
+        else:
+            ax.set_title(f"{name} ({'lower' if name in LOWER_IS_BETTER else 'higher'} is better)", fontsize=9)
         low, high = min(values), max(values)
         pad = (high - low) * 0.35 or abs(high) * 0.1 or 0.1
         ax.set_ylim(max(low - pad, 0.0) if low >= 0 else low - pad, high + pad)
