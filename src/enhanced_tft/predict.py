@@ -166,7 +166,6 @@ def stream_predictions(models: list[torch.nn.Module], split: WindowSet, transfor
     return [torch.cat(store) for store in kept] if keep else None
 
 
-
 # data.* keys a user may change to read a new file; the others would change the features the model was trained on
 READ_KEYS = ("columns", "timestamp_format", "skip_rows", "symbol", "duplicates", "missing", "too_short",
              "adjust_column", "fill_gaps", "memory_map_dir")
@@ -208,12 +207,13 @@ class SavedRun:
 
 
 def _differences(saved: Transform, rebuilt: Transform) -> list[str]:
+    """The fields in which two transforms differ (numbers: beyond float rounding)."""
     out = []
     for key, before in saved.to_dict().items():
         after = getattr(rebuilt, key)
-        same = (np.allclose(before, after, rtol=1e-6, atol=0) if isinstance(before, (float, list)) and before
-                and not isinstance(np.ravel(before)[0], str) else before == after)
-        if not same:
+        numbers = isinstance(before, float) or (isinstance(before, list) and bool(before)
+                                                and isinstance(before[0], float) and len(before) == len(after))
+        if not (np.allclose(before, after, rtol=1e-6, atol=0) if numbers else before == after):
             out.append(f"{key}: {before!r:.80} at training, {after!r:.80} now")
     return out
 
