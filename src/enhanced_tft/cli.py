@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-features", "--num_features", dest="num_features", type=int, metavar="N",
                       help="observed input variables (default: what the config's data section produces)")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    from .bench_cli import add_bench_parser
+    add_bench_parser(commands)
     return parser
 
 
@@ -250,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "bench":
+            from .bench_cli import cmd_bench
+            return cmd_bench(args)
     except (ConfigError, ValueError) as err:
         print(f"etft {args.command}: error: {err}", file=sys.stderr)
         return 2
