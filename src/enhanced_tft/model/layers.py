@@ -79,16 +79,27 @@ class VariableSelection(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, F), context: (B, C) -> selected (B, T, D), weights (B, T, F)."""
-        # the (B, T, F, H) tensors dominate this layer's memory: build them in the autocast dtype, since
-        # elementwise ops would otherwise keep them in float32 and save them for backward at full width
+        # the (F, N, H) tensors (N = B*T) dominate this layer's time and memory: build them in the autocast
+        # dtype, since elementwise ops would otherwise keep them in float32 and save them for backward at full width
         dtype = compute_dtype(x)
-        emb = torch.addcmul(self.embed_bias.to(dtype), x.to(dtype).unsqueeze(-1), self.embed_weight.to(dtype))  # (B, T, F, H)
-        hidden = F.elu(torch.einsum("btfh,fhk->btfk", emb, self.w_in.to(dtype)) + self.b_in.to(dtype))   # (B, T, F, H)
-        gated = F.glu(torch.einsum("btfh,fhk->btfk", self.dropout(hidden), self.w_gate.to(dtype))
-                      + self.b_gate.to(dtype), dim=-1)
+        batch, steps, num_vars = x.shape
+        x_fn = x.to(dtype).reshape(batch * steps, num_vars).t().unsqueeze(-1)              # (F, N, 1)
+        embed_weight, embed_bias = self.embed_weight.to(dtype), self.embed_bias.to(dtype)
+        # each GRN's first layer acts on an embedding that is affine in its scalar input, so the two fold into
+        # one affine map of x: (x e + c) W + b = x (e W) + (c W + b). Same function, and no (F, N, H) x (H, H)
+        # matmul; the parameters (and what they mean) stay as they are
+        w_in = self.w_in.to(dtype)
+        slope = torch.bmm(embed_weight.unsqueeze(1), w_in)                                 # (F, 1, H)
+        offset = torch.baddbmm(self.b_in.to(dtype).unsqueeze(1), embed_bias.unsqueeze(1), w_in)   # (F, 1, H)
+        hidden = F.elu(torch.addcmul(offset, x_fn, slope))                                  # (F, N, H)
+        gated = F.glu(torch.baddbmm(self.b_gate.to(dtype).unsqueeze(1), self.dropout(hidden),
+                                    self.w_gate.to(dtype)), dim=-1)                         # (F, N, H)
+        emb = torch.addcmul(embed_bias.unsqueeze(1), x_fn, embed_weight.unsqueeze(1))       # (F, N, H)
         with torch.autocast(x.device.type, enabled=False):   # autocast would widen the norm to float32
             processed = F.layer_norm(emb + gated, (self.var_hidden,))
-        processed = torch.addcmul(self.norm_bias.to(dtype), processed, self.norm_weight.to(dtype))
-        weights = torch.softmax(self.selector(x, context), dim=-1)                  # (B, T, F)
-        weighted = processed * weights.to(dtype).unsqueeze(-1)                      # (B, T, F, H)
-        return self.project(weighted.flatten(-2)), weights
+        processed = torch.addcmul(self.norm_bias.to(dtype).unsqueeze(1), processed,
+                                  self.norm_weight.to(dtype).unsqueeze(1))
+        weights = torch.softmax(self.selector(x, context), dim=-1)                          # (B, T, F)
+        weighted = processed * weights.to(dtype).reshape(batch * steps, num_vars).t().unsqueeze(-1)   # (F, N, H)
+        flat = weighted.transpose(0, 1).reshape(batch, steps, num_vars * self.var_hidden)  # (B, T, F*H)
+        return self.project(flat), weights
