@@ -17,12 +17,62 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+class Dropout(nn.Module):
+    """nn.Dropout with a cheaper mask on the CPU, where drawing the mask costs more than the rest of the layer.
+
+    torch's CPU dropout draws one Bernoulli sample per element (~13 ns each here). This draws one 31-bit
+    integer per two elements (torch's int32 random_() fills bits 0-30) and compares its low 16 bits and
+    its high 15 bits with thresholds: a Bernoulli mask whose p is rounded to a multiple of 1/32768
+    (0.1 -> 0.100006), scaled by 1/(1-p) as usual, at a third of the cost. It draws from the default CPU
+    generator, so seeds and checkpoint recomputation (which restores that generator) give the same masks.
+    Other devices use F.dropout, whose fused kernels are already cheap.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+        steps = round(p * 32768)                      # p as a multiple of 1/32768
+        # keep where the uniform low half (int16, -32768..32767) / high half (0..32767) clears its threshold
+        self.register_buffer("_thresholds", torch.tensor([2 * steps - 32768, steps], dtype=torch.int16),
+                             persistent=False)
+        self._scale = 1.0 / (1.0 - steps / 32768) if steps < 32768 else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        count = x.numel()
+        bits = torch.empty((count + 1) // 2, dtype=torch.int32).random_()        # bits 0-30 random, bit 31 zero
+        halves = bits.view(torch.int16).view(-1, 2)                             # little-endian: (low, high)
+        keep = (halves >= self._thresholds).view(-1)[:count].view(x.shape)
+        return _MaskScale.apply(x, keep, self._scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _MaskScale(torch.autograd.Function):
+    """x * keep * scale, saving only the boolean mask (one byte an element) for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0.0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+
+
 class GatedLinearUnit(nn.Module):
     """Linear to 2x width, then value * sigmoid(gate): lets a block switch itself off."""
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.proj = nn.Linear(in_dim, 2 * out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +123,7 @@ class VariableSelection(nn.Module):
         self.b_gate = nn.Parameter(torch.zeros(num_vars, 2 * var_hidden))
         self.norm_weight = nn.Parameter(torch.ones(num_vars, var_hidden))
         self.norm_bias = nn.Parameter(torch.zeros(num_vars, var_hidden))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.selector = GatedResidualNetwork(num_vars, d_model, num_vars, dropout, context_dim)
         self.project = nn.Linear(num_vars * var_hidden, d_model)
 
