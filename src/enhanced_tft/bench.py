@@ -40,6 +40,7 @@ from .data.pipeline import DataBundle, build_data
 from .data.windows import SeriesArrays, WindowSet
 from .model.tft import ModelDims, build_model
 from .train.precision import PrecisionPolicy, resolve_precision
+from .train.compile import apply_compile
 from .train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -240,10 +241,10 @@ def bench_row(name: str, cfg: Config, data: DataBundle, precision: str, device: 
     cfg = update(cfg, train={"mixed_precision": policy.name, "max_steps_per_epoch": None})
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, model_dims(data)).to(device)
-    model = maybe_compile(model, cfg)
-    compiled = hasattr(model, "_orig_mod") or getattr(model, "compiled", False)
-    trainer = Trainer(model, data, cfg, device, policy, seed=cfg.seed)
     split = data.splits["train"]
+    trial = {k: v.to(device) for k, v in split.batch(torch.arange(cfg.train.batch_size)).items()}
+    compiled = apply_compile(model, cfg.train.compile, trial, policy.autocast)
+    trainer = Trainer(model, data, cfg, device, policy, seed=cfg.seed)
     effective = trainer.effective_batch_size
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(cfg.seed))
     num_windows = max(1, len(split) // effective)
@@ -312,11 +313,6 @@ def _infer_rates(model, data: DataBundle, policy: PrecisionPolicy, batch_size: i
 
     rates, _ = _timed_repeats(infer_once, chunks[0].numel(), settings, settings.infer_seconds, device, 2)
     return rates
-
-
-def maybe_compile(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """Placeholder until train.compile exists: the model as built."""
-    return model
 
 
 # ---------------------------------------------------------------- output
