@@ -155,6 +155,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.precision import resolve_device, resolve_precision
     from .train.resume import TrainingInterrupted, install_signal_handlers, restore_signal_handlers
 
+    from .threads import configure_threads
+    configure_threads()   # the CPUs this process may use, not the machine's: oversubscribed threads spin
     device = resolve_device(cfg.train.device)
     policy = resolve_precision(cfg.train.mixed_precision, device)
     # the saved config is what ran: record the effective device and precision
