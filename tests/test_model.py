@@ -69,6 +69,9 @@ def test_masked_attention_is_finite_in_half_precision():
 def test_batched_variable_selection_equals_a_loop_over_variables():
     torch.manual_seed(0)
     vsn = VariableSelection(num_vars=3, var_hidden=4, d_model=8, dropout=0.0, context_dim=8).eval()
+    with torch.no_grad():   # per-variable values everywhere, so that a mixed-up variable axis shows
+        for param in (vsn.embed_bias, vsn.b_in, vsn.b_gate, vsn.norm_weight, vsn.norm_bias):
+            param.normal_()
     x = torch.randn(2, 5, 3)
     context = torch.randn(2, 8)
     selected, weights = vsn(x, context)

@@ -146,10 +146,13 @@ class VariableSelection(nn.Module):
                                     self.w_gate.to(dtype)), dim=-1)                         # (F, N, H)
         emb = torch.addcmul(embed_bias.unsqueeze(1), x_fn, embed_weight.unsqueeze(1))       # (F, N, H)
         with torch.autocast(x.device.type, enabled=False):   # autocast would widen the norm to float32
-            processed = F.layer_norm(emb + gated, (self.var_hidden,))
-        processed = torch.addcmul(self.norm_bias.to(dtype).unsqueeze(1), processed,
-                                  self.norm_weight.to(dtype).unsqueeze(1))
+            normed = F.layer_norm(emb + gated, (self.var_hidden,))                          # (F, N, H)
         weights = torch.softmax(self.selector(x, context), dim=-1)                          # (B, T, F)
-        weighted = processed * weights.to(dtype).reshape(batch * steps, num_vars).t().unsqueeze(-1)   # (F, N, H)
+        weighted = normed * weights.to(dtype).reshape(batch * steps, num_vars).t().unsqueeze(-1)   # (F, N, H)
         flat = weighted.transpose(0, 1).reshape(batch, steps, num_vars * self.var_hidden)  # (B, T, F*H)
-        return self.project(flat), weights
+        # each variable's norm scale g and shift s fold into the projection P, on weights instead of activations:
+        # sum_f w_f (n_f g_f + s_f) P_f = (n w) (g P) + w (s P): one (F, N, H) tensor fewer to build and save
+        weight = self.project.weight                                                        # (D, F*H)
+        scaled = weight * self.norm_weight.reshape(1, -1)
+        shift = (weight.view(-1, num_vars, self.var_hidden) * self.norm_bias).sum(-1)       # (D, F)
+        return F.linear(flat, scaled, self.project.bias) + F.linear(weights.to(dtype), shift), weights
