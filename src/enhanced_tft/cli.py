@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-features", "--num_features", dest="num_features", type=int, metavar="N",
                       help="observed input variables (default: what the config's data section produces)")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    from .bench_cli import add_bench_parser
+    add_bench_parser(commands)
     return parser
 
 
@@ -187,6 +189,8 @@ def _train_run(args: argparse.Namespace, cfg: config_mod.Config, folder, changed
     from .train.precision import resolve_device, resolve_precision
     from .train.resume import TrainingInterrupted, install_signal_handlers, restore_signal_handlers
 
+    from .threads import configure_threads
+    configure_threads()   # the CPUs this process may use, not the machine's: oversubscribed threads spin
     device = resolve_device(cfg.train.device)
     policy = resolve_precision(cfg.train.mixed_precision, device)
     # the saved config is what ran: record the effective device and precision
@@ -284,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "bench":
+            from .bench_cli import cmd_bench
+            return cmd_bench(args)
     except (ConfigError, ValueError) as err:
         print(f"etft {args.command}: error: {err}", file=sys.stderr)
         return 2

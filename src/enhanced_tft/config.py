@@ -204,6 +204,7 @@ class TrainConfig(_Section):
     regression_loss: Literal["mae", "huber"] = Field("huber", description="loss of the regression task")
     huber_delta: float = Field(1.0, gt=0.0, description="Huber delta, in train-std units of the target")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
+    compile: bool = Field(False, description="torch.compile the model (minutes to compile); falls back to eager, logged, if it fails")
     ensemble_size: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (smoke runs)")
 
