@@ -46,7 +46,7 @@ def measure(out: Path, repeats: int, seconds: float) -> list[dict]:
             d_model = point["d_model"]
             cfg = update(base_cfg, data={"sequence_length": point["sequence_length"]},
                          model={"d_model": d_model, "ff_dim": 2 * d_model, "num_heads": 8})
-            data = with_observed_features(build_data(cfg), point["num_features"], seed=cfg.seed)
+            data = build_data(with_observed_features(cfg, point["num_features"]))
             row = asdict(bench_row("bench_matched", cfg, data, "fp32", device, settings))
             row["axis"] = axis
             rows.append(row)

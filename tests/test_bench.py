@@ -45,31 +45,34 @@ def tiny_yaml(tmp_path, small_raw):
     return path
 
 
-def test_observed_feature_count_is_set_and_windows_kept(small_raw):
-    data = build_data(build_config(small_raw))
+def test_observed_feature_count_is_set_through_the_pipelines_extra_inputs(small_raw):
+    cfg = build_config(small_raw)
+    data = build_data(cfg)
     have = data.num_observed
-    wide = with_observed_features(data, have + 5, seed=0)
-    narrow = with_observed_features(data, 3, seed=0)
-    assert wide.num_observed == have + 5 and narrow.num_observed == 3
-    extra = wide.splits["train"].arrays.observed[:, have:]
-    assert extra.mean(0).abs().max() < 1e-4 and (extra.std(0) - 1).abs().max() < 1e-3   # standardised
+    wide = build_data(with_observed_features(cfg, have + 5))
+    assert wide.num_observed == have + 5 and wide.observed_names[have:] == [f"x_{i}" for i in range(1, 6)]
+    train = wide.splits["train"]
+    extra = train.arrays.observed[train.sample_ends][:, have:]    # the train rows (but each window's first T-1)
+    assert extra.mean(0).abs().max() < 0.05 and (extra.std(0) - 1).abs().max() < 0.05   # scaled on train
     for name, split in data.splits.items():
         assert torch.equal(wide.splits[name].sample_ends, split.sample_ends)
     batch = wide.splits["train"].batch(torch.arange(4))
     assert batch["observed"].shape == (4, small_raw["data"]["sequence_length"], have + 5)
     assert torch.equal(batch["observed"][..., :have], data.splits["train"].batch(torch.arange(4))["observed"])
+    with pytest.raises(ValueError, match=f"--num_features=3; allowed: at least {have}"):
+        with_observed_features(cfg, 3)
 
 
 def test_json_rows_have_the_keys_and_sane_values(tiny_yaml, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    code = main(["bench", "--config", str(tiny_yaml), "--num_features", "3", "20", "--precision", "fp32", "bf16",
+    code = main(["bench", "--config", str(tiny_yaml), "--num_features", "13", "20", "--precision", "fp32", "bf16",
                  "--json", str(out), "--repeats", "2", "--warmup", "1", "--seconds", "0.05"])
     assert code == 0
     table = capsys.readouterr().out
     assert "train/s" in table and "tiny" in table
     rows = json.loads(out.read_text())
     assert [(r["config"], r["num_features"], r["precision"]) for r in rows] == [
-        ("tiny", 3, "fp32"), ("tiny", 3, "bf16"), ("tiny", 20, "fp32"), ("tiny", 20, "bf16")]
+        ("tiny", 13, "fp32"), ("tiny", 13, "bf16"), ("tiny", 20, "fp32"), ("tiny", 20, "bf16")]
     for row in rows:
         assert set(JSON_KEYS) <= row.keys()
         assert row["train_samples_per_s"] > 0 and row["infer_samples_per_s"] > 0
@@ -78,11 +81,11 @@ def test_json_rows_have_the_keys_and_sane_values(tiny_yaml, tmp_path, capsys):
         assert 0 < row["saved_bytes_per_sample"] < 2**20
         assert row["peak_memory_bytes"] > 4 * row["params"]          # at least the weights and AdamW's moments
     by_key = {(r["num_features"], r["precision"]): r for r in rows}
-    assert by_key[(3, "fp32")]["params"] == by_key[(3, "bf16")]["params"] < by_key[(20, "fp32")]["params"]
+    assert by_key[(13, "fp32")]["params"] == by_key[(13, "bf16")]["params"] < by_key[(20, "fp32")]["params"]
     # bf16 autocast stores most activations in two bytes instead of four
     assert by_key[(20, "bf16")]["saved_bytes_per_sample"] < 0.8 * by_key[(20, "fp32")]["saved_bytes_per_sample"]
     # more inputs, more saved activations
-    assert by_key[(20, "fp32")]["saved_bytes_per_sample"] > by_key[(3, "fp32")]["saved_bytes_per_sample"]
+    assert by_key[(20, "fp32")]["saved_bytes_per_sample"] > by_key[(13, "fp32")]["saved_bytes_per_sample"]
 
 
 @pytest.mark.parametrize("args, message", [

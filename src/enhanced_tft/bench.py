@@ -14,9 +14,9 @@ micro-batch), the Trainer's micro-batch/accumulation step (train_window) and its
                           moments, batch, activations, temporaries): the CUDA allocator's peak on a GPU,
                           a storage-counting dispatch mode on the CPU (kernels' hidden scratch not seen)
 
-`--num_features N` sets the number of observed inputs: the pipeline's first N features and, beyond
-the ones it makes, N - n columns of standardised AR(1) noise (see `with_observed_features`). Speed
-does not depend on what the columns hold, only on how many there are.
+`--num_features N` sets the number of observed inputs: the n features the pipeline makes from OHLCV
+bars, then N - n signal-free AR(1) inputs of the synthetic data (data.num_extra_features; see
+`with_observed_features`). Speed does not depend on what the columns hold, only on how many there are.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from torch.utils._pytree import tree_flatten
 
 from .config import Config, update
 from .data.pipeline import DataBundle, build_data
-from .data.windows import SeriesArrays, WindowSet
+from .data import features
+from .data.windows import WindowSet
 from .model.tft import ModelDims, build_model
 from .train.precision import PrecisionPolicy, resolve_precision
 from .train.compile import apply_compile
@@ -84,36 +85,16 @@ class BenchSettings:
 
 # ---------------------------------------------------------------- data
 
-def with_observed_features(bundle: DataBundle, num_features: int | None, seed: int = 0) -> DataBundle:
-    """The bundle with exactly `num_features` observed inputs: the first ones it has, then AR(1) noise columns.
-
-    Extra columns are standardised (zero mean, unit std, like the pipeline's scaled features), so the
-    model sees inputs of the usual scale; the window sets keep their sample ends.
-    """
-    arrays = bundle.splits["train"].arrays
-    have = arrays.observed.shape[1]
-    if num_features is None or num_features == have:
-        return bundle
-    if num_features < have:
-        observed = arrays.observed[:, :num_features].contiguous()
-        names = bundle.observed_names[:num_features]
-    else:
-        rows, extra = arrays.observed.shape[0], num_features - have
-        rng = np.random.default_rng(seed)
-        noise = rng.standard_normal((rows, extra), dtype=np.float32)
-        from scipy.signal import lfilter
-        columns = lfilter([1.0], [1.0, -0.9], noise, axis=0)        # AR(1), like slow market covariates
-        columns = (columns - columns.mean(axis=0)) / columns.std(axis=0)
-        observed = torch.cat([arrays.observed, torch.from_numpy(columns.astype(np.float32))], dim=1)
-        names = bundle.observed_names + [f"noise_{i}" for i in range(extra)]
-    new_arrays = SeriesArrays(observed=observed, known=arrays.known, target=arrays.target,
-                              raw_return=arrays.raw_return, symbol=arrays.symbol)
-    splits = {name: WindowSet(new_arrays, split.sample_ends.numpy(), split.sequence_length, split.horizon)
-              for name, split in bundle.splits.items()}
-    return DataBundle(splits=splits, observed_names=names, known_names=bundle.known_names,
-                      symbols=bundle.symbols, task=bundle.task, target_std=bundle.target_std,
-                      dead_zone=bundle.dead_zone, scaler=bundle.scaler,
-                      dropped_warmup_rows=bundle.dropped_warmup_rows)
+def with_observed_features(cfg: Config, num_features: int | None) -> Config:
+    """The config whose synthetic data has exactly `num_features` observed inputs: the pipeline's features from
+    OHLCV, then data.num_extra_features signal-free AR(1) inputs x_1, x_2, ... (scaled like every feature)."""
+    if num_features is None:
+        return cfg
+    made = len(features.observed_feature_names(cfg.data.return_lags, cfg.data.volatility_windows))
+    if num_features < made:
+        raise ValueError(f"--num_features={num_features}; allowed: at least {made}, the features the pipeline makes "
+                         "from OHLCV bars with this config's return_lags and volatility_windows")
+    return update(cfg, data={"num_extra_features": num_features - made})
 
 
 def model_dims(data: DataBundle) -> ModelDims:
@@ -361,9 +342,8 @@ def run_bench(configs: list[tuple[str, Config]], num_features: list[int] | None,
     """Every config x feature count x precision, data built once per config and feature count."""
     rows = []
     for name, cfg in configs:
-        base = build_data(cfg)
         for count in num_features or [None]:
-            data = with_observed_features(base, count, seed=cfg.seed)
+            data = build_data(with_observed_features(cfg, count))
             for precision in precisions:
                 rows.append(bench_row(name, cfg, data, precision, device, settings, progress))
                 if progress:
