@@ -124,3 +124,16 @@ def test_a_failing_compile_falls_back_to_the_eager_model(small_raw, monkeypatch,
     assert "training the eager model instead" in caplog.text and "no working C++ compiler" in caplog.text
     assert model(batch["observed"], batch["known"], batch["symbol"]).output.shape == (4, 1)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_threads_follow_omp_num_threads_when_the_user_set_it(monkeypatch):
+    from enhanced_tft.threads import available_cpus, configure_threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert configure_threads() == available_cpus() == torch.get_num_threads()
+        assert configure_threads(3) == 3
+    finally:
+        torch.set_num_threads(before)

@@ -42,10 +42,12 @@ def _cgroup_quota() -> float | None:
 
 
 def configure_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op threads to `requested` or to the available CPUs; returns the number set."""
+    """Set torch's intra-op threads to `requested`, else to OMP_NUM_THREADS where the user set it, else to the
+    available CPUs; returns the number set."""
     import torch
 
-    threads = requested or available_cpus()
+    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = requested or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else available_cpus())
     if torch.get_num_threads() != threads:
         log.debug("torch threads %d -> %d", torch.get_num_threads(), threads)
         torch.set_num_threads(threads)
