@@ -8,7 +8,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# ETFT_TEST_THREADS=1 keeps a test run from oversubscribing a machine that is busy with other work
+torch.set_num_threads(int(os.environ.get("ETFT_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture
@@ -28,6 +29,8 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300):
     import subprocess
     # the caller's PYTHONPATH stays after ours (a package installed beside the environment, say)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p))
+    if "ETFT_TEST_THREADS" in os.environ:
+        env["OMP_NUM_THREADS"] = os.environ["ETFT_TEST_THREADS"]
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -101,3 +101,22 @@ def test_two_run_folders_in_the_same_second_differ(tmp_path: Path):
     first, second = RunFolder.create(tmp_path), RunFolder.create(tmp_path)
     assert first.path != second.path
     assert first.path.name.startswith("training_") and second.path.name.startswith(first.path.name[:24])
+
+
+def test_walk_forward_trains_one_run_per_fold_and_compares_them(tmp_path: Path):
+    result = run_cli(["-m", "enhanced_tft.cli", "train", "--test_mode", "--set", "data.walk_forward_folds=2",
+                      "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--log_dir", str(tmp_path)],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = sorted(tmp_path.glob("training_*"))
+    (report,) = tmp_path.glob("walk_forward_*.json")
+    folds = json.loads(report.read_text())
+    assert [f["fold"] for f in folds["folds"]] == [0, 1] and [f["run"] for f in folds["folds"]] == [str(r) for r in runs]
+    for fold, run in enumerate(runs):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["test"] == folds["folds"][fold]["test"]
+        assert f"walk-forward fold {fold} of 2" in (run / "training.log").read_text()
+        assert yaml.safe_load((run / "config.yaml").read_text())["data"]["fold"] == fold
+    accuracy = [f["test"]["accuracy"] for f in folds["folds"]]
+    assert folds["mean"]["accuracy"] == pytest.approx(sum(accuracy) / 2)
+    assert "walk-forward test metrics (2 folds):" in result.stderr

@@ -8,7 +8,7 @@ import torch
 
 from enhanced_tft.config import ConfigError, build_config
 from enhanced_tft.data import features
-from enhanced_tft.data.pipeline import build_data, build_prediction_data
+from enhanced_tft.data.pipeline import build_data, build_prediction_data, split_bounds
 from enhanced_tft.data.sources import _gaps
 from enhanced_tft.data.synthetic import generate_bars
 from enhanced_tft.data.transform import RunningMoments, Transform
@@ -172,3 +172,17 @@ def test_gaps_are_reported_and_filled_up_to_the_limit(caplog):
     assert list(new["timestamp"]) == list(pd.to_datetime(["2020-01-01 02:00", "2020-01-01 03:00"]))
     assert (new[["open", "high", "low", "close"]] == 2.0).all().all() and (new["volume"] == 0).all()
     assert _gaps(frame, 0).equals(frame)
+
+
+def test_walk_forward_folds_test_on_consecutive_blocks_with_everything_before_for_training():
+    bounds = [split_bounds(1000, build_config({"data": {"walk_forward_folds": 3, "fold": k, "purge_gap": 2}}).data)
+              for k in range(3)]
+    assert [b["test"] for b in bounds] == [(552, 700), (702, 850), (852, 1000)]      # consecutive test blocks
+    assert [b["train"] for b in bounds] == [(0, 400), (0, 550), (0, 700)]            # an expanding window
+    assert [b["val"] for b in bounds] == [(402, 550), (552, 700), (702, 850)]
+    plain = split_bounds(1000, build_config({"data": {"purge_gap": 2}}).data)
+    assert bounds[-1] == plain                                                       # the last fold is the plain split
+    with pytest.raises(ConfigError, match=r"val_fraction \+ test_fraction x walk_forward_folds=5 = 0.9 leaves under"):
+        build_config({"data": {"walk_forward_folds": 5}})
+    with pytest.raises(ConfigError, match="fold=3 needs walk_forward_folds > 3"):
+        build_config({"data": {"walk_forward_folds": 3, "fold": 3}})

@@ -69,6 +69,9 @@ def test_masked_attention_is_finite_in_half_precision():
 def test_batched_variable_selection_equals_a_loop_over_variables():
     torch.manual_seed(0)
     vsn = VariableSelection(num_vars=3, var_hidden=4, d_model=8, dropout=0.0, context_dim=8).eval()
+    with torch.no_grad():   # per-variable values everywhere, so that a mixed-up variable axis shows
+        for param in (vsn.embed_bias, vsn.b_in, vsn.b_gate, vsn.norm_weight, vsn.norm_bias):
+            param.normal_()
     x = torch.randn(2, 5, 3)
     context = torch.randn(2, 8)
     selected, weights = vsn(x, context)
@@ -88,3 +91,17 @@ def test_prediction_keeps_quantiles_ordered(small_raw):
     model = build_model(build_config(small_raw), DIMS)
     pred = model.head.predict(torch.tensor([[0.5, -1.0, 2.0]]))
     assert pred.tolist() == [[-1.0, 0.5, 2.0]]
+
+
+def test_last_block_on_the_last_position_alone_gives_the_same_output(small_raw):
+    """The shortcut of the last block changes the work, not the maths: compare with every position computed."""
+    small_raw["model"]["num_transformer_blocks"] = 2
+    torch.manual_seed(0)
+    model = build_model(build_config(small_raw), DIMS).eval()
+    observed, known, symbol = _inputs()
+    fast = model(observed, known, symbol).output
+    full = model(observed, known, symbol, return_weights=True).output   # every block over every position
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    block = model.blocks[-1]
+    x = torch.randn(3, 9, block.qkv.in_features)
+    torch.testing.assert_close(block(x, last_only=True)[0], block(x)[0][:, -1:], atol=1e-5, rtol=1e-5)

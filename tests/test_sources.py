@@ -202,3 +202,18 @@ def test_cli_trains_on_the_stock_file(tmp_path):
     assert "samples: train 10788, val 375, test 375 (val_fraction=0.04, test_fraction=0.04; sequence_length 24" in log
     saved = (run / "config.yaml").read_text()
     assert "source: file" in saved and str(STOCKS) in saved
+
+
+def test_example_index_bars_from_the_arch_package(monkeypatch):
+    bars = load_bars(build_config({"data": {"source": "sp500"}}))
+    assert len(bars) == 5031 and set(bars["symbol"]) == {"SP500"} and bars["timestamp"].is_monotonic_increasing
+    assert str(bars["timestamp"].iloc[0].date()) == "1999-01-04" and str(bars["timestamp"].iloc[-1].date()) == "2018-12-31"
+    assert bars["close"].iloc[-1] == pytest.approx(2506.850098)
+    nasdaq = load_bars(build_config({"data": {"source": "nasdaq"}}))
+    assert set(nasdaq["symbol"]) == {"NASDAQ"} and len(nasdaq) == 5031
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"`arch` package, which is not installed: pip install 'enhanced-tft\[examples\]'"):
+        load_bars(build_config({"data": {"source": "sp500"}}))
+    with pytest.raises(ConfigError, match="data.path='x.csv' is set but source='sp500' would ignore it"):
+        build_config({"data": {"source": "sp500", "path": "x.csv"}})

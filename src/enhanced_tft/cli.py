@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score a saved run on other data or a split, against the naive baselines")
     add_prediction_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    from .bench_cli import add_bench_parser
+    add_bench_parser(commands)
     return parser
 
 
@@ -154,7 +156,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resuming:
         cfg, folder, changed = resolve_resume_config(args)
     else:
-        cfg = resolve_train_config(args)
+        cfg, folder, changed = resolve_train_config(args), None, []
+        if cfg.data.walk_forward_folds and cfg.data.fold is None:
+            return _walk_forward(args, cfg)
+    return _train_run(args, cfg, folder, changed)[0]
+
+
+def _walk_forward(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    """One run folder per fold, then the folds' test metrics side by side (and walk_forward_<time>.json)."""
+    from pathlib import Path
+
+    folds = cfg.data.walk_forward_folds
+    results = []
+    for fold in range(folds):
+        log.info("walk-forward fold %d of %d", fold, folds)
+        code, run_path = _train_run(args, config_mod.update(cfg, data={"fold": fold}), None, [])
+        if code != 0:
+            return code
+        results.append({"fold": fold, "run": str(run_path),
+                        "test": json.loads((run_path / "summary.json").read_text())["test"]})
+    keys = [k for k, v in results[0]["test"].items() if isinstance(v, float)]
+    mean = {k: sum(r["test"][k] for r in results) / folds for k in keys}
+    lines = [f"walk-forward test metrics ({folds} folds):", "  fold" + "".join(f"{k:>20}" for k in keys)]
+    lines += [f"  {r['fold']:<4}" + "".join(f"{r['test'][k]:>20.4f}" for k in keys) for r in results]
+    lines.append("  mean" + "".join(f"{mean[k]:>20.4f}" for k in keys))
+    out = Path(cfg.run.log_dir) / f"walk_forward_{Path(results[0]['run']).name.removeprefix('training_')}.json"
+    from .runs import write_text_atomic
+    write_text_atomic(out, json.dumps({"folds": results, "mean": mean}, indent=2) + "\n")
+    lines.append(f"written to {out}")
+    log.info("\n".join(lines))
+    return 0
+
+
+def _train_run(args: argparse.Namespace, cfg: config_mod.Config, folder, changed: list[str]):
+    """Train one run (or continue `folder`); return the exit code and the run folder."""
+    resuming = folder is not None
     # heavy imports (torch, pandas) only once the config is known to be good: bad input answers at once
     from .data.pipeline import build_data
     from .runs import RunFolder
@@ -162,6 +198,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.precision import resolve_device, resolve_precision
     from .train.resume import TrainingInterrupted, install_signal_handlers, restore_signal_handlers
 
+    from .threads import configure_threads
+    configure_threads()   # the CPUs this process may use, not the machine's: oversubscribed threads spin
     device = resolve_device(cfg.train.device)
     policy = resolve_precision(cfg.train.mixed_precision, device)
     # the saved config is what ran: record the effective device and precision
@@ -193,10 +231,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary = train_ensemble(cfg, data, device, policy, run, resume=resuming)
         _print_result(summary, run, time.time() - started)
         _after_training(cfg, data, device, policy, run)
-        return 0
+        return 0, run.path
     except TrainingInterrupted as stop:
         print(f"etft train: {stop}. Resume with: etft train --resume {run.path}", file=sys.stderr)
-        return 143 if stop.signal_name == "SIGTERM" else 130
+        return (143 if stop.signal_name == "SIGTERM" else 130), run.path
     finally:
         restore_signal_handlers(previous_handlers)
         run.detach_logging()
@@ -290,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_predict(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "bench":
+            from .bench_cli import cmd_bench
+            return cmd_bench(args)
     except (ConfigError, ValueError) as err:
         print(f"etft {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -42,8 +42,10 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "file"] = Field(
-        "synthetic", description="where bars come from: the embedded generator, or data.path (etft train --data PATH)")
+    source: Literal["synthetic", "file", "sp500", "nasdaq"] = Field(
+        "synthetic", description="where bars come from: the embedded generator, data.path (etft train --data PATH), "
+                                 "or the daily S&P 500 / NASDAQ index bars 1999-2018 shipped in the `arch` package "
+                                 "(pip install 'enhanced-tft[examples]')")
     path: str | None = Field(None, description="file: OHLCV bars as CSV, gzip CSV (.gz) or Parquet")
     columns: dict[str, str] = Field(
         {}, description="file: our column name -> the file's (timestamp, symbol, open, high, low, close, volume, "
@@ -83,6 +85,11 @@ class DataConfig(_Section):
     val_start: str | None = Field(None, description="first date of validation (e.g. 2011-01-01); with test_start "
                                                    "it replaces the fractions")
     test_start: str | None = Field(None, description="first date of the test split; needs val_start")
+    walk_forward_folds: int = Field(0, ge=0, description="walk-forward validation: train this many runs, fold k "
+                                    "testing on the k-th of the last test blocks with all bars before it for train "
+                                    "and val (0 = one split)")
+    fold: int | None = Field(None, ge=0, description="with walk_forward_folds: train only this fold (0-based); "
+                                                     "None = every fold, one run folder each")
     purge_gap: int | None = Field(None, ge=0, description="bars left out between splits; None = horizon")
     memory_map_dir: str | None = Field(None, description="keep the feature array in a memory-mapped file in this "
                                                          "folder (for data larger than RAM); None = in memory")
@@ -112,17 +119,25 @@ class DataConfig(_Section):
         if self.source == "file" and not self.path:
             raise ValueError("source='file' needs data.path, the CSV, gzip CSV or Parquet file of bars; "
                              "set data.path or use `etft train --data PATH`")
-        if self.source == "synthetic" and self.path:
-            raise ValueError(f"data.path={self.path!r} is set but source='synthetic' would ignore it; "
+        if self.source != "file" and self.path:
+            raise ValueError(f"data.path={self.path!r} is set but source={self.source!r} would ignore it; "
                              "set data.source=file (or use `etft train --data PATH`)")
         return self
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
-        if self.val_fraction + self.test_fraction >= 0.9:
+        blocks = max(self.walk_forward_folds, 1)
+        if self.val_fraction + blocks * self.test_fraction >= 0.9:
+            folds = f" x walk_forward_folds={self.walk_forward_folds}" if self.walk_forward_folds else ""
             raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
+                f"val_fraction + test_fraction{folds} = {self.val_fraction + blocks * self.test_fraction:g} "
                 "leaves under 10% for training; allowed: a sum below 0.9")
+        if self.fold is not None and self.fold >= self.walk_forward_folds:
+            raise ValueError(f"fold={self.fold} needs walk_forward_folds > {self.fold} (now {self.walk_forward_folds}); "
+                             "folds are numbered from 0")
+        if self.walk_forward_folds and self.val_start is not None:
+            raise ValueError("walk_forward_folds and the date splits (val_start, test_start) exclude each other; "
+                             "set one of them")
         return self
 
     @model_validator(mode="after")
@@ -189,6 +204,7 @@ class TrainConfig(_Section):
     regression_loss: Literal["mae", "huber"] = Field("huber", description="loss of the regression task")
     huber_delta: float = Field(1.0, gt=0.0, description="Huber delta, in train-std units of the target")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
+    compile: bool = Field(False, description="torch.compile the model (minutes to compile); falls back to eager, logged, if it fails")
     ensemble_size: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...")
     bootstrap: bool = Field(
         False, description="each member trains on a resample with replacement of the training windows, drawn "

@@ -12,7 +12,9 @@ GIB = 2**30
 def plan_dims(cfg: Config, num_observed: int | None = None) -> ModelDims:
     """The model's input sizes as the config's data section would produce them (or N observed variables)."""
     data = cfg.data
-    observed = num_observed or len(features.observed_feature_names(data.return_lags, data.volatility_windows))
+    extra = data.num_extra_features if data.source == "synthetic" else (
+        len(data.extra_columns) if isinstance(data.extra_columns, list) else 0)   # 'all': known only from the file
+    observed = num_observed or len(features.observed_feature_names(data.return_lags, data.volatility_windows)) + extra
     return ModelDims(observed, len(features.KNOWN_FEATURES), data.num_symbols, data.horizon)
 
 

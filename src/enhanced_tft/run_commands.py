@@ -60,6 +60,8 @@ def _prepare_prediction(args: argparse.Namespace):
     from .predict import SavedRun, prediction_windows
     from .train.precision import resolve_device, resolve_precision
 
+    from .threads import configure_threads
+    configure_threads()   # the CPUs this process may use, as in training
     run = SavedRun.open(args.run)
     device = resolve_device(args.device)
     policy = resolve_precision(run.cfg.train.mixed_precision, device)

@@ -75,9 +75,9 @@ def bar_source(cfg: Config, bars: pd.DataFrame | None = None) -> BarSource:
     data = cfg.data
     if bars is not None:
         return BarSource.from_frame(bars)
-    if data.source == "file":
-        from .sources import load_file_bars
-        return BarSource.from_frame(load_file_bars(data))
+    if data.source != "synthetic":
+        from .sources import example_config, load_file_bars
+        return BarSource.from_frame(load_file_bars(data if data.source == "file" else example_config(data)))
     from .synthetic import symbol_frame, symbol_name
     frames = ((symbol_name(i), symbol_frame(cfg.seed, i, data.num_bars, data.bar_minutes, num_extra=data.num_extra_features))
               for i in range(data.num_symbols))
@@ -94,6 +94,13 @@ def split_bounds(num_rows: int, data: DataConfig, timestamps: np.ndarray | None 
     """Row ranges [lo, hi) of each split within one series, with the purge gap between them: by fractions, or
     by dates (data.val_start, data.test_start) when those are set."""
     gap = data.effective_purge_gap
+    if data.walk_forward_folds:
+        # fold k ends where its test block ends: the last fold is the plain split, each earlier one a block earlier
+        test_rows, val_rows = int(num_rows * data.test_fraction), int(num_rows * data.val_fraction)
+        fold = data.walk_forward_folds - 1 if data.fold is None else data.fold   # None: the last fold
+        end = num_rows - (data.walk_forward_folds - 1 - fold) * test_rows
+        train_end, val_end = end - test_rows - val_rows, end - test_rows
+        return {"train": (0, train_end), "val": (train_end + gap, val_end), "test": (val_end + gap, end)}
     if data.val_start is not None:
         train_end, val_end = (int(np.searchsorted(timestamps, np.datetime64(pd.Timestamp(d)), side="left"))
                               for d in (data.val_start, data.test_start))
@@ -208,6 +215,9 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
 
 
 def _split_rule(data: DataConfig) -> str:
+    if data.walk_forward_folds:
+        return (f"walk-forward fold {data.fold} of {data.walk_forward_folds}, val_fraction={data.val_fraction:g}, "
+                f"test_fraction={data.test_fraction:g}")
     if data.val_start is not None:
         return f"val from {data.val_start}, test from {data.test_start}"
     return f"val_fraction={data.val_fraction:g}, test_fraction={data.test_fraction:g}"

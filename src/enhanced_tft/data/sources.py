@@ -77,6 +77,25 @@ def load_file_bars(data: DataConfig) -> pd.DataFrame:
     return frame[[*OUTPUT, *extras]].reset_index(drop=True)
 
 
+def example_config(data: DataConfig) -> DataConfig:
+    """data.source=sp500 / nasdaq: the daily index bars (1999-2018, Yahoo Finance export) that the `arch` package
+    ships as arch/data/<name>/<name>.csv.gz, read through the same loader and checks as a user's file."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("arch")   # locate the package without importing it (and statsmodels)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"data.source={data.source!r} reads the example bars of the `arch` package, which is not "
+                         "installed: pip install 'enhanced-tft[examples]' (or pip install arch), or use "
+                         "data.source=synthetic or etft train --data PATH")
+    path = Path(spec.submodule_search_locations[0]) / "data" / data.source / f"{data.source}.csv.gz"
+    if not path.is_file():
+        raise ValueError(f"the installed `arch` package has no {path.name} (looked in {path.parent}); "
+                         "install arch >= 4.0")
+    return data.model_copy(update={"source": "file", "path": str(path), "symbol": data.source.upper(),
+                                   "columns": {"timestamp": "Date", **data.columns},
+                                   "timestamp_format": data.timestamp_format or "%m/%d/%Y"})
+
+
 def _read_table(path: Path, skip_rows: int) -> tuple[pd.DataFrame, bool]:
     """The whole table with text kept as text; any reader error becomes one ValueError with advice."""
     try:

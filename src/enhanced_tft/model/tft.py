@@ -5,6 +5,7 @@ Legend: B batch, T past steps (sequence_length), H horizon steps, L = T + H, F v
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,25 @@ class CausalSelfAttentionBlock(nn.Module):
         self.attn_norm = nn.LayerNorm(d_model)
         self.ff = GatedResidualNetwork(d_model, ff_dim, d_model, dropout)
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, need_weights: bool = False,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, L, D) -> (B, L, D), or (B, 1, D) for the last position alone when `last_only`.
+
+        `last_only` is for the last block, whose output the head reads at the last position only: keys and
+        values still come from every position, but the query, output projection, gate and feed-forward
+        run on one row instead of L (the same numbers for that row, a fraction of the work and memory).
+        """
         batch, length, d_model = x.shape
+        if last_only and not need_weights:
+            q_weight, kv_weight = self.qkv.weight.split([d_model, 2 * d_model])
+            k, v = F.linear(x, kv_weight).view(batch, length, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            x = x[:, -1:]                                                                     # (B, 1, D)
+            q = F.linear(x, q_weight).view(batch, 1, self.num_heads, -1).transpose(1, 2)      # (B, h, 1, d)
+            # the last query may see every position: no mask (is_causal would align it to the first key)
+            attended = F.scaled_dot_product_attention(q, k, v)
+            attended = self.out(attended.transpose(1, 2).reshape(batch, 1, d_model))
+            x = self.attn_norm(x + self.attn_gate(attended))
+            return self.ff(x), None
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3x (B, h, L, d)
         weights = None
         if need_weights:
@@ -120,12 +138,13 @@ class EnhancedTFT(nn.Module):
         x = self._run("all", self._encode, selected, ctx_h, ctx_c, ctx_enrich)        # (B, L, D)
 
         attention = []
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
             if return_weights:
                 x, weights = block(x, need_weights=True)
                 attention.append(weights)
-            else:
-                x = self._run("blocks", block, x)[0]
+            else:   # the head reads the last position only: the last block computes that row alone
+                x = self._run("blocks", partial(block, last_only=index == last), x)[0]
         output = self.head(x[:, -1])                                                  # (B, O)
         if not return_weights:
             return TFTOutput(output)

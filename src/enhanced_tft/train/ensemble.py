@@ -17,6 +17,7 @@ from ..data.windows import WindowSet
 from ..model.tft import ModelDims, build_model
 from ..runs import RunFolder
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
+from .compile import apply_compile
 from .memory import release_memory
 from .metrics import baseline_prediction, task_metrics
 from .precision import PrecisionPolicy
@@ -113,6 +114,9 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
             continue
         torch.manual_seed(seed)
         model = build_model(cfg, model_dims(data)).to(device)
+        if cfg.train.compile:
+            trial = data.splits["train"].batch(torch.arange(min(micro_batch_size, len(data.splits["train"]))))
+            apply_compile(model, True, {k: v.to(device) for k, v in trial.items()}, policy.autocast)
         if member == 0:
             num_parameters = sum(p.numel() for p in model.parameters())
             check_free_space(run, num_parameters, cfg.train.keep_checkpoints)

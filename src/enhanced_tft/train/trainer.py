@@ -23,7 +23,7 @@ from ..data.windows import WindowSet
 from ..model.tft import EnhancedTFT
 from .memory import MemoryMonitor
 from .metrics import task_metrics
-from .optim import lr_lambda, param_groups
+from .optim import lr_lambda, make_optimizer
 from .precision import PrecisionPolicy
 from .resume import STOP, NonFiniteGiveUp, TrainingInterrupted, TrainProgress, rng_state, set_rng_state
 
@@ -97,7 +97,7 @@ class Trainer:
         self.global_step = 0
         self.order_generator = torch.Generator().manual_seed(seed)
         train = cfg.train
-        self.optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate)
+        self.optimizer = make_optimizer(model, train.learning_rate, train.weight_decay, device)
         self.scaler = policy.grad_scaler()
         num_train = len(data.splits["train"])
         self.steps_per_epoch = math.ceil(num_train / self.effective_batch_size)

@@ -1,0 +1,139 @@
+"""`etft bench`: its saved-activation count on a module worked out by hand, its JSON rows, its input errors."""
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from enhanced_tft.bench import JSON_KEYS, saved_bytes, with_observed_features
+from enhanced_tft.cli import main
+from enhanced_tft.config import build_config
+from enhanced_tft.data.pipeline import build_data
+
+
+class _LinearReluSquare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.linear(x))
+        return hidden * hidden       # saves `hidden` twice more: one storage, counted once
+
+
+def test_saved_bytes_counts_each_storage_once_and_leaves_out_parameters():
+    """By hand, batch 5: addmm saves its input x (5x4 floats, for the weight's gradient; the weight itself is a
+    parameter), relu saves its output (5x3), the square saves that same output twice: (20 + 15) * 4 bytes."""
+    torch.manual_seed(0)
+    model = _LinearReluSquare()
+    x = torch.randn(5, 4)
+    result = saved_bytes(model, lambda: model(x).sum(), batch_size=5)
+    assert result["saved_total_bytes"] - result["saved_param_bytes"] == (20 + 15) * 4
+    assert result["saved_bytes_per_sample"] == pytest.approx(28.0)
+    # with the input needing a gradient too, addmm also saves the weight: a parameter, so the figure stays
+    result = saved_bytes(model, lambda: model(x.requires_grad_()).sum(), batch_size=5)
+    assert result["saved_bytes_per_sample"] == pytest.approx(28.0)
+    assert result["saved_param_bytes"] == 3 * 4 * 4
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path, small_raw):
+    small_raw["model"]["dropout_rate"] = 0.1
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(small_raw))
+    return path
+
+
+def test_observed_feature_count_is_set_through_the_pipelines_extra_inputs(small_raw):
+    cfg = build_config(small_raw)
+    data = build_data(cfg)
+    have = data.num_observed
+    wide = build_data(with_observed_features(cfg, have + 5))
+    assert wide.num_observed == have + 5 and wide.observed_names[have:] == [f"x_{i}" for i in range(1, 6)]
+    train = wide.splits["train"]
+    extra = train.arrays.observed[train.sample_ends][:, have:]    # the train rows (but each window's first T-1)
+    assert extra.mean(0).abs().max() < 0.05 and (extra.std(0) - 1).abs().max() < 0.05   # scaled on train
+    for name, split in data.splits.items():
+        assert torch.equal(wide.splits[name].sample_ends, split.sample_ends)
+    batch = wide.splits["train"].batch(torch.arange(4))
+    assert batch["observed"].shape == (4, small_raw["data"]["sequence_length"], have + 5)
+    assert torch.equal(batch["observed"][..., :have], data.splits["train"].batch(torch.arange(4))["observed"])
+    with pytest.raises(ValueError, match=f"--num_features=3; allowed: at least {have}"):
+        with_observed_features(cfg, 3)
+
+
+def test_json_rows_have_the_keys_and_sane_values(tiny_yaml, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--config", str(tiny_yaml), "--num_features", "13", "20", "--precision", "fp32", "bf16",
+                 "--json", str(out), "--repeats", "2", "--warmup", "1", "--seconds", "0.05"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "train/s" in table and "tiny" in table
+    rows = json.loads(out.read_text())
+    assert [(r["config"], r["num_features"], r["precision"]) for r in rows] == [
+        ("tiny", 13, "fp32"), ("tiny", 13, "bf16"), ("tiny", 20, "fp32"), ("tiny", 20, "bf16")]
+    for row in rows:
+        assert set(JSON_KEYS) <= row.keys()
+        assert row["train_samples_per_s"] > 0 and row["infer_samples_per_s"] > 0
+        assert len(row["train_repeats"]) == 2
+        assert row["train_samples_per_s"] == pytest.approx(sum(row["train_repeats"]) / 2, rel=1e-3)   # median of 2
+        assert 0 < row["saved_bytes_per_sample"] < 2**20
+        assert row["peak_memory_bytes"] > 4 * row["params"]          # at least the weights and AdamW's moments
+    by_key = {(r["num_features"], r["precision"]): r for r in rows}
+    assert by_key[(13, "fp32")]["params"] == by_key[(13, "bf16")]["params"] < by_key[(20, "fp32")]["params"]
+    # bf16 autocast stores most activations in two bytes instead of four
+    assert by_key[(20, "bf16")]["saved_bytes_per_sample"] < 0.8 * by_key[(20, "fp32")]["saved_bytes_per_sample"]
+    # more inputs, more saved activations
+    assert by_key[(20, "fp32")]["saved_bytes_per_sample"] > by_key[(13, "fp32")]["saved_bytes_per_sample"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_features", "0"], "--num_features=0; allowed: integers >= 1"),
+    (["--precision", "fp8"], "--precision='fp8'; allowed: fp32, bf16, fp16"),
+    (["--repeats", "0"], "allowed: repeats >= 1"),
+    (["--config", "no_such.yaml"], "config file 'no_such.yaml' does not exist"),
+    (["--set", "model.d_model=wide"], "model.d_model='wide'"),
+    (["--threads", "0"], "--threads=0; allowed: an integer >= 1"),
+])
+def test_bad_input_exits_2_with_a_message(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("etft bench: error:") and message in err
+
+
+def test_a_failing_compile_falls_back_to_the_eager_model(small_raw, monkeypatch, caplog):
+    import contextlib
+
+    from enhanced_tft.model.tft import ModelDims, build_model
+    from enhanced_tft.train.compile import apply_compile
+
+    def broken_compile(self, *args, **kwargs):   # what a missing C++ compiler looks like: the first call raises
+        def fail(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        self._compiled_call_impl = fail
+
+    monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
+    cfg = build_config(small_raw)
+    model = build_model(cfg, ModelDims(5, 4, 2, 1))
+    batch = {"observed": torch.randn(4, 16, 5), "known": torch.randn(4, 17, 4),
+             "symbol": torch.zeros(4, dtype=torch.int64), "target": torch.ones(4)}
+    with caplog.at_level("WARNING"):
+        assert apply_compile(model, True, batch, contextlib.nullcontext) is False
+    assert "training the eager model instead" in caplog.text and "no working C++ compiler" in caplog.text
+    assert model(batch["observed"], batch["known"], batch["symbol"]).output.shape == (4, 1)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_threads_follow_omp_num_threads_when_the_user_set_it(monkeypatch):
+    from enhanced_tft.threads import available_cpus, configure_threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert configure_threads() == available_cpus() == torch.get_num_threads()
+        assert configure_threads(3) == 3
+    finally:
+        torch.set_num_threads(before)
