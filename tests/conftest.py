@@ -27,8 +27,29 @@ def small_raw() -> dict:
 def run_cli(args: list[str], cwd: Path, timeout: int = 300):
     """Run a real command line in a subprocess with the project's interpreter."""
     import subprocess
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    # the caller's PYTHONPATH stays after ours (a package installed beside the environment, say)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p))
     if "ETFT_TEST_THREADS" in os.environ:
         env["OMP_NUM_THREADS"] = os.environ["ETFT_TEST_THREADS"]
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+SMALL_RUN_YAML = """
+seed: 7
+data: {num_symbols: 2, num_bars: 700, sequence_length: 16}
+model: {d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 32, variable_hidden_size: 4, dropout_rate: 0.0}
+train: {batch_size: 32, epochs: 2, max_steps_per_epoch: 8, log_every_steps: 4, ensemble_size: 2}
+"""
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One small binary-classification run of two members through the real CLI, shared by the tests that read it."""
+    folder = tmp_path_factory.mktemp("trained_run")
+    (folder / "small.yaml").write_text(SMALL_RUN_YAML)
+    result = run_cli(["-m", "enhanced_tft.cli", "train", "--config", "small.yaml", "--log_dir", str(folder / "logs")],
+                     cwd=folder)
+    assert result.returncode == 0, result.stderr
+    (run,) = (folder / "logs").glob("training_*")
+    return run

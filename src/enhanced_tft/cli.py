@@ -13,6 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import config as config_mod
 from .config import ConfigError
+from .run_commands import add_prediction_arguments, cmd_evaluate, cmd_predict, cmd_report
 
 log = logging.getLogger("enhanced_tft.cli")
 
@@ -51,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-features", "--num_features", dest="num_features", type=int, metavar="N",
                       help="observed input variables (default: what the config's data section produces)")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    report = commands.add_parser("report", help="(re)build report.html of a run folder from its files")
+    report.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder (logs/training_...)")
+    predict = commands.add_parser("predict", help="predictions of a saved run, streamed to a Parquet or CSV file")
+    add_prediction_arguments(predict)
+    predict.add_argument("--out", metavar="FILE", help="output .parquet, .csv or .csv.gz (default: RUN_DIR/predictions.parquet)")
+    evaluate = commands.add_parser("evaluate", help="score a saved run on other data or a split, against the naive baselines")
+    add_prediction_arguments(evaluate)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     from .bench_cli import add_bench_parser
     add_bench_parser(commands)
     return parser
@@ -221,6 +230,7 @@ def _train_run(args: argparse.Namespace, cfg: config_mod.Config, folder, changed
         with logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]):
             summary = train_ensemble(cfg, data, device, policy, run, resume=resuming)
         _print_result(summary, run, time.time() - started)
+        _after_training(cfg, data, device, policy, run)
         return 0, run.path
     except TrainingInterrupted as stop:
         print(f"etft train: {stop}. Resume with: etft train --resume {run.path}", file=sys.stderr)
@@ -231,6 +241,26 @@ def _train_run(args: argparse.Namespace, cfg: config_mod.Config, folder, changed
         if not training_started and not resuming:
             import shutil
             shutil.rmtree(run.path, ignore_errors=True)   # bad input found before training: leave no empty run
+
+
+def _after_training(cfg: config_mod.Config, data, device, policy, run) -> None:
+    """Interpretation CSVs, the test split's predictions and report.html; the trained run is already saved,
+    so a failure here is reported and leaves the exit code alone."""
+    from .interpret import write_interpretation
+    from .predict import write_test_predictions
+    try:
+        write_interpretation(run.path, cfg, data, device, policy)
+        write_test_predictions(run.path, data, device, policy)
+    except Exception:
+        log.exception("interpretation or test predictions failed (the trained run is saved)")
+    try:
+        from .report import write_report
+        write_report(run.path)
+    except ImportError as err:
+        log.warning("report.html skipped: %s (pip install 'matplotlib>=3.8', then etft report --run %s)",
+                    err, run.path)
+    except Exception:
+        log.exception("report.html failed (the trained run is saved); etft report --run %s retries", run.path)
 
 
 def _auto_batch(cfg: config_mod.Config, device, gpu_memory: str | None):
@@ -265,9 +295,13 @@ def _print_result(summary: dict, run, seconds: float) -> None:
     test, baseline = summary["test"], summary["baseline"]
     data_stats = ("num_samples", "up_rate", "majority_rate")   # properties of the split, not of a model
     keys = [k for k in test if k not in data_stats and k in baseline]
-    label = "ensemble" if summary["ensemble"]["size"] > 1 else "model"
-    lines = [f"test metrics ({test['num_samples']} samples):", f"  {'metric':<20}{label:>12}{'baseline':>12}"]
-    lines += [f"  {k:<20}{test[k]:>12.4f}{baseline[k]:>12.4f}" for k in keys]
+    several = summary["ensemble"]["size"] > 1
+    mean_member = summary["ensemble"].get("mean_member", {}) if several else {}
+    label = "ensemble" if several else "model"
+    header = f"  {'metric':<20}{label:>12}" + (f"{'mean member':>14}" if mean_member else "") + f"{'baseline':>12}"
+    lines = [f"test metrics ({test['num_samples']} samples):", header]
+    lines += [f"  {k:<20}{test[k]:>12.4f}" + (f"{mean_member[k]:>14.4f}" if mean_member else "")
+              + f"{baseline[k]:>12.4f}" for k in keys]
     lines.append(f"baseline: {baseline['rule']}")
     if "majority_rate" in test:
         lines.append(f"test split: {test['up_rate']:.1%} up bars, majority-class rate {test['majority_rate']:.1%}")
@@ -288,6 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
         if args.command == "bench":
             from .bench_cli import cmd_bench
             return cmd_bench(args)

@@ -206,6 +206,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     compile: bool = Field(False, description="torch.compile the model (minutes to compile); falls back to eager, logged, if it fails")
     ensemble_size: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...")
+    bootstrap: bool = Field(
+        False, description="each member trains on a resample with replacement of the training windows, drawn "
+                           "with its seed (more diverse members); false: every member sees every window")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (smoke runs)")
 
     @model_validator(mode="before")

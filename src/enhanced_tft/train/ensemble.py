@@ -2,6 +2,7 @@
 predictions, and compose summary.json."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -12,9 +13,10 @@ import torch
 
 from ..config import Config
 from ..data.pipeline import DataBundle
+from ..data.windows import WindowSet
 from ..model.tft import ModelDims, build_model
 from ..runs import RunFolder
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .compile import apply_compile
 from .memory import release_memory
 from .metrics import baseline_prediction, task_metrics
@@ -27,6 +29,29 @@ log = logging.getLogger(__name__)
 
 def model_dims(data: DataBundle) -> ModelDims:
     return ModelDims(data.num_observed, data.num_known, len(data.symbols), data.splits["train"].horizon)
+
+
+def load_member(cfg: Config, dims: ModelDims, checkpoint: Path, device: torch.device) -> torch.nn.Module:
+    """A member's best weights in a freshly built model, in eval mode (weights-only load: no code runs)."""
+    model = build_model(cfg, dims)
+    try:
+        model.load_state_dict(load_checkpoint(checkpoint))
+    except RuntimeError as err:   # missing or misshapen weights: another model's checkpoint
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not fit the run's model (config.yaml): "
+                              f"{str(err).splitlines()[0][:300]}") from None
+    return model.to(device).eval()
+
+
+def bootstrap_windows(data: DataBundle, seed: int) -> DataBundle:
+    """The bundle with its train split resampled with replacement (same size), drawn from `seed`.
+
+    The resample holds sample indices only: the series arrays are shared, nothing is copied. The same
+    seed gives the same resample, so a resumed member continues on the windows it started with.
+    """
+    train = data.splits["train"]
+    picks = torch.randint(len(train), (len(train),), generator=torch.Generator().manual_seed(seed))
+    resampled = WindowSet(train.arrays, train.sample_ends[picks].numpy(), train.sequence_length, train.horizon)
+    return dataclasses.replace(data, splits={**data.splits, "train": resampled})
 
 
 class CheckpointRotation:
@@ -99,7 +124,8 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
                      f"{num_parameters:,}", device, cfg.train.activation_checkpointing)
         checkpoint = run.checkpoint_path(member)
         rotation = CheckpointRotation(folder, member, cfg.train.keep_checkpoints)
-        trainer = Trainer(model, data, cfg, device, policy, seed=seed, member=member,
+        member_data = bootstrap_windows(data, seed) if cfg.train.bootstrap else data
+        trainer = Trainer(model, member_data, cfg, device, policy, seed=seed, member=member,
                           micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics,
                           on_best=lambda state, epoch, path=checkpoint: save_atomic(state, path),
                           on_checkpoint=lambda state: rotation.save({**state, "config": config_record}),
@@ -152,11 +178,13 @@ def train_ensemble(cfg: Config, data: DataBundle, device: torch.device, policy: 
         "status": "completed",
         "test": ensemble_metrics,
         "baseline": {"rule": ("train mean of the volatility target" if cfg.data.target == "volatility" and
-                              cfg.task == "regression" else _BASELINE_RULE[cfg.task]), **baseline_metrics},
+                              cfg.task == "regression" else _BASELINE_RULE[cfg.task]), **baseline_metrics,
+                     "output": baseline[0].tolist()},   # the rule's constant output: `etft evaluate` applies it
         "samples_per_s": sum(m["samples_per_s"] for m in members) / len(members),
         "peak_memory_bytes": max(m["peak_memory_bytes"] for m in members),
-        "ensemble": {"size": len(members), "averaging": "mean of member predictions", "members": members,
-                     "test": ensemble_metrics},
+        "ensemble": {"size": len(members), "averaging": "mean of member predictions",
+                     "bootstrap": cfg.train.bootstrap, "members": members, "test": ensemble_metrics,
+                     "mean_member": {k: sum(m["test"][k] for m in members) / len(members) for k in ensemble_metrics}},
         "precision": {"name": policy.name, "reason": policy.reason},
         "device": str(device),
         "data": {"source": cfg.data.source, "target": cfg.data.target, "symbols": len(data.symbols),

@@ -1,0 +1,264 @@
+"""Run folder -> report.html: one self-contained page (figures embedded as base64 PNG) built from the files
+that training leaves: summary.json, config.yaml, metrics.jsonl, scaler.json, the interpretation CSVs and
+predictions_test.csv. A missing file leaves its section saying so; only summary.json is required."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .runs import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+REPORT_HTML = "report.html"
+PREDICTIONS_TEST_CSV = "predictions_test.csv"
+MAIN_METRIC = {"classification_binary": "auc", "classification_multiclass": "auc", "regression": "mae",
+               "quantile": "quantile_loss"}
+PROBABILITIES = {"classification_binary": ["p_up"], "classification_multiclass": ["p_down", "p_flat", "p_up"]}
+SPREAD = {"classification_binary": ("p_up_spread", "std of the members' P(up)"),
+          "classification_multiclass": ("p_up_spread", "std of the members' P(up)"),
+          "regression": ("value_spread", "std of the members' predicted log return"),
+          "quantile": ("p50_spread", "std of the members' predicted median log return")}
+_SPLIT_STATS = ("num_samples", "up_rate", "majority_rate")
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1140px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 28px; }
+table { border-collapse: collapse; font-size: 14px; margin: 8px 0; }
+td, th { border: 1px solid #ddd; padding: 3px 10px; text-align: right; } th { background: #f4f4f4; }
+td:first-child, th:first-child { text-align: left; } .kv td { text-align: left; }
+img { max-width: 100%; } .note { color: #666; font-size: 13px; } pre { background: #f7f7f7; padding: 8px; font-size: 12px; }
+"""
+
+
+class RunFiles:
+    """What a report reads from a run folder, each file optional except summary.json."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        summary = self.path / "summary.json"
+        if not summary.is_file():
+            raise ValueError(f"--run {str(self.path)!r} has no summary.json: not a finished run folder "
+                             "(a folder like logs/training_20261128_101500)")
+        self.summary = json.loads(summary.read_text())
+
+    def text(self, name: str) -> str | None:
+        file = self.path / name
+        return file.read_text() if file.is_file() else None
+
+    def csv(self, name: str) -> pd.DataFrame | None:
+        file = self.path / name
+        return pd.read_csv(file) if file.is_file() else None
+
+    def metrics(self) -> pd.DataFrame:
+        file = self.path / "metrics.jsonl"
+        if not file.is_file():
+            return pd.DataFrame()
+        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        return pd.DataFrame(records)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):   # small losses keep 4 significant digits, not 4 decimals
+        return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _key_values(rows: list[list]) -> str:
+    """A two-column table of names and values, left-aligned, without a header row."""
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in rows)
+    return '<table class="kv">' + body + "</table>"
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _mean_member(summary: dict) -> dict[str, float]:
+    members = summary.get("ensemble", {}).get("members", [])
+    if len(members) < 2:
+        return {}
+    return {k: float(np.mean([m["test"][k] for m in members])) for k in members[0]["test"]}
+
+
+def section_overview(run: RunFiles) -> str:
+    s = run.summary
+    rows = [["task", s.get("task")], ["status", s.get("status")], ["device", s.get("device", "?")],
+            ["precision", f"{s.get('precision', {}).get('name', '?')}: {s.get('precision', {}).get('reason', '')}"],
+            ["ensemble members", s.get("ensemble", {}).get("size", "?")],
+            ["effective batch", s.get("effective_batch_size", "?")]]
+    if "samples_per_s" in s:
+        rows += [["train speed", f"{s['samples_per_s']:.0f} samples/s"],
+                 ["peak memory", f"{s['peak_memory_bytes'] / 2**20:.0f} MiB"],
+                 ["wall time", f"{s['wall_time_s']:.0f} s"]]
+    if s.get("status") != "completed":
+        rows.append(["error", s.get("error", "")])
+    return "<h2>Run</h2>" + _key_values(rows)
+
+
+def section_data(run: RunFiles) -> str:
+    data = run.summary.get("data")
+    if not data:
+        return "<h2>Data</h2>" + _note("summary.json holds no data summary.")
+    samples = data["samples"]
+    rows = [["source", data["source"]], ["symbols", data["symbols"]],
+            ["samples (windows)", ", ".join(f"{k} {v:,}" for k, v in samples.items())],
+            ["observed features", ", ".join(data["observed_features"])],
+            ["known features", ", ".join(data["known_features"])]]
+    scaler = json.loads(run.text("scaler.json") or "{}")
+    if "target_std" in scaler:
+        target = "forward realized volatility" if data.get("target") == "volatility" else "forward log return"
+        rows.append([f"train std of the target ({target})", f"{scaler['target_std']:.6f}"])
+    if run.summary.get("task") == "classification_multiclass" and "dead_zone" in scaler:
+        rows.append(["flat class: |log return| at most", f"{scaler['dead_zone']:.6f}"])
+    return "<h2>Data</h2>" + _key_values(rows)
+
+
+def section_metrics(run: RunFiles) -> str:
+    from . import report_plots as plots
+    s = run.summary
+    if "test" not in s:
+        return "<h2>Test metrics</h2>" + _note("no test metrics: the run did not finish.")
+    test, baseline, mean_member = s["test"], s["baseline"], _mean_member(s)
+    keys = [k for k in test if k not in _SPLIT_STATS and k in baseline]
+    label = "ensemble" if s["ensemble"]["size"] > 1 else "model"
+    header = ["metric", label] + (["mean member"] if mean_member else []) + ["naive baseline"]
+    rows = [[k, test[k]] + ([mean_member[k]] if mean_member else []) + [baseline[k]] for k in keys]
+    png = plots.metrics_bars([(k, test[k], mean_member.get(k), baseline[k]) for k in keys], label)
+    text = f"{test['num_samples']:,} test samples; baseline: {baseline['rule']}."
+    if "majority_rate" in test:
+        text += f" Test split: {test['up_rate']:.1%} up bars, majority-class rate {test['majority_rate']:.1%}."
+    return "<h2>Test metrics</h2>" + _note(text) + _table(header, rows) + _img(png, "test metrics")
+
+
+def _place(metrics: pd.DataFrame, summary: dict) -> tuple[pd.Series, pd.Series, list[float]]:
+    """Each record's place in epochs, within its member's run and along the whole run (members in turn);
+    and where each member starts along the run."""
+    members = {m["member"]: m for m in summary.get("ensemble", {}).get("members", [])}
+    offsets, offset = {}, 0.0
+    for member in sorted(metrics["member"].unique()):
+        offsets[member] = offset
+        offset += members.get(member, {}).get("epochs_run") or metrics.loc[metrics.member == member, "epoch"].max()
+    within = metrics["epoch"].astype(float)
+    if "step" in metrics:   # a logging window sits at its step's share of the epoch
+        steps = {k: m["optimizer_steps"] / max(m["epochs_run"], 1) for k, m in members.items()}
+        per_epoch = metrics["member"].map(steps).fillna(metrics["step"].max() + 1)
+        within = within.where(metrics["kind"] != "window", metrics["epoch"] - 1 + metrics["step"] / per_epoch)
+    return within, metrics["member"].map(offsets) + within, list(offsets.values())
+
+
+def section_training(run: RunFiles) -> str:
+    from . import report_plots as plots
+    metrics = run.metrics()
+    if metrics.empty or "kind" not in metrics:
+        return "<h2>Training</h2>" + _note("metrics.jsonl is missing or empty.")
+    metrics["x"], metrics["progress"], member_starts = _place(metrics, run.summary)
+    epochs = metrics[metrics.kind == "epoch"]
+    windows = metrics[metrics.kind == "window"]
+    val_metric = f"val/{MAIN_METRIC.get(run.summary.get('task'), '')}"
+    out = "<h2>Learning curves</h2>" + _img(plots.learning_curves(
+        epochs, windows, val_metric if val_metric in epochs else None), "learning curves")
+    series = {"memory/peak_allocated_bytes": "peak allocated (CUDA)", "memory/peak_reserved_bytes": "peak reserved (CUDA)",
+              "memory/device_used_bytes": "device used (NVML)", "memory/rss_bytes": "process RSS",
+              "memory/peak_rss_bytes": "peak process RSS"}
+    series = {k: v for k, v in series.items() if k in metrics and metrics[k].notna().any()}
+    if series:
+        out += "<h2>Memory over time</h2>" + _img(plots.memory_over_time(metrics, series, member_starts), "memory over time")
+        out += _note("Read at each logging window and at each epoch end (after validation).")
+    return out
+
+
+def section_calibration(run: RunFiles, predictions: pd.DataFrame | None) -> str:
+    from . import report_plots as plots
+    task = run.summary.get("task")
+    columns = PROBABILITIES.get(task)
+    if columns is None:
+        return ""
+    if predictions is None:
+        return "<h2>Calibration</h2>" + _note(f"{PREDICTIONS_TEST_CSV} is missing.")
+    png = plots.calibration({c: predictions[c].to_numpy() for c in columns}, predictions["label"].to_numpy())
+    return ("<h2>Calibration</h2>" + _img(png, "calibration")
+            + _note("Each point: one tenth of the test samples, sorted by predicted probability; on the dashed "
+                    "line the predicted probability is the observed frequency."))
+
+
+def section_interpretation(run: RunFiles) -> str:
+    from . import report_plots as plots
+    out = "<h2>Variable importance</h2>"
+    importance = run.csv("variable_importance.csv")
+    if importance is None:
+        out += _note("variable_importance.csv is missing.")
+    else:
+        out += _img(plots.variable_importance(importance), "variable importance")
+        out += _note("Mean softmax weight the variable selection networks give each input on the test split, "
+                     "averaged over samples and members.")
+        by_symbol = run.csv("variable_importance_by_symbol.csv")
+        if by_symbol is not None and by_symbol["symbol"].nunique() <= 60:
+            out += _img(plots.importance_by_symbol(by_symbol), "variable importance by symbol")
+    out += "<h2>Attention by lag</h2>"
+    attention = run.csv("attention_by_lag.csv")
+    if attention is None:
+        return out + _note("attention_by_lag.csv is missing.")
+    out += _img(plots.attention_by_lag(attention), "attention by lag")
+    return out + _note("Attention weights of the position the head reads (the last of the horizon) over the "
+                       "window, mean over heads, test samples and members.")
+
+
+def section_ensemble(run: RunFiles, predictions: pd.DataFrame | None) -> str:
+    from . import report_plots as plots
+    s = run.summary
+    members = s.get("ensemble", {}).get("members", [])
+    if len(members) < 2 or "test" not in s:
+        return "<h2>Ensemble</h2>" + _note("One member: no ensemble spread (train with --ensemble_size N).")
+    task = s["task"]
+    metric = MAIN_METRIC[task]
+    column, label = SPREAD[task]
+    spread = predictions[column].to_numpy() if predictions is not None and column in predictions else None
+    png = plots.ensemble_spread(metric, [m["test"][metric] for m in members], s["test"][metric], spread, label)
+    keys = [k for k in s["test"] if k not in _SPLIT_STATS]
+    rows = [[f"member {m['member']} (seed {m['seed']})"] + [m["test"][k] for k in keys] for m in members]
+    rows.append(["ensemble (mean of member predictions)"] + [s["test"][k] for k in keys])
+    return "<h2>Ensemble</h2>" + _table(["", *keys], rows) + _img(png, "ensemble spread")
+
+
+def section_config(run: RunFiles) -> str:
+    text = run.text("config.yaml")
+    if text is None:
+        return "<h2>Config</h2>" + _note("config.yaml is missing.")
+    return f"<h2>Config</h2><details><summary>config.yaml (what ran)</summary><pre>{html.escape(text)}</pre></details>"
+
+
+def build_report(run_path: str | Path) -> str:
+    """The report's HTML for a run folder."""
+    run = RunFiles(Path(run_path))
+    predictions = run.csv(PREDICTIONS_TEST_CSV)
+    sections = [section_overview(run), section_metrics(run), section_data(run), section_training(run),
+                section_calibration(run, predictions), section_interpretation(run),
+                section_ensemble(run, predictions), section_config(run)]
+    title = f"Enhanced TFT run {run.path.name}"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>")
+
+
+def write_report(run_path: str | Path) -> Path:
+    """Build report.html in the run folder (written whole: a reader never sees half a page)."""
+    path = Path(run_path) / REPORT_HTML
+    write_text_atomic(path, build_report(run_path))
+    log.info("report: %s", path)
+    return path
