@@ -163,6 +163,6 @@ def write_interpretation(run_path: Path, cfg: Config, data: DataBundle, device: 
     by_symbol.to_csv(paths["importance_by_symbol"], index=False, float_format="%.6g")
     attention.to_csv(paths["attention"], index=False, float_format="%.6g")
     top = overall[overall.selection == "past"].head(3)
-    log.info("variable importance on the %s split (%d members): %s", split_name, cfg.train.ensemble_size,
+    log.info("variable importance on the %s split (%d member(s)): %s", split_name, cfg.train.ensemble_size,
              ", ".join(f"{r.variable} {r.importance:.3f}" for r in top.itertuples()))
     return paths
