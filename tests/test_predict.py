@@ -43,6 +43,14 @@ def test_evaluate_and_predict_reproduce_the_summary_exactly(trained_run: Path, t
     metrics = task_metrics("classification_binary", torch.tensor(frame.p_up.to_numpy()),
                            torch.tensor(frame.label.to_numpy()), torch.tensor(frame.actual.to_numpy()), 1.0)
     assert metrics == summary["test"]
+    # a second predict to the same file is refused, the file kept; --overwrite replaces it
+    before = (tmp_path / "test.parquet").stat().st_mtime_ns
+    again = _etft("predict", "--run", str(trained_run), "--out", str(tmp_path / "test.parquet"), cwd=tmp_path)
+    assert again.returncode == 2 and "already exists; give another --out, or add --overwrite" in again.stderr
+    assert (tmp_path / "test.parquet").stat().st_mtime_ns == before
+    forced = _etft("predict", "--run", str(trained_run), "--out", str(tmp_path / "test.parquet"), "--overwrite",
+                   cwd=tmp_path)
+    assert forced.returncode == 0 and pd.read_parquet(tmp_path / "test.parquet").equals(frame)
 
 
 def test_predict_streams_every_window_of_a_new_file(trained_run: Path, tmp_path: Path):

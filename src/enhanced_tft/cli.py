@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="predictions of a saved run, streamed to a Parquet or CSV file")
     add_prediction_arguments(predict)
     predict.add_argument("--out", metavar="FILE", help="output .parquet, .csv or .csv.gz (default: RUN_DIR/predictions.parquet)")
+    predict.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     evaluate = commands.add_parser("evaluate", help="score a saved run on other data or a split, against the naive baselines")
     add_prediction_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

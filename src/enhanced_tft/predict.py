@@ -266,6 +266,8 @@ def evaluate_windows(run: SavedRun, windows: WindowSet, target_known: np.ndarray
     models = run.load_models(device)
     members = stream_predictions(models, windows, run.transform, device, policy, batch_size, None, keep=True)
     mask = torch.ones(len(windows), dtype=torch.bool) if target_known is None else torch.from_numpy(target_known)
+    if run.transform.binary_dead_zone:   # scored as in training: the samples of the dead zone are left out
+        mask &= windows.arrays.raw_return.index_select(0, windows.sample_ends).abs() > run.transform.binary_dead_zone
     if not bool(mask.any()):
         raise ValueError(f"no window of the data has its outcome {run.transform.horizon} bar(s) ahead: nothing to score")
     ends = windows.sample_ends[mask]

@@ -79,6 +79,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import TableWriter, predict_to_file
     out = Path(args.out) if args.out else Path(args.run) / "predictions.parquet"
     TableWriter(out)   # checks the file ending before any work
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {str(out)!r} already exists; give another --out, or add --overwrite to replace it")
     if not out.parent.is_dir():
         raise ValueError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
     run, windows, target_known, device, policy, batch_size = _prepare_prediction(args)
