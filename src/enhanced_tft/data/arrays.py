@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def _allocate(shape: tuple[int, ...], folder: str | None) -> np.ndarray:
-    if folder is None:
+    if folder is None or shape[0] == 0:   # (no rows: nothing to map, and the error about it comes later)
         return np.empty(shape, np.float32)   # pages are committed only when written: unused rows cost nothing
     os.makedirs(folder, exist_ok=True)
     handle, path = tempfile.mkstemp(prefix="etft_features_", suffix=".f32", dir=folder)
