@@ -39,9 +39,10 @@ from .config import Config, update
 from .data.pipeline import DataBundle, build_data
 from .data import features
 from .data.windows import WindowSet
-from .model.tft import ModelDims, build_model
+from .model.tft import build_model
 from .train.precision import PrecisionPolicy, resolve_precision
 from .train.compile import apply_compile
+from .train.ensemble import model_dims
 from .train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,6 @@ def with_observed_features(cfg: Config, num_features: int | None) -> Config:
         raise ValueError(f"--num_features={num_features}; allowed: at least {made}, the features the pipeline makes "
                          "from OHLCV bars with this config's return_lags and volatility_windows")
     return update(cfg, data={"num_extra_features": num_features - made})
-
-
-def model_dims(data: DataBundle) -> ModelDims:
-    return ModelDims(data.num_observed, data.num_known, len(data.symbols), data.splits["train"].horizon)
 
 
 # ---------------------------------------------------------------- saved activations

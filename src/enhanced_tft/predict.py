@@ -24,7 +24,7 @@ from .data.transform import Transform
 from .data.windows import WindowSet
 from .model.heads import QUANTILES
 from .model.tft import ModelDims
-from .train.ensemble import load_member
+from .train.ensemble import load_member, transform_dims
 from .train.precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,7 @@ class SavedRun:
         return cls(path, config_mod.load_config(path / "config.yaml"), transform, summary)
 
     def dims(self) -> ModelDims:
-        t = self.transform
-        return ModelDims(len(t.features), len(t.known_features), len(t.symbols), t.horizon)
+        return transform_dims(self.transform)
 
     def load_models(self, device: torch.device) -> list[torch.nn.Module]:
         """Every member's best weights; torch.load(weights_only=True) underneath: no code in a file runs."""
@@ -274,7 +273,7 @@ def evaluate_windows(run: SavedRun, windows: WindowSet, target_known: np.ndarray
     target = windows.arrays.target.index_select(0, ends)
     actual = windows.arrays.raw_return.index_select(0, ends)
     t = run.transform
-    scale = {"target_std": t.target_std, "target_mean": t.target_mean, "volatility": t.target == "volatility"}
+    scale = t.target_scale()
     task = t.task
     member_metrics = [task_metrics(task, m[mask], target, actual, **scale) for m in members]
     ensemble = task_metrics(task, torch.stack(members).mean(dim=0)[mask], target, actual, **scale)

@@ -44,8 +44,7 @@ class DataBundle:
 
     def target_scale(self) -> dict:
         """task_metrics' keywords that turn the model's scaled output back into the raw target's units."""
-        return {"target_std": self.target_std, "target_mean": self.target_mean,
-                "volatility": self.transform.target == "volatility"}
+        return self.transform.target_scale()
 
     @property
     def scaler(self) -> dict:

@@ -40,6 +40,10 @@ class Transform:
                              "version of Enhanced TFT")
         return cls(**{k: v for k, v in raw.items() if k in names})
 
+    def target_scale(self) -> dict:
+        """task_metrics' keywords that turn the model's scaled output back into the raw target's units."""
+        return {"target_std": self.target_std, "target_mean": self.target_mean, "volatility": self.target == "volatility"}
+
     def scale(self, observed: np.ndarray, chunk_rows: int = 1 << 16) -> None:
         """(x - mean) / std in place, float32, a chunk of rows at a time (no full-size temporary)."""
         mean = np.asarray(self.mean, np.float32)

@@ -13,6 +13,7 @@ import torch
 
 from ..config import Config
 from ..data.pipeline import DataBundle
+from ..data.transform import Transform
 from ..data.windows import WindowSet
 from ..model.tft import ModelDims, build_model
 from ..runs import RunFolder
@@ -27,8 +28,13 @@ from .trainer import FaultHook, OutOfMemoryGiveUp, Trainer
 log = logging.getLogger(__name__)
 
 
+def transform_dims(t: Transform) -> ModelDims:
+    """The model's input sizes that a fitted transform implies (features, calendar inputs, symbols, horizon)."""
+    return ModelDims(len(t.features), len(t.known_features), len(t.symbols), t.horizon)
+
+
 def model_dims(data: DataBundle) -> ModelDims:
-    return ModelDims(data.num_observed, data.num_known, len(data.symbols), data.splits["train"].horizon)
+    return transform_dims(data.transform)
 
 
 def load_member(cfg: Config, dims: ModelDims, checkpoint: Path, device: torch.device) -> torch.nn.Module:
