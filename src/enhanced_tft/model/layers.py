@@ -4,6 +4,9 @@ Legend: B batch, T time steps, F input variables, H per-variable hidden width, D
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,54 +20,64 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class Dropout(nn.Module):
-    """nn.Dropout with a cheaper mask on the CPU, where drawing the mask costs more than the rest of the layer.
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Inverted-dropout mask of `shape`: 0 where an element is dropped (probability p), 1 / (1 - p) where kept.
 
-    torch's CPU dropout draws one Bernoulli sample per element (~13 ns each here). This draws one 31-bit
-    integer per two elements (torch's int32 random_() fills bits 0-30) and compares its low 16 bits and
-    its high 15 bits with thresholds: a Bernoulli mask whose p is rounded to a multiple of 1/32768
-    (0.1 -> 0.100006), scaled by 1/(1-p) as usual, at a third of the cost. It draws from the default CPU
-    generator, so seeds and checkpoint recomputation (which restores that generator) give the same masks.
+    On the CPU, torch draws one Mersenne-Twister number per element (about 13 ns each here). This draws one 64-bit
+    seed from torch's default CPU generator, expands it with numpy's PCG64 into 16-bit uniform integers and
+    compares them with a threshold straight into the mask's dtype: p is rounded to a multiple of 1/65536
+    (0.1 -> 0.100006), at about a fifth of the cost. Seeds (torch.manual_seed) and activation checkpointing's
+    recomputation (which restores torch's generator state) give the same masks, since the seed comes from
+    torch's generator. A float mask (not a boolean one) because torch's CPU kernels multiply by it about
+    three times faster than they select with a boolean. Other devices draw with torch.
+    """
+    steps = min(round(p * 65536), 65536)
+    if steps == 65536:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    if device.type != "cpu":
+        return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - steps / 65536).mul_(65536 / (65536 - steps))
+    count = math.prod(shape)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
+    uniform = np.random.PCG64(seed).random_raw((count + 3) // 4).view(np.int16)[:count]   # -32768..32767
+    mask = torch.empty(shape, dtype=dtype)
+    # P(u >= steps - 32768) = (65536 - steps) / 65536 = 1 - p
+    torch.ge(torch.from_numpy(uniform).view(shape), steps - 32768, out=mask)
+    return mask.mul_(65536 / (65536 - steps)) if steps else mask
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with a cheaper mask on the CPU (dropout_mask), which is also all that backward keeps.
+
     Other devices use F.dropout, whose fused kernels are already cheap.
     """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
-        steps = round(p * 32768)                      # p as a multiple of 1/32768
-        # keep where the uniform low half (int16, -32768..32767) / high half (0..32767) clears its threshold
-        self.register_buffer("_thresholds", torch.tensor([2 * steps - 32768, steps], dtype=torch.int16),
-                             persistent=False)
-        self._scale = 1.0 / (1.0 - steps / 32768) if steps < 32768 else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        count = x.numel()
-        bits = torch.empty((count + 1) // 2, dtype=torch.int32).random_()        # bits 0-30 random, bit 31 zero
-        halves = bits.view(torch.int16).view(-1, 2)                             # little-endian: (low, high)
-        keep = (halves >= self._thresholds).view(-1)[:count].view(x.shape)
-        return _MaskScale.apply(x, keep, self._scale)
+        return _MaskMul.apply(x, dropout_mask(tuple(x.shape), self.p, x.device, x.dtype))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
-class _MaskScale(torch.autograd.Function):
-    """x * keep * scale, saving only the boolean mask (one byte an element) for backward."""
+class _MaskMul(torch.autograd.Function):
+    """x * mask for a constant mask: saves the mask alone (autograd's mul would also save x)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return x * mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
 
 
 class GatedLinearUnit(nn.Module):
@@ -109,6 +122,8 @@ class VariableSelection(nn.Module):
     weighted by a softmax over variables, and the weighted set is projected to D in one matmul.
     Selection weights come from a GRN over the raw inputs and the static context, which costs
     O(F*D) per step instead of the O(F*H*D) of flattening all embeddings.
+    The per-variable GRNs, the weighting and the projection run in one autograd Function (_PerVariableGRN)
+    with a hand-written backward.
     """
 
     def __init__(self, num_vars: int, var_hidden: int, d_model: int, dropout: float, context_dim: int):
@@ -133,26 +148,101 @@ class VariableSelection(nn.Module):
         # dtype, since elementwise ops would otherwise keep them in float32 and save them for backward at full width
         dtype = compute_dtype(x)
         batch, steps, num_vars = x.shape
-        x_fn = x.to(dtype).reshape(batch * steps, num_vars).t().unsqueeze(-1)              # (F, N, 1)
-        embed_weight, embed_bias = self.embed_weight.to(dtype), self.embed_bias.to(dtype)
+        embed_weight, embed_bias, w_in = self.embed_weight.to(dtype), self.embed_bias.to(dtype), self.w_in.to(dtype)
         # each GRN's first layer acts on an embedding that is affine in its scalar input, so the two fold into
         # one affine map of x: (x e + c) W + b = x (e W) + (c W + b). Same function, and no (F, N, H) x (H, H)
         # matmul; the parameters (and what they mean) stay as they are
-        w_in = self.w_in.to(dtype)
-        slope = torch.bmm(embed_weight.unsqueeze(1), w_in)                                 # (F, 1, H)
-        offset = torch.baddbmm(self.b_in.to(dtype).unsqueeze(1), embed_bias.unsqueeze(1), w_in)   # (F, 1, H)
-        hidden = F.elu(torch.addcmul(offset, x_fn, slope))                                  # (F, N, H)
-        gated = F.glu(torch.baddbmm(self.b_gate.to(dtype).unsqueeze(1), self.dropout(hidden),
-                                    self.w_gate.to(dtype)), dim=-1)                         # (F, N, H)
-        emb = torch.addcmul(embed_bias.unsqueeze(1), x_fn, embed_weight.unsqueeze(1))       # (F, N, H)
-        with torch.autocast(x.device.type, enabled=False):   # autocast would widen the norm to float32
-            normed = F.layer_norm(emb + gated, (self.var_hidden,))                          # (F, N, H)
+        slope = torch.bmm(embed_weight.unsqueeze(1), w_in).squeeze(1)                          # (F, H)
+        offset = torch.baddbmm(self.b_in.to(dtype).unsqueeze(1), embed_bias.unsqueeze(1), w_in).squeeze(1)
         weights = torch.softmax(self.selector(x, context), dim=-1)                          # (B, T, F)
-        weighted = normed * weights.to(dtype).reshape(batch * steps, num_vars).t().unsqueeze(-1)   # (F, N, H)
-        flat = weighted.transpose(0, 1).reshape(batch, steps, num_vars * self.var_hidden)  # (B, T, F*H)
         # each variable's norm scale g and shift s fold into the projection P, on weights instead of activations:
-        # sum_f w_f (n_f g_f + s_f) P_f = (n w) (g P) + w (s P): one (F, N, H) tensor fewer to build and save
+        # sum_f w_f (n_f g_f + s_f) P_f = (n w) (g P) + w (s P)
         weight = self.project.weight                                                        # (D, F*H)
-        scaled = weight * self.norm_weight.reshape(1, -1)
+        scaled = (weight * self.norm_weight.reshape(1, -1)).to(dtype)
         shift = (weight.view(-1, num_vars, self.var_hidden) * self.norm_bias).sum(-1)       # (D, F)
-        return F.linear(flat, scaled, self.project.bias) + F.linear(weights.to(dtype), shift), weights
+        mask = None          # dropout on each GRN's hidden layer
+        if self.training and self.dropout.p > 0.0:
+            mask = dropout_mask((num_vars, batch * steps, self.var_hidden), self.dropout.p, x.device, dtype)
+        weights_nf = weights.to(dtype).reshape(batch * steps, num_vars)
+        selected = _PerVariableGRN.apply(x.to(dtype).reshape(batch * steps, num_vars), weights_nf, slope, offset,
+                                         self.w_gate.to(dtype), self.b_gate.to(dtype), embed_weight, embed_bias,
+                                         scaled, mask)
+        selected = selected.view(batch, steps, -1) + F.linear(weights.to(dtype), shift.to(dtype),
+                                                              self.project.bias.to(dtype))
+        return selected, weights
+
+
+def _per_variable_forward(x_fn, slope, offset, w_gate, b_gate, embed_weight, embed_bias, mask):
+    """Every variable's GRN without its norm's affine part: (F, N, 1) inputs -> the tensors backward needs.
+
+    hidden = ELU(x slope + offset); z = (hidden * mask) W_gate + b_gate; res = GLU(z) + x e + c;
+    normed = (res - mean) * rstd over the last axis. All (F, N, H) except z (F, N, 2H), mean/rstd (F, N, 1).
+    """
+    hidden = F.elu_(torch.addcmul(offset.unsqueeze(1), x_fn, slope.unsqueeze(1)))
+    dropped = hidden if mask is None else hidden * mask
+    z = torch.baddbmm(b_gate.unsqueeze(1), dropped, w_gate)
+    res = F.glu(z, dim=-1).addcmul_(x_fn, embed_weight.unsqueeze(1)).add_(embed_bias.unsqueeze(1))
+    normed, mean, rstd = torch.native_layer_norm(res, (res.shape[-1],), None, None, 1e-5)
+    return hidden, dropped, z, res, normed, mean, rstd
+
+
+def _weighted_flat(normed: torch.Tensor, weights_fn: torch.Tensor) -> torch.Tensor:
+    """normed (F, N, H) times the selection weights (F, N, 1), written straight into the (N, F*H) layout."""
+    num_vars, rows, hidden = normed.shape
+    flat = torch.empty(rows, num_vars, hidden, dtype=normed.dtype, device=normed.device)
+    torch.mul(normed, weights_fn, out=flat.transpose(0, 1))
+    return flat.view(rows, num_vars * hidden)
+
+
+class _PerVariableGRN(torch.autograd.Function):
+    """The per-variable GRNs, their selection weighting and the projection, with a hand-written backward.
+
+    forward(x (N, F), weights (N, F), slope (F, H), offset (F, H), w_gate (F, H, 2H), b_gate (F, 2H),
+    embed_weight (F, H), embed_bias (F, H), projection (D, F*H), mask (F, N, H) dropout mask or None) -> (N, D).
+    Autograd would save about ten (F, N, H) tensors and run some thirty elementwise passes over them, several
+    on transposed or type-converted copies. This saves five (hidden, z counted twice, res, normed) and the
+    mask, writes the weighted set straight into the projection's layout, uses torch's fused GLU, ELU and
+    LayerNorm backward kernels, and does the reductions over N as batched matmuls. x gets no gradient (data).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, slope, offset, w_gate, b_gate, embed_weight, embed_bias, projection, mask):
+        with torch.autocast(x.device.type, enabled=False):   # everything is in one dtype already
+            x_fn, weights_fn = x.t().unsqueeze(-1), weights.t().unsqueeze(-1)                   # (F, N, 1)
+            hidden, _, z, res, normed, mean, rstd = _per_variable_forward(
+                x_fn, slope, offset, w_gate, b_gate, embed_weight, embed_bias, mask)
+            out = torch.mm(_weighted_flat(normed, weights_fn), projection.t())                  # (N, D)
+        ctx.save_for_backward(x, weights, w_gate, projection, mask, hidden, z, res, normed, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weights, w_gate, projection, mask, hidden, z, res, normed, mean, rstd = ctx.saved_tensors
+        rows, num_vars = x.shape
+        width = hidden.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            grad_out = grad_out.to(x.dtype)
+            weights_fn = weights.t().unsqueeze(-1)
+            dropped = hidden if mask is None else hidden * mask
+            grad_projection = torch.mm(grad_out.t(), _weighted_flat(normed, weights_fn))      # (D, F*H)
+            grad_flat = torch.mm(grad_out, projection).view(rows, num_vars, width)             # (N, F, H)
+            # sum over H as a matrix-vector product: a reduction over a last axis of 16 is slow on the CPU
+            grad_weights = torch.mv((grad_flat * normed.transpose(0, 1)).reshape(-1, width),
+                                    normed.new_ones(width)).view(rows, num_vars)               # (N, F)
+            grad_normed = torch.empty_like(normed)
+            torch.mul(grad_flat.transpose(0, 1), weights_fn, out=grad_normed)                  # (F, N, H)
+            grad_res = torch.ops.aten.native_layer_norm_backward(
+                grad_normed, res, [width], mean, rstd, None, None, [True, False, False])[0]
+            # sums over N of g * x and of g, for every variable at once: [x; 1] (F, 2, N) @ g (F, N, H)
+            x_one = torch.stack([x.t(), torch.ones_like(x.t())], dim=1)                        # (F, 2, N)
+            grad_embed = torch.bmm(x_one, grad_res)                                            # (F, 2, H)
+            grad_z = torch.ops.aten.glu_backward(grad_res, z, -1)                              # (F, N, 2H)
+            grad_w_gate = torch.bmm(dropped.transpose(1, 2), grad_z)                           # (F, H, 2H)
+            grad_b_gate = grad_z.sum(1)                                                        # (F, 2H)
+            grad_hidden = torch.bmm(grad_z, w_gate.transpose(1, 2))                            # (F, N, H)
+            if mask is not None:
+                grad_hidden.mul_(mask)
+            grad_pre = torch.ops.aten.elu_backward(grad_hidden, 1.0, 1, 1, True, hidden)
+            grad_affine = torch.bmm(x_one, grad_pre)                                           # (F, 2, H)
+        return (None, grad_weights, grad_affine[:, 0], grad_affine[:, 1], grad_w_gate, grad_b_gate,
+                grad_embed[:, 0], grad_embed[:, 1], grad_projection, None)
