@@ -28,6 +28,8 @@ BASE = {"sequence_length": 60, "num_features": 32, "d_model": 128}
 
 def measure(out: Path, repeats: int, seconds: float) -> list[dict]:
     sys.path.insert(0, str(REPO / "src"))
+    from enhanced_tft.threads import tune_host_allocator
+    tune_host_allocator()     # as `etft` does, before torch is imported
     import torch
 
     from enhanced_tft.bench import BenchSettings, bench_row, with_observed_features

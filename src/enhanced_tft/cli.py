@@ -314,7 +314,9 @@ def _print_result(summary: dict, run, seconds: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .runs import setup_console_logging
+    from .threads import tune_host_allocator
 
+    tune_host_allocator()   # before torch is imported: reuse freed tensor memory, huge pages for large tensors
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_console_logging()
