@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -20,8 +21,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _torch_draws(reference: torch.Tensor) -> bool:
+    """Dropout through torch's own kernels: off the CPU, and on fake tensors (the memory planner traces the
+    step a GPU would run)."""
+    return reference.device.type != "cpu" or isinstance(reference, FakeTensor)
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverted-dropout mask of `shape`: 0 where an element is dropped (probability p), 1 / (1 - p) where kept.
+    `reference` is a tensor of the layer (its device, and whether it is a planner's fake tensor).
 
     On the CPU, torch draws one Mersenne-Twister number per element (about 13 ns each here). This draws one 64-bit
     seed from torch's default CPU generator, expands it with numpy's PCG64 into 16-bit uniform integers and
@@ -32,10 +40,12 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device, dtype: 
     three times faster than they select with a boolean. Other devices draw with torch.
     """
     steps = min(round(p * 65536), 65536)
+    device = reference.device
     if steps == 65536:
         return torch.zeros(shape, device=device, dtype=dtype)
-    if device.type != "cpu":
-        return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - steps / 65536).mul_(65536 / (65536 - steps))
+    if _torch_draws(reference):
+        keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - steps / 65536)
+        return keep.mul_(65536 / (65536 - steps))
     count = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
     uniform = np.random.PCG64(seed).random_raw((count + 3) // 4).view(np.int16)[:count]   # -32768..32767
@@ -58,9 +68,9 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if _torch_draws(x):
             return F.dropout(x, self.p, True)
-        return _MaskMul.apply(x, dropout_mask(tuple(x.shape), self.p, x.device, x.dtype))
+        return _MaskMul.apply(x, dropout_mask(tuple(x.shape), self.p, x, x.dtype))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -162,7 +172,7 @@ class VariableSelection(nn.Module):
         shift = (weight.view(-1, num_vars, self.var_hidden) * self.norm_bias).sum(-1)       # (D, F)
         mask = None          # dropout on each GRN's hidden layer
         if self.training and self.dropout.p > 0.0:
-            mask = dropout_mask((num_vars, batch * steps, self.var_hidden), self.dropout.p, x.device, dtype)
+            mask = dropout_mask((num_vars, batch * steps, self.var_hidden), self.dropout.p, x, dtype)
         weights_nf = weights.to(dtype).reshape(batch * steps, num_vars)
         selected = _PerVariableGRN.apply(x.to(dtype).reshape(batch * steps, num_vars), weights_nf, slope, offset,
                                          self.w_gate.to(dtype), self.b_gate.to(dtype), embed_weight, embed_bias,
