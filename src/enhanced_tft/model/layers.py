@@ -56,7 +56,7 @@ def dropout_mask(shape: tuple[int, ...], p: float, reference: torch.Tensor, dtyp
 
 
 class Dropout(nn.Module):
-    """nn.Dropout with a cheaper mask on the CPU (dropout_mask), which is also all that backward keeps.
+    """nn.Dropout with a cheaper mask on the CPU (dropout_mask); backward keeps the mask alone, as for nn.Dropout.
 
     Other devices use F.dropout, whose fused kernels are already cheap.
     """
@@ -70,24 +70,10 @@ class Dropout(nn.Module):
             return x
         if _torch_draws(x):
             return F.dropout(x, self.p, True)
-        return _MaskMul.apply(x, dropout_mask(tuple(x.shape), self.p, x, x.dtype))
+        return x * dropout_mask(tuple(x.shape), self.p, x, x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-class _MaskMul(torch.autograd.Function):
-    """x * mask for a constant mask: saves the mask alone (autograd's mul would also save x)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
 
 
 class GatedLinearUnit(nn.Module):
