@@ -216,10 +216,10 @@ class _PerVariableGRN(torch.autograd.Function):
         x, weights, w_gate, projection, mask, hidden, z, res, normed, mean, rstd = ctx.saved_tensors
         rows, num_vars = x.shape
         width = hidden.shape[-1]
+        # each (F, N, H) temporary is dropped as soon as the next one exists: at most three are alive at once
         with torch.autocast(x.device.type, enabled=False):
             grad_out = grad_out.to(x.dtype)
             weights_fn = weights.t().unsqueeze(-1)
-            dropped = hidden if mask is None else hidden * mask
             grad_projection = torch.mm(grad_out.t(), _weighted_flat(normed, weights_fn))      # (D, F*H)
             grad_flat = torch.mm(grad_out, projection).view(rows, num_vars, width)             # (N, F, H)
             # sum over H as a matrix-vector product: a reduction over a last axis of 16 is slow on the CPU
@@ -227,18 +227,25 @@ class _PerVariableGRN(torch.autograd.Function):
                                     normed.new_ones(width)).view(rows, num_vars)               # (N, F)
             grad_normed = torch.empty_like(normed)
             torch.mul(grad_flat.transpose(0, 1), weights_fn, out=grad_normed)                  # (F, N, H)
+            del grad_flat
             grad_res = torch.ops.aten.native_layer_norm_backward(
                 grad_normed, res, [width], mean, rstd, None, None, [True, False, False])[0]
+            del grad_normed
             # sums over N of g * x and of g, for every variable at once: [x; 1] (F, 2, N) @ g (F, N, H)
             x_one = torch.stack([x.t(), torch.ones_like(x.t())], dim=1)                        # (F, 2, N)
             grad_embed = torch.bmm(x_one, grad_res)                                            # (F, 2, H)
             grad_z = torch.ops.aten.glu_backward(grad_res, z, -1)                              # (F, N, 2H)
+            del grad_res
+            dropped = hidden if mask is None else hidden * mask
             grad_w_gate = torch.bmm(dropped.transpose(1, 2), grad_z)                           # (F, H, 2H)
+            del dropped
             grad_b_gate = grad_z.sum(1)                                                        # (F, 2H)
             grad_hidden = torch.bmm(grad_z, w_gate.transpose(1, 2))                            # (F, N, H)
+            del grad_z
             if mask is not None:
                 grad_hidden.mul_(mask)
             grad_pre = torch.ops.aten.elu_backward(grad_hidden, 1.0, 1, 1, True, hidden)
+            del grad_hidden
             grad_affine = torch.bmm(x_one, grad_pre)                                           # (F, 2, H)
         return (None, grad_weights, grad_affine[:, 0], grad_affine[:, 1], grad_w_gate, grad_b_gate,
                 grad_embed[:, 0], grad_embed[:, 1], grad_projection, None)
