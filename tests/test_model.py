@@ -178,3 +178,22 @@ def test_last_block_on_the_last_position_alone_gives_the_same_output(small_raw):
     block = model.blocks[-1]
     x = torch.randn(3, 9, block.qkv.in_features)
     torch.testing.assert_close(block(x, last_only=True)[0], block(x)[0][:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_variable_selection_under_bf16_autocast_stays_close_to_fp32():
+    """The GPU's default precision, run on the CPU: bf16 activations inside the Function, float32 gradients
+    for the float32 parameters, within bf16's rounding (8 bits of mantissa) of the fp32 ones."""
+    torch.manual_seed(0)
+    vsn = VariableSelection(num_vars=6, var_hidden=8, d_model=16, dropout=0.0, context_dim=16).train()
+    x, context = torch.randn(4, 10, 6), torch.randn(4, 16)
+    target = torch.randn(4, 10, 16)
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            selected, weights = vsn(x, context)
+        assert selected.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        loss = (selected.float() * target).sum()
+        grads[precision] = torch.autograd.grad(loss, list(vsn.parameters()))
+    for (name, param), full, half in zip(vsn.named_parameters(), grads["fp32"], grads["bf16"]):
+        assert half.dtype == torch.float32 and torch.isfinite(half).all(), name
+        assert (half - full).norm() <= 0.05 * full.norm() + 1e-6, name
