@@ -1,6 +1,7 @@
 """`etft bench`: its saved-activation count on a module worked out by hand, its JSON rows, its input errors."""
 import json
 import os
+import platform
 import sys
 
 import pytest
@@ -177,11 +178,16 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_in_new_pages(tm
     assert faults["tuned"] < 100
 
 
-def test_allocator_tuning_leaves_a_users_huge_page_setting(monkeypatch):
-    from enhanced_tft.threads import tune_host_allocator
+def test_allocator_tuning_leaves_a_users_settings(monkeypatch):
+    from enhanced_tft.threads import GLIBC_MALLOC_SETTINGS, tune_host_allocator
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    for name in GLIBC_MALLOC_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
     tune_host_allocator()
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
-    tune_host_allocator()
+    tuned = tune_host_allocator()
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert tuned == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")     # the user configured glibc: leave it alone
+    assert tune_host_allocator() is False
