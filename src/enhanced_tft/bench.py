@@ -26,14 +26,10 @@ import logging
 import math
 import statistics
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from .config import Config, update
 from .data.pipeline import DataBundle, build_data
@@ -42,6 +38,7 @@ from .data.windows import WindowSet
 from .model.tft import build_model
 from .train.precision import PrecisionPolicy, resolve_precision
 from .train.compile import apply_compile
+from .train.planner import StorageTracker
 from .train.ensemble import model_dims
 from .train.trainer import Trainer
 
@@ -128,38 +125,6 @@ def saved_bytes(model: torch.nn.Module, forward_loss, batch_size: int) -> dict[s
 
 # ---------------------------------------------------------------- peak memory
 
-class LiveTensorPeak(TorchDispatchMode):
-    """Peak bytes of live tensor storages: those given at the start plus every storage an op creates."""
-
-    def __init__(self, existing: list[torch.Tensor]):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = self.peak = 0
-        for tensor in existing:
-            self._track(tensor)
-        self.peak = self.current
-
-    def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key in self.live:
-            return
-        self.live[key] = storage.nbytes()
-        self.current += storage.nbytes()
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
-                self._track(item)
-        self.peak = max(self.peak, self.current)
-        return out
-
-
 def _optimizer_state(trainer: Trainer) -> list[torch.Tensor]:
     return [t for state in trainer.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
@@ -176,7 +141,7 @@ def step_peak_bytes(trainer: Trainer, split: WindowSet, window: torch.Tensor) ->
         return int(torch.cuda.max_memory_allocated(device))
     existing = list(model.parameters()) + list(model.buffers()) + _optimizer_state(trainer)
     existing += [p.grad for p in model.parameters() if p.grad is not None]
-    tracker = LiveTensorPeak(existing)
+    tracker = StorageTracker(existing, rounding=1, count_existing=True)
     with tracker:
         trainer.train_window(split, window)
         trainer.optimizer_step()

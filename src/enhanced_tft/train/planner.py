@@ -35,17 +35,38 @@ def _rounded(nbytes: int) -> int:
     return -(-nbytes // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
 
 
-class _StorageTracker(TorchDispatchMode):
-    """Live and peak bytes of the storages that ops allocate while the mode is active."""
+class StorageTracker(TorchDispatchMode):
+    """Live and peak bytes of the storages that ops allocate while the mode is active, each storage counted
+    once until it is freed, its size rounded up to `rounding` bytes.
 
-    def __init__(self, existing: list[torch.Tensor]):
+    `existing` storages (parameters, gradients, optimizer moments, the batch) exist before the step: by
+    default they are left out (the plan counts them separately; views of them and in-place updates must not
+    count as new allocations); with count_existing they count from the start, and until they are freed.
+    """
+
+    def __init__(self, existing: list[torch.Tensor], rounding: int = ALLOCATOR_ROUNDING,
+                 count_existing: bool = False):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self._rounding = rounding
         self._seen: set[int] = set()
-        # storages that exist before the step (parameters, gradients, optimizer moments, the batch) are
-        # counted separately; views of them and in-place updates must not count as new allocations
-        self._existing = {t.untyped_storage()._cdata for t in existing}
+        self._existing: set[int] = set()
+        for tensor in existing:
+            if count_existing:
+                self._track(tensor.untyped_storage())
+            else:
+                self._existing.add(tensor.untyped_storage()._cdata)
+        self.peak = self.live
+
+    def _track(self, storage) -> None:
+        key = storage._cdata
+        if key in self._seen or key in self._existing:
+            return
+        nbytes = -(-storage.nbytes() // self._rounding) * self._rounding
+        self._seen.add(key)
+        self.live += nbytes
+        weakref.finalize(storage, self._free, key, nbytes)
 
     def _free(self, key: int, nbytes: int) -> None:
         self._seen.discard(key)
@@ -55,13 +76,7 @@ class _StorageTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage._cdata
-                if key not in self._seen and key not in self._existing:
-                    nbytes = _rounded(storage.nbytes())
-                    self._seen.add(key)
-                    self.live += nbytes
-                    weakref.finalize(storage, self._free, key, nbytes)
+                self._track(tensor.untyped_storage())
         self.peak = max(self.peak, self.live)
         return out
 
@@ -109,7 +124,7 @@ def _trace(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, check
         target = torch.zeros(micro_batch)
         existing = params + [p.grad for p in params if p.grad is not None] + [observed, known, symbol, target]
         existing += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-        tracker = _StorageTracker(existing)
+        tracker = StorageTracker(existing)
         with tracker:
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 output = model(observed, known, symbol).output
