@@ -23,21 +23,21 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from enhanced_tft.config import load_config  # noqa: E402
-from enhanced_tft.model.tft import ModelDims, build_model  # noqa: E402
+from enhanced_tft.model.tft import build_model  # noqa: E402
+from enhanced_tft.plan_report import plan_dims  # noqa: E402
 from enhanced_tft.threads import configure_threads  # noqa: E402
 
 CASES = [("bench_matched", 32), ("bench_matched", 128), ("seed_v2_1", 32), ("seed_original", 64)]
-NUM_KNOWN = 4        # the calendar inputs the pipeline adds
 
 
 def flops_per_sample(config: str, num_features: int, batch: int = 8) -> dict:
     cfg = load_config(REPO / "configs" / f"{config}.yaml")
-    dims = ModelDims(num_features, NUM_KNOWN, 1, cfg.data.horizon)
+    dims = plan_dims(cfg, num_features)   # the observed inputs given, the pipeline's known (calendar) inputs
     torch.manual_seed(0)
     model = build_model(cfg, dims).train()
     length = cfg.data.sequence_length
     observed = torch.randn(batch, length, num_features)
-    known = torch.randn(batch, length + dims.horizon, NUM_KNOWN)
+    known = torch.randn(batch, length + dims.horizon, dims.num_known)
     symbol = torch.zeros(batch, dtype=torch.int64)
     with FlopCounterMode(display=False) as counter:
         output = model(observed, known, symbol).output
