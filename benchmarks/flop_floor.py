@@ -22,8 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from enhanced_tft import tasks  # noqa: E402
 from enhanced_tft.config import load_config  # noqa: E402
-from enhanced_tft.model.tft import build_model  # noqa: E402
+from enhanced_tft.model.build import build_model  # noqa: E402
+from enhanced_tft.model.tft import set_activation_checkpointing  # noqa: E402
 from enhanced_tft.plan_report import plan_dims  # noqa: E402
 from enhanced_tft.threads import configure_threads  # noqa: E402
 
@@ -34,14 +36,16 @@ def flops_per_sample(config: str, num_features: int, batch: int = 8) -> dict:
     cfg = load_config(REPO / "configs" / f"{config}.yaml")
     dims = plan_dims(cfg, num_features)   # the observed inputs given, the pipeline's known (calendar) inputs
     torch.manual_seed(0)
-    model = build_model(cfg, dims).train()
+    task = tasks.for_config(cfg)
+    model = set_activation_checkpointing(build_model(cfg.model, dims, task.output_size),
+                                         cfg.train.activation_checkpointing).train()
     length = cfg.data.sequence_length
     observed = torch.randn(batch, length, num_features)
     known = torch.randn(batch, length + dims.horizon, dims.num_known)
     symbol = torch.zeros(batch, dtype=torch.int64)
     with FlopCounterMode(display=False) as counter:
         output = model(observed, known, symbol).output
-        model.head.loss(output, torch.zeros(batch)).sum().backward()
+        task.loss(output, torch.zeros(batch)).sum().backward()
     d_model, steps = cfg.model.d_model, length + dims.horizon
     lstm = 3 * 2 * 4 * (d_model + d_model) * d_model * steps * cfg.model.lstm_layers
     counted = counter.get_total_flops() / batch

@@ -2,6 +2,8 @@
 
 The measurement runs a real CPU training step (forward, backward, AdamW step) under PyTorch's own
 MemTracker (torch.distributed._tools.mem_tracker), an instrument independent of the planner's tracer.
+The plan traces the step a GPU runs, with the model's CPU fast paths off (model/layers.py); the measured
+step turns them off too, so that both count the same tensors.
 Prints a table and writes JSON:  python benchmarks/plan_vs_measured.py [--out plan_vs_measured.json]
 """
 from __future__ import annotations
@@ -16,8 +18,11 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from enhanced_tft.config import load_config, update  # noqa: E402
-from enhanced_tft.model.tft import ModelDims, build_model  # noqa: E402
+from enhanced_tft import tasks  # noqa: E402
+from enhanced_tft.config import load_config  # noqa: E402
+from enhanced_tft.model.build import build_model  # noqa: E402
+from enhanced_tft.model.layers import set_fast_cpu_kernels  # noqa: E402
+from enhanced_tft.model.tft import ModelDims, set_activation_checkpointing  # noqa: E402
 from enhanced_tft.plan_report import plan_dims  # noqa: E402
 from enhanced_tft.train.planner import _trace  # noqa: E402
 from enhanced_tft.train.optim import param_groups  # noqa: E402
@@ -32,9 +37,12 @@ OPTIONS = [("fp32", "none"), ("fp32", "blocks"), ("bf16", "none"), ("bf16", "all
 
 
 def measure(cfg, dims: ModelDims, micro_batch: int, precision: str, checkpointing: str) -> int:
-    """Peak bytes of one real training step on the CPU, as MemTracker sees them."""
+    """Peak bytes of one real training step on the CPU, as MemTracker sees them, with the fast paths off
+    as in the plan."""
     torch.manual_seed(0)
-    model = build_model(update(cfg, train={"activation_checkpointing": checkpointing}), dims).train()
+    task = tasks.for_config(cfg)
+    model = set_fast_cpu_kernels(build_model(cfg.model, dims, task.output_size), False)
+    model = set_activation_checkpointing(model, checkpointing).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=1e-3, foreach=True)
     for p in model.parameters():   # moments exist from the first step on, as in the plan
         p.grad = torch.zeros_like(p)
@@ -52,7 +60,7 @@ def measure(cfg, dims: ModelDims, micro_batch: int, precision: str, checkpointin
     with tracker:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             output = model(observed, known, symbol).output
-        loss = model.head.loss(output, target).sum() / micro_batch
+        loss = task.loss(output, target).sum() / micro_batch
         loss.backward()
         del loss, output
         optimizer.step()

@@ -53,3 +53,11 @@ def trained_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr
     (run,) = (folder / "logs").glob("training_*")
     return run
+
+
+def training_model(cfg, data):
+    """The model `etft train` builds for this config and data (its task's head, its checkpointing policy)."""
+    from enhanced_tft import tasks
+    from enhanced_tft.model.build import dims_for
+    from enhanced_tft.train.trainer import build_training_model
+    return build_training_model(cfg, tasks.for_config(cfg), dims_for(data.transform))

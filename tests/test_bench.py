@@ -111,7 +111,8 @@ def test_bad_input_exits_2_with_a_message(args, message, capsys, tmp_path, monke
 def test_a_failing_compile_falls_back_to_the_eager_model(small_raw, monkeypatch, caplog):
     import contextlib
 
-    from enhanced_tft.model.tft import ModelDims, build_model
+    from enhanced_tft.model.build import build_model
+    from enhanced_tft.model.tft import ModelDims
     from enhanced_tft.train.compile import apply_compile
 
     def broken_compile(self, *args, **kwargs):   # what a missing C++ compiler looks like: the first call raises
@@ -121,7 +122,7 @@ def test_a_failing_compile_falls_back_to_the_eager_model(small_raw, monkeypatch,
 
     monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
     cfg = build_config(small_raw)
-    model = build_model(cfg, ModelDims(5, 4, 2, 1))
+    model = build_model(cfg.model, ModelDims(5, 4, 2, 1), output_size=1)
     batch = {"observed": torch.randn(4, 16, 5), "known": torch.randn(4, 17, 4),
              "symbol": torch.zeros(4, dtype=torch.int64), "target": torch.ones(4)}
     with caplog.at_level("WARNING"):

@@ -53,9 +53,30 @@ def test_default_yaml_is_exactly_the_builtin_defaults():
     assert load_config(REPO / "configs" / "default.yaml") == Config()
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "seed_original.yaml", "seed_v2_1.yaml"])
-def test_shipped_yamls_validate(name):
-    load_config(REPO / "configs" / name)
+SHIPPED = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "columns":
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_every_shipped_yaml_is_covered():
+    assert {"default.yaml", "seed_original.yaml", "seed_v2_1.yaml", "bench_matched.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_yamls_validate_and_keep_every_value_they_set(name):
+    """Every file in configs/ loads, and each value it writes is the value the config holds."""
+    written = _leaves(yaml.safe_load((REPO / "configs" / name).read_text()) or {})
+    loaded = _leaves(load_config(REPO / "configs" / name).model_dump(mode="json"))
+    assert written, name
+    assert {k: loaded[k] for k in written} == written
 
 
 def test_seed_presets_hold_the_seed_sizes():

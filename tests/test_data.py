@@ -20,7 +20,7 @@ def test_window_views_share_memory_with_the_base_array(bundle):
     base = split.arrays
     assert observed.untyped_storage().data_ptr() == base.observed.untyped_storage().data_ptr()
     assert known.untyped_storage().data_ptr() == base.known.untyped_storage().data_ptr()
-    assert observed.shape == (16, bundle.num_observed) and known.shape == (17, bundle.num_known)
+    assert observed.shape == (16, bundle.num_observed) and known.shape == (17, len(bundle.known_names))
     # a write through the base array is seen by the view: no copy was made
     end = int(split.sample_ends[5])
     base.observed[end, 0] += 1000.0
@@ -98,7 +98,7 @@ def test_scaler_uses_the_train_part_only(small_raw):
     other = build_data(cfg, shocked)
     assert reference.scaler["mean"] == other.scaler["mean"]
     assert reference.scaler["std"] == other.scaler["std"]
-    assert reference.target_std == other.target_std
+    assert reference.transform.target_std == other.transform.target_std
 
 
 def test_too_short_series_is_named_with_numbers(small_raw):
@@ -137,7 +137,7 @@ def test_targets_per_task(small_raw):
         target = split.arrays.target[split.sample_ends]
         raw = split.arrays.raw_return[split.sample_ends]
         if task == "regression":
-            torch.testing.assert_close(target, raw / data.target_std)
+            torch.testing.assert_close(target, raw / data.transform.target_std)
         elif task == "classification_binary":
             assert torch.equal(target, (raw > 0).float())
         else:

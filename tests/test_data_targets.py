@@ -51,8 +51,8 @@ def test_volatility_target_is_centred_and_scaled_on_train(small_raw):
     train = data.splits["train"]
     raw = train.arrays.raw_return[train.sample_ends].double()
     assert raw.min() > 0                                               # a volatility, not a return
-    assert data.target_mean == pytest.approx(float(raw.mean()), rel=1e-6)
-    assert data.target_std == pytest.approx(float(raw.std(unbiased=False)), rel=1e-5)
+    assert data.transform.target_mean == pytest.approx(float(raw.mean()), rel=1e-6)
+    assert data.transform.target_std == pytest.approx(float(raw.std(unbiased=False)), rel=1e-5)
     scaled = train.arrays.target[train.sample_ends]
     assert float(scaled.mean()) == pytest.approx(0.0, abs=1e-5) and float(scaled.std()) == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(ConfigError, match="data.target='volatility' needs task regression or quantile"):

@@ -31,6 +31,7 @@ def test_an_ensemble_of_five_scores_at_least_as_well_as_the_mean_member(tmp_path
     """
     import torch
 
+    from enhanced_tft import tasks
     from enhanced_tft.runs import RunFolder
     from enhanced_tft.train.ensemble import train_ensemble
     from enhanced_tft.train.precision import resolve_precision
@@ -46,7 +47,8 @@ def test_an_ensemble_of_five_scores_at_least_as_well_as_the_mean_member(tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # a model this small runs faster on one thread than on two that synchronise
     try:
-        summary = train_ensemble(cfg, build_data(cfg), cpu, resolve_precision("fp32", cpu), RunFolder.create(tmp_path))
+        summary = train_ensemble(cfg, tasks.for_config(cfg), build_data(cfg), cpu, resolve_precision("fp32", cpu),
+                                 RunFolder.create(tmp_path)).summary
     finally:
         torch.set_num_threads(threads)
     members = [m["test"] for m in summary["ensemble"]["members"]]

@@ -5,13 +5,22 @@ import torch
 
 from enhanced_tft.config import build_config
 from enhanced_tft.data.pipeline import build_data
-from enhanced_tft.interpret import accumulate_weights, attention_frame, importance_frames
-from enhanced_tft.model.tft import build_model
-from enhanced_tft.train.ensemble import model_dims
+from conftest import training_model
+from enhanced_tft import tasks
+from enhanced_tft.inference import infer
+from enhanced_tft.interpret import WeightSums, attention_frame, importance_frames
 from enhanced_tft.train.precision import resolve_precision
 
 CPU = torch.device("cpu")
 FP32 = resolve_precision("fp32", CPU)
+
+
+def accumulate_weights(model, split, num_symbols, device, policy, batch_size):
+    """The sums the test pass after training accumulates, chunk by chunk through inference.infer."""
+    sums = WeightSums.for_model(model, num_symbols, split.sequence_length + split.horizon)
+    for chunk in infer([model], tasks.BinaryClassification(), split, device, policy, batch_size, with_weights=True):
+        sums.add_chunk(chunk.outputs[0], chunk.symbol)
+    return sums
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +31,7 @@ def model_and_data():
     cfg = build_config(raw)
     data = build_data(cfg)
     torch.manual_seed(0)
-    return build_model(cfg, model_dims(data)).eval(), data
+    return training_model(cfg, data).eval(), data
 
 
 def test_means_over_batches_equal_the_mean_over_one_pass(model_and_data):
@@ -42,7 +51,7 @@ def test_means_over_batches_equal_the_mean_over_one_pass(model_and_data):
     mine = batch["symbol"] == 1
     expected = out.observed_weights[mine].double().mean(dim=(0, 1))
     torch.testing.assert_close(chunked.past_SF[1] / chunked.count_S[1], expected, atol=1e-7, rtol=1e-5)
-    expected_last = out.attention[1][:, :, -1, :].double().mean(dim=0)                # block 1: (heads, L)
+    expected_last = out.attention[1].double().mean(dim=0)                             # block 1: (heads, L)
     torch.testing.assert_close(chunked.attention_KhL[1] / len(split), expected_last, atol=1e-7, rtol=1e-5)
 
 

@@ -10,9 +10,8 @@ import torch
 from enhanced_tft.config import build_config
 from enhanced_tft.data import features
 from enhanced_tft.data.pipeline import build_data
-from enhanced_tft.model.tft import build_model
-from enhanced_tft.train.ensemble import model_dims
-from enhanced_tft.train.metrics import task_metrics
+from conftest import training_model
+from enhanced_tft import tasks
 from enhanced_tft.train.precision import resolve_precision
 from enhanced_tft.train.trainer import Trainer
 
@@ -42,10 +41,10 @@ def direction_skill(bars: pd.DataFrame) -> tuple[float, float, float]:
     cfg = build_config(RAW)
     data = build_data(cfg, bars)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(build_model(cfg, model_dims(data)), data, cfg, CPU, resolve_precision("fp32", CPU), seed=cfg.seed)
+    trainer = Trainer(training_model(cfg, data), data, cfg, CPU, resolve_precision("fp32", CPU), seed=cfg.seed)
     trainer.fit()
     test = trainer.evaluate("test")
-    metrics = task_metrics(cfg.task, test.prediction, test.target, test.raw_return, **data.target_scale())
+    metrics = tasks.for_config(cfg).metrics(test.prediction, test.target, test.raw_return, data.target_scale())
     majority, n = metrics["majority_rate"], metrics["num_samples"]
     return metrics["accuracy"], majority, (metrics["accuracy"] - majority) / math.sqrt(majority * (1 - majority) / n)
 

@@ -6,7 +6,7 @@ import torch
 
 from enhanced_tft.config import ConfigError, build_config
 from enhanced_tft.train.precision import resolve_precision
-from enhanced_tft.train.trainer import OutOfMemoryGiveUp
+from enhanced_tft.train.memory import OutOfMemoryGiveUp
 
 from test_trainer import CPU, make_trainer
 
@@ -177,8 +177,7 @@ def test_give_up_at_micro_batch_one_names_the_keys(small_raw):
 def test_no_live_tensor_growth_across_five_members(small_raw):
     """Five members in one process: after the first, the live tensors and their bytes stay flat."""
     from enhanced_tft.data.pipeline import build_data
-    from enhanced_tft.model.tft import build_model
-    from enhanced_tft.train.ensemble import model_dims
+    from conftest import training_model
     from enhanced_tft.train.memory import release_memory
     from enhanced_tft.train.trainer import Trainer
 
@@ -194,7 +193,7 @@ def test_no_live_tensor_growth_across_five_members(small_raw):
     counts = []
     for member in range(5):
         torch.manual_seed(member)
-        model = build_model(cfg, model_dims(data))
+        model = training_model(cfg, data)
         trainer = Trainer(model, data, cfg, CPU, resolve_precision("fp32", CPU), seed=member, member=member)
         try:
             trainer.fit()
@@ -225,6 +224,7 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
 
     from enhanced_tft.data.pipeline import build_data
     from enhanced_tft.runs import RunFolder
+    from enhanced_tft import tasks
     from enhanced_tft.train.ensemble import train_ensemble
 
     raw = _oom_raw(small_raw)
@@ -232,8 +232,8 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
     cfg = build_config(raw)
     data = build_data(cfg)
     run = RunFolder.create(tmp_path)
-    summary = train_ensemble(cfg, data, CPU, resolve_precision("fp32", CPU), run,
-                             fault_hook=InjectOOM({("train", 2, 0)}))
+    summary = train_ensemble(cfg, tasks.for_config(cfg), data, CPU, resolve_precision("fp32", CPU), run,
+                             fault_hook=InjectOOM({("train", 2, 0)})).summary
     members = summary["ensemble"]["members"]
     assert [m["oom_recoveries"] for m in members] == [1, 0]
     assert [m["micro_batch_size"] for m in members] == [8, 8]
@@ -245,7 +245,7 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
     def always(phase, step, index, indices):
         raise torch.OutOfMemoryError("injected")
     with pytest.raises(OutOfMemoryGiveUp, match=r"Last weights: .*member_0_step_000000000\.pt"):
-        train_ensemble(cfg, data, CPU, resolve_precision("fp32", CPU), run, fault_hook=always)
+        train_ensemble(cfg, tasks.for_config(cfg), data, CPU, resolve_precision("fp32", CPU), run, fault_hook=always)
     assert (run.path / "checkpoints" / "member_0_step_000000000.pt").is_file()
     saved = json.loads((run.path / "summary.json").read_text())
     assert saved["status"] == "out_of_memory" and "even at micro-batch 1" in saved["error"]

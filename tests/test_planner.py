@@ -2,9 +2,12 @@
 import json
 
 import pytest
+import torch
 
 from conftest import REPO, run_cli
+from enhanced_tft import tasks
 from enhanced_tft.config import build_config
+from enhanced_tft.model.build import build_model
 from enhanced_tft.plan_report import plan_dims
 from enhanced_tft.train.planner import _trace, fit_budget, parse_bytes
 
@@ -15,16 +18,35 @@ def plan_cfg(small_raw):
     return build_config(small_raw)
 
 
-def test_plan_agrees_with_a_real_step_measured_by_pytorch(plan_cfg):
-    """Within 5%: the real step runs under torch's own MemTracker, an instrument independent of the planner."""
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_plan_agrees_with_a_real_step_measured_by_pytorch(small_raw, dropout):
+    """Within 5%: the real step runs under torch's own MemTracker, an instrument independent of the planner,
+    with the CPU fast paths off as in the plan (dropout 0.1: both hold torch's dropout masks)."""
     import sys
     sys.path.insert(0, str(REPO / "benchmarks"))
     from plan_vs_measured import measure
-    dims = plan_dims(plan_cfg)
+    small_raw["model"].update(d_model=32, num_transformer_blocks=2, ff_dim=64, dropout_rate=dropout)
+    cfg = build_config(small_raw)
+    dims = plan_dims(cfg)
     for precision, checkpointing in [("fp32", "none"), ("bf16", "none"), ("fp32", "blocks")]:
-        planned = _trace(plan_cfg, dims, 32, precision, checkpointing).peak_bytes
-        measured = measure(plan_cfg, dims, 32, precision, checkpointing)
+        planned = _trace(cfg, dims, 32, precision, checkpointing).peak_bytes
+        measured = measure(cfg, dims, 32, precision, checkpointing)
         assert planned == pytest.approx(measured, rel=0.05), (precision, checkpointing)
+
+
+def test_the_plan_traces_the_gpu_step_with_the_fast_paths_off(small_raw):
+    """The CPU fast paths cannot run on fake tensors (numpy's mask needs a real seed): the planner switches
+    them off itself, so a model with dropout traces, while the same model with them on does not."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    small_raw["model"]["dropout_rate"] = 0.1
+    cfg = build_config(small_raw)
+    dims = plan_dims(cfg)
+    assert _trace(cfg, dims, 8, "fp32", "all").activations > 0
+    length = cfg.data.sequence_length
+    with FakeTensorMode(), pytest.raises(DataDependentOutputException):   # int() of a fake seed
+        model = build_model(cfg.model, dims, 1).train()                    # fast paths on: built for the CPU
+        model(torch.randn(2, length, dims.num_observed), torch.randn(2, length + dims.horizon, dims.num_known),
+              torch.zeros(2, dtype=torch.int64))
 
 
 def test_activations_are_linear_in_the_micro_batch_and_savers_save(plan_cfg):
@@ -43,8 +65,7 @@ def test_activations_are_linear_in_the_micro_batch_and_savers_save(plan_cfg):
 
 
 def _params(cfg, dims):
-    from enhanced_tft.model.tft import build_model
-    return list(build_model(cfg, dims).parameters())
+    return list(build_model(cfg.model, dims, tasks.for_config(cfg).output_size).parameters())
 
 
 def test_budget_fit_keeps_the_effective_batch_and_the_margin(plan_cfg):

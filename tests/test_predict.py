@@ -13,7 +13,7 @@ from conftest import run_cli
 from enhanced_tft.cli import main
 from enhanced_tft.data.synthetic import generate_bars
 from enhanced_tft.predict import TableWriter
-from enhanced_tft.train.metrics import task_metrics
+from enhanced_tft.tasks import BinaryClassification, TargetScale
 
 NUM_NEW_BARS = 120
 WARMUP = 31          # features.warmup_bars of the default lags and windows
@@ -40,8 +40,8 @@ def test_evaluate_and_predict_reproduce_the_summary_exactly(trained_run: Path, t
                                    "member_0_p_up", "member_1_p_up"]
     assert frame.p_up.dtype == np.float32 and len(frame) == summary["test"]["num_samples"]
     assert frame.groupby("symbol").timestamp.apply(lambda t: t.is_monotonic_increasing).all()
-    metrics = task_metrics("classification_binary", torch.tensor(frame.p_up.to_numpy()),
-                           torch.tensor(frame.label.to_numpy()), torch.tensor(frame.actual.to_numpy()), 1.0)
+    metrics = BinaryClassification().metrics(torch.tensor(frame.p_up.to_numpy()), torch.tensor(frame.label.to_numpy()),
+                                             torch.tensor(frame.actual.to_numpy()), TargetScale())
     assert metrics == summary["test"]
     # a second predict to the same file is refused, the file kept; --overwrite replaces it
     before = (tmp_path / "test.parquet").stat().st_mtime_ns

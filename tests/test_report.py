@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from enhanced_tft.train.metrics import task_metrics
+from enhanced_tft.tasks import BinaryClassification, TargetScale
 
 FIGURES = ("test metrics", "learning curves", "memory over time", "calibration", "variable importance",
            "variable importance by symbol", "attention by lag", "ensemble spread")
@@ -51,8 +51,8 @@ def test_test_predictions_reproduce_the_summary(trained_run: Path):
     assert frame.p_up_spread.to_numpy() == pytest.approx(abs(members[:, 0] - members[:, 1]) / 2, abs=1e-7)
     assert (frame["class"] == (frame.p_up > 0.5)).all()
     # the CSV holds 8 significant digits: metrics from it equal the summary's to that precision
-    metrics = task_metrics("classification_binary", torch.tensor(frame.p_up.to_numpy()), torch.tensor(frame.label),
-                           torch.tensor(frame.actual.to_numpy()), 1.0)
+    metrics = BinaryClassification().metrics(torch.tensor(frame.p_up.to_numpy()), torch.tensor(frame.label),
+                                             torch.tensor(frame.actual.to_numpy()), TargetScale())
     assert metrics == pytest.approx(summary["test"], abs=1e-6)
 
 

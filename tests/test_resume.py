@@ -5,8 +5,7 @@ import pickle
 import pytest
 import torch
 
-from enhanced_tft.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from enhanced_tft.train.ensemble import CheckpointRotation
+from enhanced_tft.runs import CheckpointError, RunFolder, load_checkpoint, save_checkpoint
 from enhanced_tft.train.resume import NonFiniteGiveUp
 
 from test_trainer import make_trainer
@@ -61,13 +60,13 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_with_identical_weights(resume_r
 def test_nan_steps_are_skipped_and_counted(resume_raw, caplog):
     resume_raw["model"]["dropout_rate"] = 0.0
     trainer, _ = make_trainer(resume_raw)
-    original = trainer.model.head.loss
+    original = trainer.task.loss
     poisoned = {2, 3}
 
     def loss(output, target):
         values = original(output, target)
         return values * float("nan") if trainer.global_step in poisoned else values
-    trainer.model.head.loss = loss
+    trainer.task.loss = loss
     before = None
     with caplog.at_level("WARNING"):
         for _ in range(4):   # steps 0..3 by hand: the weights must not move on the poisoned ones
@@ -81,7 +80,7 @@ def test_nan_steps_are_skipped_and_counted(resume_raw, caplog):
         assert torch.equal(weight, before[name]), name
     assert trainer.progress.nonfinite_steps == 2 and trainer.skipped_steps == 2
     assert "NaN/inf loss or gradient, step skipped (2 in a row, 2 in all)" in caplog.text
-    trainer.model.head.loss = original
+    trainer.task.loss = original
     trainer.fit()
     assert trainer.progress.nonfinite_in_a_row == 0
 
@@ -89,8 +88,8 @@ def test_nan_steps_are_skipped_and_counted(resume_raw, caplog):
 def test_nan_every_step_stops_the_run_with_advice(resume_raw):
     resume_raw["train"]["max_nonfinite_steps"] = 3
     trainer, _ = make_trainer(resume_raw)
-    original = trainer.model.head.loss
-    trainer.model.head.loss = lambda output, target: original(output, target) * float("inf")
+    original = trainer.task.loss
+    trainer.task.loss = lambda output, target: original(output, target) * float("inf")
     with pytest.raises(NonFiniteGiveUp, match="3 optimizer steps in a row had NaN/inf") as err:
         trainer.fit()
     assert "train.learning_rate" in str(err.value)
@@ -114,25 +113,26 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
 
 def test_a_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "member_0_step_000000004.pt"
-    save_atomic({"w": torch.ones(3)}, path)
+    save_checkpoint({"w": torch.ones(3)}, path)
 
     def broken_save(obj, handle, *args, **kwargs):
         handle.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="No space left"):
-        save_atomic({"w": torch.zeros(3)}, path)
+        save_checkpoint({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]   # no temp file left behind
 
 
 def test_rotation_keeps_the_newest(tmp_path):
-    rotation = CheckpointRotation(tmp_path, member=1, keep=2)
+    run = RunFolder.create(tmp_path)
     for step in (3, 10, 7, 12):
-        rotation.save({"global_step": step, "w": torch.tensor([step])})
-    assert [p.name for p in rotation.files()] == ["member_1_step_000000010.pt", "member_1_step_000000012.pt"]
-    assert rotation.latest().name == "member_1_step_000000012.pt"
+        run.save_step_checkpoint(1, {"global_step": step, "w": torch.tensor([step])}, keep=2)
+    assert [p.name for p in run.step_checkpoints(1)] == ["member_1_step_000000010.pt", "member_1_step_000000012.pt"]
+    assert run.latest_step_checkpoint(1).name == "member_1_step_000000012.pt"
+    assert run.step_checkpoints(0) == [] and run.latest_step_checkpoint(0) is None
 
 
 # --- the real CLI: kill -9 and SIGTERM, then --resume ------------------------------------------------

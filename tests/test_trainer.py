@@ -5,9 +5,8 @@ import torch
 
 from enhanced_tft.config import build_config
 from enhanced_tft.data.pipeline import build_data
-from enhanced_tft.model.tft import build_model
-from enhanced_tft.train.ensemble import model_dims
-from enhanced_tft.train.metrics import task_metrics
+from conftest import training_model
+from enhanced_tft.tasks import BinaryClassification, TargetScale
 from enhanced_tft.train.precision import resolve_precision
 from enhanced_tft.train.optim import lr_lambda
 from enhanced_tft.train.trainer import Trainer
@@ -19,7 +18,7 @@ def make_trainer(raw: dict, data=None, seed: int | None = None):
     cfg = build_config(raw)
     data = data or build_data(cfg)
     torch.manual_seed(cfg.seed if seed is None else seed)
-    model = build_model(cfg, model_dims(data))
+    model = training_model(cfg, data)
     return Trainer(model, data, cfg, CPU, resolve_precision("fp32", CPU), seed=cfg.seed), data
 
 
@@ -80,7 +79,7 @@ def test_binary_classifier_beats_the_majority_rate_on_planted_signal():
     trainer, data = make_trainer(raw)
     trainer.fit()
     test = trainer.evaluate("test")
-    metrics = task_metrics("classification_binary", test.prediction, test.target, test.raw_return, data.target_std)
+    metrics = BinaryClassification().metrics(test.prediction, test.target, test.raw_return, data.target_scale())
     assert metrics["num_samples"] > 900
     # oracle is 0.600; the majority rate is about 0.5; need at least +5 points
     assert metrics["accuracy"] >= metrics["majority_rate"] + 0.05, metrics

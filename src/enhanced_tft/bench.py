@@ -31,16 +31,17 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, update
-from .data.pipeline import DataBundle, build_data
+from . import tasks
+from .config import Config, UserError, update
 from .data import features
+from .data.pipeline import DataBundle, build_data
 from .data.windows import WindowSet
-from .model.tft import build_model
-from .train.precision import PrecisionPolicy, resolve_precision
+from .inference import forward_chunk
+from .model.build import dims_for
 from .train.compile import apply_compile
 from .train.planner import StorageTracker
-from .train.ensemble import model_dims
-from .train.trainer import Trainer
+from .train.precision import PrecisionPolicy, resolve_precision
+from .train.trainer import Trainer, build_training_model
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def with_observed_features(cfg: Config, num_features: int | None) -> Config:
         return cfg
     made = len(features.observed_feature_names(cfg.data.return_lags, cfg.data.volatility_windows))
     if num_features < made:
-        raise ValueError(f"--num_features={num_features}; allowed: at least {made}, the features the pipeline makes "
+        raise UserError(f"--num_features={num_features}; allowed: at least {made}, the features the pipeline makes "
                          "from OHLCV bars with this config's return_lags and volatility_windows")
     return update(cfg, data={"num_extra_features": num_features - made})
 
@@ -183,11 +184,12 @@ def bench_row(name: str, cfg: Config, data: DataBundle, precision: str, device: 
     policy: PrecisionPolicy = resolve_precision(precision, device)
     cfg = update(cfg, train={"mixed_precision": policy.name, "max_steps_per_epoch": None})
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, model_dims(data)).to(device)
+    task = tasks.for_config(cfg)
+    model = build_training_model(cfg, task, dims_for(data.transform), device)
     split = data.splits["train"]
     trial = {k: v.to(device) for k, v in split.batch(torch.arange(cfg.train.batch_size)).items()}
     compiled = apply_compile(model, cfg.train.compile, trial, policy.autocast)
-    trainer = Trainer(model, data, cfg, device, policy, seed=cfg.seed)
+    trainer = Trainer(model, data, cfg, device, policy, seed=cfg.seed, task=task)
     effective = trainer.effective_batch_size
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(cfg.seed))
     num_windows = max(1, len(split) // effective)
@@ -208,7 +210,7 @@ def bench_row(name: str, cfg: Config, data: DataBundle, precision: str, device: 
         def forward_loss() -> torch.Tensor:
             with policy.autocast():
                 output = model(batch["observed"], batch["known"], batch["symbol"]).output
-            return model.head.loss(output, batch["target"]).sum()
+            return task.loss(output, batch["target"]).sum()
 
         saved = saved_bytes(model, forward_loss, micro.numel())
         params = sum(p.numel() for p in model.parameters())
@@ -219,7 +221,7 @@ def bench_row(name: str, cfg: Config, data: DataBundle, precision: str, device: 
         train_rates, steps = _timed_repeats(train_step, effective, settings, settings.seconds_per_repeat, device,
                                             settings.warmup_steps)
         say(f"{name} F{data.num_observed} {policy.name}: inference speed")
-        infer_rates = _infer_rates(model, data, policy, trainer.eval_batch_size, device, settings)
+        infer_rates = _infer_rates(model, task, data, policy, trainer.eval_batch_size, device, settings)
     finally:
         trainer.close()
     row = BenchRow(
@@ -236,9 +238,10 @@ def bench_row(name: str, cfg: Config, data: DataBundle, precision: str, device: 
     return row
 
 
-def _infer_rates(model, data: DataBundle, policy: PrecisionPolicy, batch_size: int, device: torch.device,
-                 settings: BenchSettings) -> list[float]:
-    """Forward + prediction over validation windows in chunks of `batch_size`, as Trainer.evaluate runs them."""
+def _infer_rates(model, task: tasks.Task, data: DataBundle, policy: PrecisionPolicy, batch_size: int,
+                 device: torch.device, settings: BenchSettings) -> list[float]:
+    """Forward + prediction over validation windows in chunks of `batch_size`: inference.forward_chunk, what
+    every inference pass runs."""
     split = data.splits["val"]
     chunks = list(split.all_indices().split(batch_size))
     if len(chunks) > 1 and chunks[-1].numel() < batch_size:
@@ -249,10 +252,7 @@ def _infer_rates(model, data: DataBundle, policy: PrecisionPolicy, batch_size: i
     def infer_once() -> None:
         chunk = chunks[position[0] % len(chunks)]
         position[0] += 1
-        batch = {k: v.to(device, non_blocking=True) for k, v in split.batch(chunk).items()}
-        with torch.inference_mode(), policy.autocast():
-            output = model(batch["observed"], batch["known"], batch["symbol"]).output
-            model.head.predict(output)
+        forward_chunk([model], task, split, chunk, device, policy)
 
     rates, _ = _timed_repeats(infer_once, chunks[0].numel(), settings, settings.infer_seconds, device, 2)
     return rates
@@ -288,15 +288,15 @@ def write_json(rows: list[BenchRow], target: str) -> None:
 def validate_request(num_features: list[int] | None, precisions: list[str], settings: BenchSettings) -> None:
     for n in num_features or []:
         if n < 1:
-            raise ValueError(f"--num_features={n}; allowed: integers >= 1")
+            raise UserError(f"--num_features={n}; allowed: integers >= 1")
     for p in precisions:
         if p not in PRECISION_CHOICES:
-            raise ValueError(f"--precision={p!r}; allowed: {', '.join(PRECISION_CHOICES)}")
+            raise UserError(f"--precision={p!r}; allowed: {', '.join(PRECISION_CHOICES)}")
     if settings.repeats < 1 or settings.warmup_steps < 0 or not settings.seconds_per_repeat > 0:
-        raise ValueError(f"--repeats={settings.repeats}, --warmup={settings.warmup_steps}, --seconds="
+        raise UserError(f"--repeats={settings.repeats}, --warmup={settings.warmup_steps}, --seconds="
                          f"{settings.seconds_per_repeat}; allowed: repeats >= 1, warmup >= 0, seconds > 0")
     if not math.isfinite(settings.seconds_per_repeat):
-        raise ValueError("--seconds must be finite")
+        raise UserError("--seconds must be finite")
 
 
 def run_bench(configs: list[tuple[str, Config]], num_features: list[int] | None, precisions: list[str],

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from .config import UserError
 
 log = logging.getLogger("enhanced_tft.bench")
 
@@ -47,7 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(repeats=args.repeats, warmup_steps=args.warmup, seconds_per_repeat=args.seconds)
     validate_request(args.num_features, args.precision, settings)
     if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads={args.threads}; allowed: an integer >= 1")
+        raise UserError(f"--threads={args.threads}; allowed: an integer >= 1")
 
     from .bench import format_table, run_bench, write_json
     from .threads import configure_threads

@@ -12,9 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TASKS = ("regression", "quantile", "classification_binary", "classification_multiclass")
-Task = Literal["regression", "quantile", "classification_binary", "classification_multiclass"]
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+from . import tasks
+
 FILE_COLUMNS = ("timestamp", "symbol", "open", "high", "low", "close", "volume", "adj_close")
 
 
@@ -32,7 +31,15 @@ def _load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input the user must change (config, flags, files, checkpoints): `etft` prints the message and exits 2.
+
+    Any other exception is an internal error: it keeps its traceback (exit 1). A ValueError subclass so that
+    code catching ValueError around input parsing keeps working.
+    """
+
+
+class ConfigError(UserError):
     """A config value the user must change; the message names key, value and what is allowed."""
 
 
@@ -242,20 +249,25 @@ class RunConfig(_Section):
 
 
 class Config(_Section):
-    task: Task = Field("classification_binary", description=f"one of {', '.join(TASKS)}")
+    task: str = Field("classification_binary", description="one of the registered tasks (enhanced_tft.tasks): "
+                                                           + ", ".join(tasks.names()))
     seed: int = Field(42, description="seed of data order, initialisation and dropout")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        tasks.get(value)   # raises, naming the registered tasks
+        return value
+
     @model_validator(mode="after")
     def _target_fits_task(self) -> "Config":
-        if self.data.target == "volatility" and self.task not in ("regression", "quantile"):
-            raise ValueError(f"data.target='volatility' needs task regression or quantile, not {self.task!r}")
-        if self.data.binary_dead_zone and self.task != "classification_binary":
-            raise ValueError(f"data.binary_dead_zone={self.data.binary_dead_zone:g} applies to task "
-                             f"classification_binary only, not {self.task!r}; set it to 0")
+        problem = tasks.get(self.task).check_data(self.data.target, self.data.binary_dead_zone)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -350,9 +362,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then each `section.key=value` override, validated once."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                test_mode: bool = False) -> Config:
+    """Defaults, then the YAML file, then --test_mode's sizes, then each `section.key=value` override."""
     raw: dict[str, Any] = load_yaml(path) if path else {}
+    if test_mode:   # before the overrides: a user's --set wins over the smoke run's sizes
+        raw = apply_test_mode(build_config(raw)).model_dump(mode="json")
     for assignment in overrides or []:
         apply_override(raw, assignment)
     return build_config(raw)
@@ -387,3 +402,35 @@ def apply_test_mode(cfg: Config) -> Config:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# what may change when a stopped run resumes: nothing that would change what was trained
+SAFE_RESUME_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.log_every_steps",
+                       "train.checkpoint_every_steps", "train.keep_checkpoints", "train.max_nonfinite_steps")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "columns":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_config(saved: Config, overrides: list[str]) -> tuple[Config, list[str]]:
+    """A stopped run's config with `overrides` applied, and the keys they changed; refuses any change outside
+    SAFE_RESUME_CHANGES, listing each with its old and new value."""
+    raw = saved.model_dump(mode="json")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = build_config(raw)
+    before, after = _flatten(saved.model_dump(mode="json")), _flatten(cfg.model_dump(mode="json"))
+    changed = [k for k in after if before.get(k) != after[k]]
+    unsafe = [k for k in changed if k not in SAFE_RESUME_CHANGES]
+    if unsafe:
+        listing = "; ".join(f"{k}: {before.get(k)!r} -> {after[k]!r}" for k in unsafe)
+        raise ConfigError(f"--resume: the config differs from the run's in a way that would change what was "
+                          f"trained ({listing}); allowed changes: {', '.join(SAFE_RESUME_CHANGES)}")
+    return cfg, changed

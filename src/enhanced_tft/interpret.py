@@ -9,26 +9,15 @@ F_past = observed + known variables (past selection), F_known known variables (f
 """
 from __future__ import annotations
 
-import gc
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
 
-from .config import Config
-from .data.pipeline import DataBundle
-from .data.windows import WindowSet
-from .model.tft import EnhancedTFT
-from .train.ensemble import load_member, model_dims
-from .train.precision import PrecisionPolicy
+from .model.tft import TFTOutput
 
 log = logging.getLogger(__name__)
-
-IMPORTANCE_CSV = "variable_importance.csv"
-IMPORTANCE_BY_SYMBOL_CSV = "variable_importance_by_symbol.csv"
-ATTENTION_CSV = "attention_by_lag.csv"
 
 
 @dataclass
@@ -47,54 +36,39 @@ class WeightSums:
         return cls(z(num_symbols, num_past), z(num_symbols, num_known), z(num_symbols),
                    z(num_blocks, num_heads, length))
 
+    @classmethod
+    def for_model(cls, model, num_symbols: int, length: int) -> "WeightSums":
+        dims = model.dims
+        return cls.zeros(num_symbols, dims.num_observed + dims.num_known, dims.num_known, len(model.blocks),
+                         model.blocks[0].num_heads, length)
+
+    def add_chunk(self, out: TFTOutput, symbol_B: torch.Tensor) -> None:
+        """One chunk's weights (inference.infer with_weights) into the sums."""
+        self.past_SF.index_add_(0, symbol_B, out.observed_weights.double().mean(dim=1).cpu())      # (B, F_past)
+        self.future_SF.index_add_(0, symbol_B, out.future_weights.double().mean(dim=1).cpu())      # (B, F_known)
+        self.count_S.index_add_(0, symbol_B, torch.ones(len(symbol_B), dtype=torch.float64))
+        # the head reads the last position only: its attention row says which lags feed the forecast
+        self.attention_KhL.add_(torch.stack([w.double().sum(dim=0) for w in out.attention]).cpu())
+
     def add(self, other: "WeightSums") -> None:
         for name in ("past_SF", "future_SF", "count_S", "attention_KhL"):
             getattr(self, name).add_(getattr(other, name))
         self.passes += other.passes
 
+    def to_dict(self) -> dict:
+        return asdict(self)
 
-@torch.no_grad()
-def accumulate_weights(model: EnhancedTFT, split: WindowSet, num_symbols: int, device: torch.device,
-                       policy: PrecisionPolicy, batch_size: int) -> WeightSums:
-    """One pass over `split` with weights returned; a batch that runs out of memory is redone at half size."""
-    model.eval()
-    blocks = len(model.blocks)
-    heads = model.blocks[0].num_heads
-    length = split.sequence_length + split.horizon
-    sums = WeightSums.zeros(num_symbols, model.dims.num_observed + model.dims.num_known, model.dims.num_known,
-                            blocks, heads, length)
-    indices = split.all_indices()
-    position = 0
-    while position < len(split):
-        chunk = indices[position:position + batch_size]
-        try:
-            batch = split.batch(chunk)
-            symbol_B = batch["symbol"]
-            with policy.autocast():
-                out = model(batch["observed"].to(device), batch["known"].to(device), symbol_B.to(device),
-                            return_weights=True)
-            past_BF = out.observed_weights.double().mean(dim=1).cpu()                  # (B, F_past)
-            future_BF = out.future_weights.double().mean(dim=1).cpu()                  # (B, F_known)
-            # the head reads the last position only: its attention row says which lags feed the forecast
-            last_KhL = torch.stack([w[:, :, -1, :].double().sum(dim=0) for w in out.attention]).cpu()
-        except torch.OutOfMemoryError:
-            pass   # leave the except block first so that the traceback's tensors are freed
-        else:
-            sums.past_SF.index_add_(0, symbol_B, past_BF)
-            sums.future_SF.index_add_(0, symbol_B, future_BF)
-            sums.count_S.index_add_(0, symbol_B, torch.ones(len(symbol_B), dtype=torch.float64))
-            sums.attention_KhL.add_(last_KhL)
-            position += chunk.numel()
-            continue
-        out = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if batch_size <= 1:
-            raise torch.OutOfMemoryError("out of memory computing attention weights for one sample")
-        batch_size //= 2
-        log.warning("out of memory computing selection and attention weights: batch -> %d", batch_size)
-    return sums
+    @classmethod
+    def from_dict(cls, state: dict) -> "WeightSums":
+        return cls(**state)
+
+
+def total(sums: list[WeightSums]) -> WeightSums:
+    """The members' sums added up (each sample counted once per member)."""
+    out = WeightSums(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in asdict(sums[0]).items()})
+    for more in sums[1:]:
+        out.add(more)
+    return out
 
 
 def importance_frames(sums: WeightSums, observed_names: list[str], known_names: list[str],
@@ -142,27 +116,11 @@ def attention_frame(sums: WeightSums, sequence_length: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_interpretation(run_path: Path, cfg: Config, data: DataBundle, device: torch.device,
-                         policy: PrecisionPolicy, split_name: str = "test") -> dict[str, Path]:
-    """Variable importance (overall, per symbol) and attention by lag of every member, as CSV in the run folder."""
-    split = data.splits[split_name]
-    total: WeightSums | None = None
-    for member in range(cfg.train.ensemble_size):
-        model = load_member(cfg, model_dims(data), run_path / "checkpoints" / f"member_{member}_best.pt", device)
-        sums = accumulate_weights(model, split, len(data.symbols), device, policy, 2 * cfg.train.batch_size)
-        del model
-        if total is None:
-            total = sums
-        else:
-            total.add(sums)
-    overall, by_symbol = importance_frames(total, data.observed_names, data.known_names, data.symbols)
-    attention = attention_frame(total, split.sequence_length)
-    paths = {"importance": run_path / IMPORTANCE_CSV, "importance_by_symbol": run_path / IMPORTANCE_BY_SYMBOL_CSV,
-             "attention": run_path / ATTENTION_CSV}
-    overall.to_csv(paths["importance"], index=False, float_format="%.6g")
-    by_symbol.to_csv(paths["importance_by_symbol"], index=False, float_format="%.6g")
-    attention.to_csv(paths["attention"], index=False, float_format="%.6g")
+def interpretation_frames(sums: WeightSums, transform, sequence_length: int) -> dict[str, pd.DataFrame]:
+    """The run folder's interpretation tables: importance overall and by symbol, attention by lag."""
+    overall, by_symbol = importance_frames(sums, transform.features, transform.known_features, transform.symbols)
     top = overall[overall.selection == "past"].head(3)
-    log.info("variable importance on the %s split (%d member(s)): %s", split_name, cfg.train.ensemble_size,
+    log.info("variable importance on the test split (%d member(s)): %s", sums.passes,
              ", ".join(f"{r.variable} {r.importance:.3f}" for r in top.itertuples()))
-    return paths
+    return {"importance": overall, "importance_by_symbol": by_symbol,
+            "attention": attention_frame(sums, sequence_length)}

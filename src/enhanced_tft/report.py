@@ -9,23 +9,15 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from .runs import write_text_atomic
+from . import tasks
+from .config import UserError
+from .evaluation import mean_of
+from .runs import (ATTENTION_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV, PREDICTIONS_TEST_CSV,
+                   REPORT_HTML, SCALER_JSON, SUMMARY_JSON, RunFolder)
 
 log = logging.getLogger(__name__)
-
-REPORT_HTML = "report.html"
-PREDICTIONS_TEST_CSV = "predictions_test.csv"
-MAIN_METRIC = {"classification_binary": "auc", "classification_multiclass": "auc", "regression": "mae",
-               "quantile": "quantile_loss"}
-PROBABILITIES = {"classification_binary": ["p_up"], "classification_multiclass": ["p_down", "p_flat", "p_up"]}
-SPREAD = {"classification_binary": ("p_up_spread", "std of the members' P(up)"),
-          "classification_multiclass": ("p_up_spread", "std of the members' P(up)"),
-          "regression": ("value_spread", "std of the members' predicted log return"),
-          "quantile": ("p50_spread", "std of the members' predicted median log return")}
-_SPLIT_STATS = ("num_samples", "up_rate", "majority_rate")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1140px; color: #222; }
@@ -41,27 +33,23 @@ class RunFiles:
     """What a report reads from a run folder, each file optional except summary.json."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        summary = self.path / "summary.json"
-        if not summary.is_file():
-            raise ValueError(f"--run {str(self.path)!r} has no summary.json: not a finished run folder "
-                             "(a folder like logs/training_20261128_101500)")
-        self.summary = json.loads(summary.read_text())
+        self.folder = RunFolder(path)
+        self.path = self.folder.path
+        if self.folder.missing(SUMMARY_JSON):
+            raise UserError(f"--run {str(self.path)!r} has no {SUMMARY_JSON}: not a finished run folder "
+                              "(a folder like logs/training_20261128_101500)")
+        self.summary = self.folder.read_json(SUMMARY_JSON)
+        self.task = tasks.REGISTRY.get(self.summary.get("task"))   # None: a task this version does not know
 
     def text(self, name: str) -> str | None:
-        file = self.path / name
-        return file.read_text() if file.is_file() else None
+        return self.folder.read_text(name)
 
     def csv(self, name: str) -> pd.DataFrame | None:
-        file = self.path / name
+        file = self.folder.file(name)
         return pd.read_csv(file) if file.is_file() else None
 
     def metrics(self) -> pd.DataFrame:
-        file = self.path / "metrics.jsonl"
-        if not file.is_file():
-            return pd.DataFrame()
-        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        return pd.DataFrame(records)
+        return pd.DataFrame(self.folder.metrics_records())
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -92,9 +80,7 @@ def _note(text: str) -> str:
 
 def _mean_member(summary: dict) -> dict[str, float]:
     members = summary.get("ensemble", {}).get("members", [])
-    if len(members) < 2:
-        return {}
-    return {k: float(np.mean([m["test"][k] for m in members])) for k in members[0]["test"]}
+    return mean_of([m["test"] for m in members], members[0]["test"]) if len(members) > 1 else {}
 
 
 def section_overview(run: RunFiles) -> str:
@@ -121,12 +107,11 @@ def section_data(run: RunFiles) -> str:
             ["samples (windows)", ", ".join(f"{k} {v:,}" for k, v in samples.items())],
             ["observed features", ", ".join(data["observed_features"])],
             ["known features", ", ".join(data["known_features"])]]
-    scaler = json.loads(run.text("scaler.json") or "{}")
+    scaler = json.loads(run.text(SCALER_JSON) or "{}")
     if "target_std" in scaler:
         target = "forward realized volatility" if data.get("target") == "volatility" else "forward log return"
         rows.append([f"train std of the target ({target})", f"{scaler['target_std']:.6f}"])
-    if run.summary.get("task") == "classification_multiclass" and "dead_zone" in scaler:
-        rows.append(["flat class: |log return| at most", f"{scaler['dead_zone']:.6f}"])
+    rows += [list(row) for row in (run.task().data_notes(scaler) if run.task else [])]
     return "<h2>Data</h2>" + _key_values(rows)
 
 
@@ -136,14 +121,15 @@ def section_metrics(run: RunFiles) -> str:
     if "test" not in s:
         return "<h2>Test metrics</h2>" + _note("no test metrics: the run did not finish.")
     test, baseline, mean_member = s["test"], s["baseline"], _mean_member(s)
-    keys = [k for k in test if k not in _SPLIT_STATS and k in baseline]
+    keys = [k for k in test if k not in tasks.SPLIT_STATS and k in baseline]
     label = "ensemble" if s["ensemble"]["size"] > 1 else "model"
     header = ["metric", label] + (["mean member"] if mean_member else []) + ["naive baseline"]
     rows = [[k, test[k]] + ([mean_member[k]] if mean_member else []) + [baseline[k]] for k in keys]
     png = plots.metrics_bars([(k, test[k], mean_member.get(k), baseline[k]) for k in keys], label)
     text = f"{test['num_samples']:,} test samples; baseline: {baseline['rule']}."
-    if "majority_rate" in test:
-        text += f" Test split: {test['up_rate']:.1%} up bars, majority-class rate {test['majority_rate']:.1%}."
+    note = run.task().split_note(test) if run.task else ""
+    if note:
+        text += f" Test split: {note}."
     return "<h2>Test metrics</h2>" + _note(text) + _table(header, rows) + _img(png, "test metrics")
 
 
@@ -171,7 +157,7 @@ def section_training(run: RunFiles) -> str:
     metrics["x"], metrics["progress"], member_starts = _place(metrics, run.summary)
     epochs = metrics[metrics.kind == "epoch"]
     windows = metrics[metrics.kind == "window"]
-    val_metric = f"val/{MAIN_METRIC.get(run.summary.get('task'), '')}"
+    val_metric = f"val/{run.task.main_metric if run.task else ''}"
     out = "<h2>Learning curves</h2>" + _img(plots.learning_curves(
         epochs, windows, val_metric if val_metric in epochs else None), "learning curves")
     series = {"memory/peak_allocated_bytes": "peak allocated (CUDA)", "memory/peak_reserved_bytes": "peak reserved (CUDA)",
@@ -186,10 +172,9 @@ def section_training(run: RunFiles) -> str:
 
 def section_calibration(run: RunFiles, predictions: pd.DataFrame | None) -> str:
     from . import report_plots as plots
-    task = run.summary.get("task")
-    columns = PROBABILITIES.get(task)
-    if columns is None:
+    if run.task is None or not run.task.probabilities:
         return ""
+    columns = run.task.columns
     if predictions is None:
         return "<h2>Calibration</h2>" + _note(f"{PREDICTIONS_TEST_CSV} is missing.")
     png = plots.calibration({c: predictions[c].to_numpy() for c in columns}, predictions["label"].to_numpy())
@@ -201,20 +186,20 @@ def section_calibration(run: RunFiles, predictions: pd.DataFrame | None) -> str:
 def section_interpretation(run: RunFiles) -> str:
     from . import report_plots as plots
     out = "<h2>Variable importance</h2>"
-    importance = run.csv("variable_importance.csv")
+    importance = run.csv(IMPORTANCE_CSV)
     if importance is None:
-        out += _note("variable_importance.csv is missing.")
+        out += _note(f"{IMPORTANCE_CSV} is missing.")
     else:
         out += _img(plots.variable_importance(importance), "variable importance")
         out += _note("Mean softmax weight the variable selection networks give each input on the test split, "
                      "averaged over samples and members.")
-        by_symbol = run.csv("variable_importance_by_symbol.csv")
+        by_symbol = run.csv(IMPORTANCE_BY_SYMBOL_CSV)
         if by_symbol is not None and by_symbol["symbol"].nunique() <= 60:
             out += _img(plots.importance_by_symbol(by_symbol), "variable importance by symbol")
     out += "<h2>Attention by lag</h2>"
-    attention = run.csv("attention_by_lag.csv")
+    attention = run.csv(ATTENTION_CSV)
     if attention is None:
-        return out + _note("attention_by_lag.csv is missing.")
+        return out + _note(f"{ATTENTION_CSV} is missing.")
     out += _img(plots.attention_by_lag(attention), "attention by lag")
     return out + _note("Attention weights of the position the head reads (the last of the horizon) over the "
                        "window, mean over heads, test samples and members.")
@@ -224,23 +209,22 @@ def section_ensemble(run: RunFiles, predictions: pd.DataFrame | None) -> str:
     from . import report_plots as plots
     s = run.summary
     members = s.get("ensemble", {}).get("members", [])
-    if len(members) < 2 or "test" not in s:
+    if len(members) < 2 or "test" not in s or run.task is None:
         return "<h2>Ensemble</h2>" + _note("One member: no ensemble spread (train with --ensemble_size N).")
-    task = s["task"]
-    metric = MAIN_METRIC[task]
-    column, label = SPREAD[task]
+    metric = run.task.main_metric
+    column, label = run.task.spread
     spread = predictions[column].to_numpy() if predictions is not None and column in predictions else None
     png = plots.ensemble_spread(metric, [m["test"][metric] for m in members], s["test"][metric], spread, label)
-    keys = [k for k in s["test"] if k not in _SPLIT_STATS]
+    keys = [k for k in s["test"] if k not in tasks.SPLIT_STATS]
     rows = [[f"member {m['member']} (seed {m['seed']})"] + [m["test"][k] for k in keys] for m in members]
     rows.append(["ensemble (mean of member predictions)"] + [s["test"][k] for k in keys])
     return "<h2>Ensemble</h2>" + _table(["", *keys], rows) + _img(png, "ensemble spread")
 
 
 def section_config(run: RunFiles) -> str:
-    text = run.text("config.yaml")
+    text = run.text(CONFIG_YAML)
     if text is None:
-        return "<h2>Config</h2>" + _note("config.yaml is missing.")
+        return "<h2>Config</h2>" + _note(f"{CONFIG_YAML} is missing.")
     return f"<h2>Config</h2><details><summary>config.yaml (what ran)</summary><pre>{html.escape(text)}</pre></details>"
 
 
@@ -258,7 +242,6 @@ def build_report(run_path: str | Path) -> str:
 
 def write_report(run_path: str | Path) -> Path:
     """Build report.html in the run folder (written whole: a reader never sees half a page)."""
-    path = Path(run_path) / REPORT_HTML
-    write_text_atomic(path, build_report(run_path))
+    path = RunFolder(run_path).write_text(REPORT_HTML, build_report(run_path))
     log.info("report: %s", path)
     return path

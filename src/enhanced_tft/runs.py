@@ -1,34 +1,108 @@
-"""The run folder of the seed's layout: logs/training_<timestamp>/ with training.log, config.yaml,
-metrics.jsonl, summary.json and checkpoints/. Files are written whole (temp + rename) or appended."""
+"""The run folder: logs/training_<timestamp>/ and every file in it. This module alone names those files,
+and every write into it goes through one atomic writer (temp file, fsync, rename, fsync of the folder):
+a reader sees the old file or the new one, never half of one, and a crash leaves no half file.
+
+torch is imported inside the functions that need it: the CLI creates folders and logs before torch loads.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from .config import UserError
 
 LOGGER_NAME = "enhanced_tft"
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
+# the files of a run folder (README: "The run folder")
+TRAINING_LOG = "training.log"
+CONFIG_YAML = "config.yaml"
+METRICS_JSONL = "metrics.jsonl"
+SUMMARY_JSON = "summary.json"
+SCALER_JSON = "scaler.json"
+CHECKPOINTS = "checkpoints"
+IMPORTANCE_CSV = "variable_importance.csv"
+IMPORTANCE_BY_SYMBOL_CSV = "variable_importance_by_symbol.csv"
+ATTENTION_CSV = "attention_by_lag.csv"
+PREDICTIONS_TEST_CSV = "predictions_test.csv"
+PREDICTIONS_DEFAULT = "predictions.parquet"   # etft predict without --out
+REPORT_HTML = "report.html"
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file, fsync, rename: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: the folder's entry is written with the folder)."""
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return   # a platform without folder handles: the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` with the same ending; on success it is fsync'd and renamed over
+    `path`, and the folder fsync'd. On an error the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp.{path.name}")   # same ending: writers that pick a format from it still can
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> None:
+    """torch.save through the atomic writer: a crash never leaves half a checkpoint."""
+    import torch
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: unreadable, truncated, holding more than tensors and plain data, or
+    weights of another model."""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint; weights_only refuses anything but tensors and plain containers: no code runs."""
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # pickle.UnpicklingError for hidden code, RuntimeError/EOFError for damage
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} refused: it is damaged or holds more than tensors and "
+                              f"plain data, and nothing in it was run ({reason[:200]})") from None
+
+
 class RunFolder:
-    def __init__(self, path: Path):
-        self.path = path
+    """One run's folder: the paths of its files, its log handler, and its writes (all atomic but the logs)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
         self._handler: logging.Handler | None = None
 
     @classmethod
@@ -38,7 +112,7 @@ class RunFolder:
         try:
             base.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"run.log_dir={str(base)!r} cannot be created: {err.strerror}") from None
+            raise UserError(f"run.log_dir={str(base)!r} cannot be created: {err.strerror}") from None
         stamp = time.strftime("%Y%m%d_%H%M%S")
         for attempt in range(1, 1000):
             path = base / (f"training_{stamp}" if attempt == 1 else f"training_{stamp}_{attempt}")
@@ -47,14 +121,87 @@ class RunFolder:
             except FileExistsError:
                 continue
             except OSError as err:
-                raise ValueError(f"run.log_dir={str(base)!r} is not writable: {err.strerror}") from None
-            (path / "checkpoints").mkdir()
+                raise UserError(f"run.log_dir={str(base)!r} is not writable: {err.strerror}") from None
+            (path / CHECKPOINTS).mkdir()
             return cls(path)
         raise RuntimeError(f"could not find a free run folder name under {base}")
 
+    # ---------------------------------------------------------------- paths
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
     @property
     def log_file(self) -> Path:
-        return self.path / "training.log"
+        return self.path / TRAINING_LOG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def best_checkpoint(self, member: int) -> Path:
+        """The member's best weights (a state dict)."""
+        return self.checkpoints / f"member_{member}_best.pt"
+
+    def result_file(self, member: int) -> Path:
+        """A finished member's test predictions, interpretation sums and summary (reused on resume)."""
+        return self.checkpoints / f"member_{member}_result.pt"
+
+    def step_checkpoints(self, member: int) -> list[Path]:
+        """The member's resumable checkpoints, oldest first."""
+        return sorted(self.checkpoints.glob(f"member_{member}_step_*.pt"))
+
+    def latest_step_checkpoint(self, member: int) -> Path | None:
+        files = self.step_checkpoints(member)
+        return files[-1] if files else None
+
+    def is_run_folder(self) -> bool:
+        return (self.path / CONFIG_YAML).is_file() and self.checkpoints.is_dir()
+
+    def missing(self, *names: str) -> list[str]:
+        return [name for name in names if not (self.path / name).is_file()]
+
+    # ---------------------------------------------------------------- writes
+
+    def save_step_checkpoint(self, member: int, state: dict, keep: int) -> None:
+        """member_<i>_step_<n>.pt; only the newest `keep` are kept."""
+        save_checkpoint(state, self.checkpoints / f"member_{member}_step_{state['global_step']:09d}.pt")
+        for old in self.step_checkpoints(member)[:-keep]:
+            old.unlink(missing_ok=True)
+
+    def write_text(self, name: str, text: str) -> Path:
+        write_text_atomic(self.path / name, text)
+        return self.path / name
+
+    def write_json(self, name: str, payload: dict[str, Any]) -> Path:
+        write_json_atomic(self.path / name, payload)
+        return self.path / name
+
+    def write_csv(self, name: str, frame) -> Path:
+        """A pandas DataFrame as CSV, six significant digits."""
+        with atomic_path(self.path / name) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6g")
+        return self.path / name
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """One JSON line per record: appended (a line at a time), not rewritten."""
+        with open(self.path / METRICS_JSONL, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- reads
+
+    def read_json(self, name: str) -> dict:
+        return json.loads((self.path / name).read_text())
+
+    def read_text(self, name: str) -> str | None:
+        file = self.path / name
+        return file.read_text() if file.is_file() else None
+
+    def metrics_records(self) -> list[dict]:
+        text = self.read_text(METRICS_JSONL)
+        return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+
+    # ---------------------------------------------------------------- logging
 
     def attach_logging(self) -> None:
         """Send the package's log records to training.log (what `tail -f` shows)."""
@@ -68,18 +215,10 @@ class RunFolder:
             self._handler.close()
             self._handler = None
 
-    def write_config(self, yaml_text: str) -> None:
-        write_text_atomic(self.path / "config.yaml", yaml_text)
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def write_json(self, name: str, payload: dict[str, Any]) -> None:
-        write_text_atomic(self.path / name, json.dumps(payload, indent=2) + "\n")
-
-    def checkpoint_path(self, member: int) -> Path:
-        return self.path / "checkpoints" / f"member_{member}_best.pt"
+def walk_forward_file(log_dir: str | Path, first_run: Path) -> Path:
+    """LOG_DIR/walk_forward_<time of the first fold's run>.json."""
+    return Path(log_dir) / f"walk_forward_{first_run.name.removeprefix('training_')}.json"
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:

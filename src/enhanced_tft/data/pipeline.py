@@ -12,9 +12,9 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ..config import Config, DataConfig
+from .. import tasks
+from ..config import Config, DataConfig, UserError
 from . import features
 from .arrays import SeriesBuffer
 from .transform import RunningMoments, Transform
@@ -30,20 +30,14 @@ class DataBundle:
     """Everything the trainer and the model need to know about the data, and nothing about files."""
     splits: dict[str, WindowSet]
     transform: Transform
-    dropped_warmup_rows: int = 0
 
     observed_names = property(lambda self: self.transform.features)
     known_names = property(lambda self: self.transform.known_features)
     symbols = property(lambda self: self.transform.symbols)
-    task = property(lambda self: self.transform.task)
-    target_std = property(lambda self: self.transform.target_std)
-    target_mean = property(lambda self: self.transform.target_mean)
     dead_zone = property(lambda self: self.transform.dead_zone)
     num_observed = property(lambda self: len(self.transform.features))
-    num_known = property(lambda self: len(self.transform.known_features))
 
-    def target_scale(self) -> dict:
-        """task_metrics' keywords that turn the model's scaled output back into the raw target's units."""
+    def target_scale(self) -> tasks.TargetScale:
         return self.transform.target_scale()
 
     @property
@@ -116,14 +110,11 @@ def sample_ends_in(lo: int, hi: int, sequence_length: int, horizon: int) -> np.n
     return np.arange(first, last + 1, dtype=np.int64) if last >= first else np.empty(0, np.int64)
 
 
-def make_targets(task: str, forward_target: np.ndarray, forward_return: np.ndarray, transform: Transform) -> np.ndarray:
-    """What the task learns, per row: scaled return or volatility, up-indicator, or class (0 down, 1 flat, 2 up)."""
-    if task in ("regression", "quantile"):
-        return ((forward_target - transform.target_mean) / transform.target_std).astype(np.float32)
-    if task == "classification_binary":
-        return (forward_return > 0).astype(np.float32)
-    zone = transform.dead_zone
-    return np.where(forward_return > zone, 2, np.where(forward_return < -zone, 0, 1)).astype(np.float32)
+def make_targets(task: tasks.Task, forward_target: np.ndarray, forward_return: np.ndarray,
+                 transform: Transform) -> np.ndarray:
+    """What the task learns per row (the task decides: scaled return or volatility, up-indicator, class id)."""
+    return task.make_targets(np.nan_to_num(forward_target), np.nan_to_num(forward_return), transform.target_scale(),
+                             transform.dead_zone)
 
 
 def _series_rows(frame: pd.DataFrame, data: DataConfig, extra_columns: list[str], warmup: int) -> dict[str, np.ndarray]:
@@ -144,7 +135,7 @@ def _check_finite(rows: dict[str, np.ndarray], names: list[str], symbol: str) ->
     bad = ~np.isfinite(rows["observed"])
     if bad.any():
         counts = ", ".join(f"{names[j]} {int(n)}" for j, n in enumerate(bad.sum(axis=0)) if n)
-        raise ValueError(f"symbol {symbol!r}: non-finite feature values after the warm-up (per feature: {counts}); "
+        raise UserError(f"symbol {symbol!r}: non-finite feature values after the warm-up (per feature: {counts}); "
                          "check the bars of that symbol (zero or negative prices, constant stretches)")
 
 
@@ -176,7 +167,7 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
             ends[s].append(per_split[s] + offset)
         symbols.append(symbol)
     if not symbols:
-        raise ValueError(
+        raise UserError(
             f"every symbol is too short and was skipped ({', '.join(skipped) or 'no bars'}): with sequence_length="
             f"{data.sequence_length}, horizon={data.horizon} and {warmup} warm-up bars, a split ({_split_rule(data)}) "
             "holds no window in any of them; give more bars or lower data.sequence_length")
@@ -202,15 +193,14 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
         binary_dead_zone=float(np.quantile(train_abs_return, data.binary_dead_zone)) if data.binary_dead_zone else 0.0,
     )
     transform.scale(buffer.observed)
-    buffer.set_target(make_targets(cfg.task, np.nan_to_num(buffer.forward_target),
-                                   np.nan_to_num(buffer.forward_return), transform))
+    buffer.set_target(make_targets(tasks.for_config(cfg), buffer.forward_target, buffer.forward_return, transform))
     if transform.binary_dead_zone:
         split_ends = _leave_out_dead_zone(split_ends, buffer.forward_return, transform.binary_dead_zone, data)
     splits = {s: WindowSet(arrays, split_ends[s], data.sequence_length, data.horizon) for s in SPLITS}
     log.info("samples: train %d, val %d, test %d (%s; sequence_length %d, horizon %d, purge gap %d)",
              len(splits["train"]), len(splits["val"]), len(splits["test"]), _split_rule(data), data.sequence_length,
              data.horizon, data.effective_purge_gap)
-    return DataBundle(splits=splits, transform=transform, dropped_warmup_rows=warmup * len(symbols))
+    return DataBundle(splits=splits, transform=transform)
 
 
 def _split_rule(data: DataConfig) -> str:
@@ -228,7 +218,7 @@ def _too_short(symbol: str, num_bars: int, warmup: int, per_split: dict[str, np.
                f"{data.sequence_length} and horizon={data.horizon} leave samples {counts} ({_split_rule(data)}); "
                "every split needs at least one")
     if data.too_short == "error":
-        raise ValueError(f"{message}: give more bars, lower data.sequence_length, or set data.too_short=skip to "
+        raise UserError(f"{message}: give more bars, lower data.sequence_length, or set data.too_short=skip to "
                          "leave such symbols out")
     log.warning("skipped %s (data.too_short=skip)", message)
 
@@ -240,7 +230,7 @@ def _leave_out_dead_zone(split_ends: dict[str, np.ndarray], forward_return: np.n
              threshold, data.binary_dead_zone,
              ", ".join(f"{s} {len(split_ends[s]) - len(kept[s])} of {len(split_ends[s])}" for s in SPLITS))
     if any(len(v) == 0 for v in kept.values()):
-        raise ValueError(f"data.binary_dead_zone={data.binary_dead_zone:g} leaves a split without samples; lower it")
+        raise UserError(f"data.binary_dead_zone={data.binary_dead_zone:g} leaves a split without samples; lower it")
     return kept
 
 
@@ -250,10 +240,6 @@ class PredictionData:
     windows: WindowSet
     target_known: np.ndarray   # (num samples,) bool: the bar `horizon` ahead is in the data (False at the end)
     transform: Transform
-
-    def symbol_names(self) -> np.ndarray:
-        ids = self.windows.arrays.symbol.index_select(0, self.windows.sample_ends).numpy()
-        return np.asarray(self.transform.symbols, dtype=object)[ids]
 
     def timestamps(self) -> np.ndarray:
         return self.windows.arrays.timestamp.index_select(0, self.windows.sample_ends).numpy().view("datetime64[ns]")
@@ -265,14 +251,14 @@ def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame 
     data = cfg.data
     source = bar_source(cfg, bars)
     if source.extra_columns != transform.extra_columns:
-        raise ValueError(
+        raise UserError(
             "the data's extra columns differ from the run's: the run was trained on "
             f"[{', '.join(transform.extra_columns)}], the data has [{', '.join(source.extra_columns)}] (missing: "
             f"{', '.join(sorted(set(transform.extra_columns) - set(source.extra_columns))) or '-'}; not in training: "
             f"{', '.join(sorted(set(source.extra_columns) - set(transform.extra_columns))) or '-'})")
     unknown = sorted(set(source.lengths) - set(transform.symbols))
     if unknown:
-        raise ValueError(f"symbol(s) {', '.join(unknown[:20])} were not in the run's training data; the model knows "
+        raise UserError(f"symbol(s) {', '.join(unknown[:20])} were not in the run's training data; the model knows "
                          f"{', '.join(transform.symbols)} (each symbol has its own learned embedding)")
     warmup = features.warmup_bars(data.return_lags, data.volatility_windows)
     horizon, length = transform.horizon, transform.sequence_length
@@ -286,7 +272,7 @@ def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame 
             message = (f"symbol {symbol!r} has {len(frame)} bars, fewer than the {warmup} warm-up bars + "
                        f"sequence_length={length} that one prediction needs")
             if data.too_short == "error":
-                raise ValueError(f"{message}; give more bars, or set data.too_short=skip")
+                raise UserError(f"{message}; give more bars, or set data.too_short=skip")
             log.warning("skipped %s (data.too_short=skip)", message)
             continue
         _check_finite(rows, transform.features, symbol)
@@ -295,11 +281,11 @@ def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame 
         ends.append(symbol_ends + offset)
         known_target.append(symbol_ends <= n - 1 - horizon)
     if not ends:
-        raise ValueError("no symbol has enough bars for one prediction")
+        raise UserError("no symbol has enough bars for one prediction")
     arrays = buffer.finish()
     transform.scale(buffer.observed)
-    buffer.set_target(make_targets(transform.task, np.nan_to_num(buffer.forward_target),
-                                   np.nan_to_num(buffer.forward_return), transform))
+    buffer.set_target(make_targets(tasks.for_transform(transform), buffer.forward_target, buffer.forward_return,
+                                   transform))
     windows = WindowSet(arrays, np.concatenate(ends), length, horizon)
     return PredictionData(windows, np.concatenate(known_target), transform)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import DataConfig
+from ..config import DataConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ class _Where:
 def load_file_bars(data: DataConfig) -> pd.DataFrame:
     """Read, map, parse and check `data.path`; see the module docstring."""
     if not data.path:
-        raise ValueError("data.source=file needs data.path, the CSV, gzip CSV or Parquet file of bars")
+        raise UserError("data.source=file needs data.path, the CSV, gzip CSV or Parquet file of bars")
     path = Path(data.path).expanduser()
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist (data.path); allowed: a CSV, gzip CSV (.csv.gz) "
+        raise UserError(f"data file {str(path)!r} does not exist (data.path); allowed: a CSV, gzip CSV (.csv.gz) "
                          "or Parquet file of bars")
     raw, is_csv = _read_table(path, data.skip_rows)
     if not isinstance(raw.index, pd.RangeIndex) or raw.index.start != 0 or raw.index.step != 1:
@@ -52,7 +52,7 @@ def load_file_bars(data: DataConfig) -> pd.DataFrame:
     where = _Where(path, is_csv, data.skip_rows)
     name = f"data file {str(path)!r}"
     if raw.empty:
-        raise ValueError(f"{name} has a header ({', '.join(map(str, raw.columns))}) but no rows of bars")
+        raise UserError(f"{name} has a header ({', '.join(map(str, raw.columns))}) but no rows of bars")
     frame = _select_columns(raw, data, name)
     frame["timestamp"] = _parse_timestamps(frame["timestamp"], data.timestamp_format, name, where)
     used = [c for c in frame.columns if c not in ("timestamp", "symbol")]
@@ -60,7 +60,7 @@ def load_file_bars(data: DataConfig) -> pd.DataFrame:
         frame[column] = _to_number(frame[column])
     frame = _handle_missing(frame, data.missing, name, where)
     if frame.empty:
-        raise ValueError(f"{name}: no rows left after data.missing=drop; every row had an empty, NaN or inf value")
+        raise UserError(f"{name}: no rows left after data.missing=drop; every row had an empty, NaN or inf value")
     _check_positive(frame, name, where)
     if "adj_close" in frame:
         factor = frame["adj_close"] / frame["close"]
@@ -84,12 +84,12 @@ def example_config(data: DataConfig) -> DataConfig:
 
     spec = importlib.util.find_spec("arch")   # locate the package without importing it (and statsmodels)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"data.source={data.source!r} reads the example bars of the `arch` package, which is not "
+        raise UserError(f"data.source={data.source!r} reads the example bars of the `arch` package, which is not "
                          "installed: pip install 'enhanced-tft[examples]' (or pip install arch), or use "
                          "data.source=synthetic or etft train --data PATH")
     path = Path(spec.submodule_search_locations[0]) / "data" / data.source / f"{data.source}.csv.gz"
     if not path.is_file():
-        raise ValueError(f"the installed `arch` package has no {path.name} (looked in {path.parent}); "
+        raise UserError(f"the installed `arch` package has no {path.name} (looked in {path.parent}); "
                          "install arch >= 4.0")
     return data.model_copy(update={"source": "file", "path": str(path), "symbol": data.source.upper(),
                                    "columns": {"timestamp": "Date", **data.columns},
@@ -102,16 +102,16 @@ def _read_table(path: Path, skip_rows: int) -> tuple[pd.DataFrame, bool]:
         with path.open("rb") as handle:
             head = handle.read(4)
     except OSError as err:
-        raise ValueError(f"data file {str(path)!r} could not be opened "
+        raise UserError(f"data file {str(path)!r} could not be opened "
                          f"({type(err).__name__}: {_first_line(err)})") from None
     if head == PARQUET_MAGIC or path.suffix.lower() in (".parquet", ".pq"):
         if skip_rows:
-            raise ValueError(f"data.skip_rows={skip_rows} applies to CSV files only; {str(path)!r} is Parquet: "
+            raise UserError(f"data.skip_rows={skip_rows} applies to CSV files only; {str(path)!r} is Parquet: "
                              "set data.skip_rows=0")
         try:
             return pd.read_parquet(path), False
         except Exception as err:   # pyarrow raises ArrowInvalid, OSError, ...: all of them mean 'unreadable'
-            raise ValueError(f"data file {str(path)!r} could not be read as Parquet ({type(err).__name__}: "
+            raise UserError(f"data file {str(path)!r} could not be read as Parquet ({type(err).__name__}: "
                              f"{_first_line(err)}); allowed: a CSV, gzip CSV (.csv.gz) or Parquet file") from None
     compression = "gzip" if head[:2] == b"\x1f\x8b" else None
     try:
@@ -120,7 +120,7 @@ def _read_table(path: Path, skip_rows: int) -> tuple[pd.DataFrame, bool]:
     except Exception as err:   # ParserError, EmptyDataError, UnicodeDecodeError, BadGzipFile, ...
         hint = ("" if skip_rows else "; if the file has lines of free text before the header, set "
                 "data.skip_rows to their number (e.g. --set data.skip_rows=1)")
-        raise ValueError(f"data file {str(path)!r} could not be read as CSV{' (gzip)' if compression else ''} "
+        raise UserError(f"data file {str(path)!r} could not be read as CSV{' (gzip)' if compression else ''} "
                          f"with data.skip_rows={skip_rows} ({type(err).__name__}: {_first_line(err)}); allowed: a "
                          f"CSV, gzip CSV (.csv.gz) or Parquet file with one header line{hint}") from None
 
@@ -165,7 +165,7 @@ def _select_columns(raw: pd.DataFrame, data: DataConfig, name: str) -> pd.DataFr
         if not data.skip_rows and len(picked) < len(missing):
             symbol_hint += ("; if the header is not the first line of the file, set data.skip_rows to the number of "
                             "lines before it (e.g. --set data.skip_rows=1)")
-        raise ValueError(
+        raise UserError(
             f"{name} lacks column(s) {', '.join(missing)}; the file has {len(found)} column(s): {', '.join(found)}; "
             f"map our names to the file's with data.columns, e.g. --set data.columns='{{{example}}}' (our names: "
             f"timestamp (or date), symbol, open, high, low, close, volume, adj_close){symbol_hint}")
@@ -177,7 +177,7 @@ def _select_columns(raw: pd.DataFrame, data: DataConfig, name: str) -> pd.DataFr
             keep = frame["symbol"].astype(str).str.strip() == data.symbol
             if not keep.any():
                 shown = ", ".join(sorted(frame["symbol"].astype(str).str.strip().unique())[:20])
-                raise ValueError(f"{name} has no rows of data.symbol={data.symbol!r}; its symbols: {shown}")
+                raise UserError(f"{name} has no rows of data.symbol={data.symbol!r}; its symbols: {shown}")
             log.info("kept the %d rows of symbol %s (data.symbol) out of %d", int(keep.sum()), data.symbol, len(frame))
             frame = frame[keep]
         frame["symbol"] = data.symbol
@@ -196,11 +196,11 @@ def _extra_columns(raw: pd.DataFrame, data: DataConfig, used: set[str], name: st
         return extra
     missing = [c for c in data.extra_columns if c not in raw.columns]
     if missing:
-        raise ValueError(f"{name} lacks the extra column(s) {', '.join(missing)} named in data.extra_columns; the file "
+        raise UserError(f"{name} lacks the extra column(s) {', '.join(missing)} named in data.extra_columns; the file "
                          f"has: {', '.join(map(str, raw.columns))}")
     clash = [c for c in data.extra_columns if c in used or c in OUTPUT]
     if clash:
-        raise ValueError(f"data.extra_columns names {', '.join(clash)}, already used as a bar column; allowed: other "
+        raise UserError(f"data.extra_columns names {', '.join(clash)}, already used as a bar column; allowed: other "
                          "numeric columns of the file")
     return list(data.extra_columns)
 
@@ -221,7 +221,7 @@ def _parse_timestamps(values: pd.Series, fmt: str | None, name: str, where: _Whe
         try:
             parsed = pd.to_datetime(text, format=fmt, errors="coerce", utc=True)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"{name}: data.timestamp_format={fmt!r} is not usable ({_first_line(err)}); allowed: "
+            raise UserError(f"{name}: data.timestamp_format={fmt!r} is not usable ({_first_line(err)}); allowed: "
                              "a strftime format such as '%Y-%m-%d %H:%M:%S' or '%Y-%m-%d %I-%p'") from None
     empty = values.isna() | (values.astype(str).str.strip().isin(["", "nan", "NaN", "NaT", "None"]))
     bad = parsed.isna() & ~empty
@@ -230,7 +230,7 @@ def _parse_timestamps(values: pd.Series, fmt: str | None, name: str, where: _Whe
         advice = (f"data.timestamp_format={fmt!r} does not match it; fix the format" if fmt else
                   "set data.timestamp_format to its strftime format, e.g. --set data.timestamp_format='%Y-%m-%d "
                   "%I-%p' for '2019-10-17 09-AM'")
-        raise ValueError(f"{name}: {int(bad.sum())} of {len(values)} timestamps could not be parsed, the first "
+        raise UserError(f"{name}: {int(bad.sum())} of {len(values)} timestamps could not be parsed, the first "
                          f"{values.iloc[first]!r} at {where(values.index[first])}; {advice}")
     return parsed.dt.tz_convert(None).astype("datetime64[ns]")
 
@@ -248,7 +248,7 @@ def _handle_missing(frame: pd.DataFrame, policy: str, name: str, where: _Where) 
     counts = ", ".join(f"{c} {int(n)}" for c, n in bad.sum().items() if n)
     first = int(np.flatnonzero(rows.to_numpy())[0])
     if policy == "error":
-        raise ValueError(
+        raise UserError(
             f"{name}: {int(rows.sum())} of {len(frame)} rows have an empty, NaN, inf or non-numeric value in a used "
             f"column (per column: {counts}), the first at {where(frame.index[first])}; fix the file, or set "
             "data.missing=drop to drop those rows")
@@ -269,7 +269,7 @@ def _check_positive(frame: pd.DataFrame, name: str, where: _Where) -> None:
     first = int(np.flatnonzero(bad.to_numpy())[0])
     row = frame.iloc[first]
     shown = ", ".join(f"{c}={row[c]:g}" for c in (*prices, "volume"))
-    raise ValueError(
+    raise UserError(
         f"{name}: {int(bad.sum())} of {len(frame)} rows have a price <= 0 or a negative volume (per column: {counts}), "
         f"the first at {where(frame.index[first])} ({row['symbol']} {row['timestamp']}: {shown}); allowed: "
         "prices > 0 and volume >= 0: fix or remove those rows")
@@ -283,7 +283,7 @@ def _handle_duplicates(frame: pd.DataFrame, policy: str, name: str, where: _Wher
     first = int(np.flatnonzero(dup.to_numpy())[0])
     row = frame.iloc[first]
     if policy == "error":
-        raise ValueError(
+        raise UserError(
             f"{name}: {int(dup.sum())} duplicate bars (same symbol and timestamp as a later row), the first "
             f"{row['symbol']} at {row['timestamp']}, {where(frame.index[first])}; remove them, or set "
             "data.duplicates=keep_last to keep the later row of the file")

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from ..config import UserError
+from ..tasks import TargetScale
+
 FORMAT_VERSION = 2
 
 
@@ -31,18 +34,18 @@ class Transform:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "scaler.json") -> "Transform":
+    def from_dict(cls, raw: dict, source: str = "the saved transform") -> "Transform":
         names = {f.name for f in fields(cls)}
         missing = sorted(names - {"version"} - set(raw))
         if missing or raw.get("version", 1) != FORMAT_VERSION:
-            raise ValueError(f"{source} is not a saved transform of this version (missing {', '.join(missing) or '-'}, "
+            raise UserError(f"{source} is not a saved transform of this version (missing {', '.join(missing) or '-'}, "
                              f"version {raw.get('version', 1)}, expected {FORMAT_VERSION}): retrain the run with this "
                              "version of Enhanced TFT")
         return cls(**{k: v for k, v in raw.items() if k in names})
 
-    def target_scale(self) -> dict:
-        """task_metrics' keywords that turn the model's scaled output back into the raw target's units."""
-        return {"target_std": self.target_std, "target_mean": self.target_mean, "volatility": self.target == "volatility"}
+    def target_scale(self) -> TargetScale:
+        """What turns the model's scaled output back into the raw target's units."""
+        return TargetScale(self.target_std, self.target_mean)
 
     def scale(self, observed: np.ndarray, chunk_rows: int = 1 << 16) -> None:
         """(x - mean) / std in place, float32, a chunk of rows at a time (no full-size temporary)."""

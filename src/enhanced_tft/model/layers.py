@@ -1,5 +1,21 @@
 """Building blocks of the TFT: gated linear units, gated residual networks, batched variable selection.
 
+Two CPU fast paths sit behind one switch, `set_fast_cpu_kernels(model, enabled)`, and compute the same function
+either way (tests/test_model.py compares them):
+  * dropout masks drawn with numpy's PCG64 from a seed out of torch's generator (dropout_mask), instead of
+    torch's per-element Bernoulli draws;
+  * variable selection's per-variable GRNs in one autograd Function with a hand-written backward
+    (_PerVariableGRN), instead of plain autograd ops.
+The stated default, fast_cpu_kernels_default(device): on for the CPU, where both were measured as wins (masks
+several times cheaper to draw, the layer's backward far fewer passes over its (F, N, H) tensors;
+docs/performance.md); off elsewhere, since both answer CPU costs: a GPU's dropout is already one fused kernel,
+a numpy mask would have to cross from the host, and plain autograd there keeps only a few percent more
+activations (4% for seed_original). A freshly built model has it on, since models are built on the CPU;
+whoever moves a model to another device applies that device's default (model/build.py move_to_device). The
+masks differ between the two positions (another generator), their distribution does not. Nothing here asks
+who runs the model: the memory planner, whose fake tensors have no value to seed numpy with, turns the
+switch off itself (train/planner.py).
+
 Legend: B batch, T time steps, F input variables, H per-variable hidden width, D d_model.
 """
 from __future__ import annotations
@@ -10,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -21,15 +36,23 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _torch_draws(reference: torch.Tensor) -> bool:
-    """Dropout through torch's own kernels: off the CPU, and on fake tensors (the memory planner traces the
-    step a GPU would run)."""
-    return reference.device.type != "cpu" or isinstance(reference, FakeTensor)
+def fast_cpu_kernels_default(device: torch.device | str) -> bool:
+    """The switch's stated default for a device: on for the CPU, off elsewhere (see the module docstring)."""
+    return torch.device(device).type == "cpu"
 
 
-def dropout_mask(shape: tuple[int, ...], p: float, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def set_fast_cpu_kernels(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn the CPU fast paths (numpy dropout masks, variable selection's hand-written backward) on or off in
+    every layer of `model`; the same function either way, so weights and checkpoints do not depend on it."""
+    for module in model.modules():
+        if isinstance(module, (Dropout, VariableSelection)):
+            module.fast_cpu_kernels = bool(enabled)
+    return model
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Inverted-dropout mask of `shape`: 0 where an element is dropped (probability p), 1 / (1 - p) where kept.
-    `reference` is a tensor of the layer (its device, and whether it is a planner's fake tensor).
 
     On the CPU, torch draws one Mersenne-Twister number per element (about 13 ns each here). This draws one 64-bit
     seed from torch's default CPU generator, expands it with numpy's PCG64 into 16-bit uniform integers and
@@ -37,40 +60,44 @@ def dropout_mask(shape: tuple[int, ...], p: float, reference: torch.Tensor, dtyp
     (0.1 -> 0.100006), at about a fifth of the cost. Seeds (torch.manual_seed) and activation checkpointing's
     recomputation (which restores torch's generator state) give the same masks, since the seed comes from
     torch's generator. A float mask (not a boolean one) because torch's CPU kernels multiply by it about
-    three times faster than they select with a boolean. Other devices draw with torch.
+    three times faster than they select with a boolean. The mask is made on the CPU and copied to `device`.
     """
     steps = min(round(p * 65536), 65536)
-    device = reference.device
     if steps == 65536:
         return torch.zeros(shape, device=device, dtype=dtype)
-    if _torch_draws(reference):
-        keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - steps / 65536)
-        return keep.mul_(65536 / (65536 - steps))
     count = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
     uniform = np.random.PCG64(seed).random_raw((count + 3) // 4).view(np.int16)[:count]   # -32768..32767
     mask = torch.empty(shape, dtype=dtype)
     # P(u >= steps - 32768) = (65536 - steps) / 65536 = 1 - p
     torch.ge(torch.from_numpy(uniform).view(shape), steps - 32768, out=mask)
-    return mask.mul_(65536 / (65536 - steps)) if steps else mask
+    if steps:
+        mask.mul_(65536 / (65536 - steps))
+    return mask.to(device)
+
+
+def _torch_dropout_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The inverted-dropout mask drawn by torch's own Bernoulli kernel (any device, fake tensors included)."""
+    if p >= 1.0:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p).div_(1 - p)
 
 
 class Dropout(nn.Module):
-    """nn.Dropout with a cheaper mask on the CPU (dropout_mask); backward keeps the mask alone, as for nn.Dropout.
-
-    Other devices use F.dropout, whose fused kernels are already cheap.
-    """
+    """nn.Dropout; with the fast CPU kernels on, its mask comes from dropout_mask (backward keeps the mask alone,
+    as for nn.Dropout), else F.dropout."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
+        self.fast_cpu_kernels = True     # set_fast_cpu_kernels(); on: the CPU's default, where models are built
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if _torch_draws(x):
+        if not self.fast_cpu_kernels:
             return F.dropout(x, self.p, True)
-        return x * dropout_mask(tuple(x.shape), self.p, x, x.dtype)
+        return x * dropout_mask(tuple(x.shape), self.p, x.dtype, x.device)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -118,8 +145,8 @@ class VariableSelection(nn.Module):
     weighted by a softmax over variables, and the weighted set is projected to D in one matmul.
     Selection weights come from a GRN over the raw inputs and the static context, which costs
     O(F*D) per step instead of the O(F*H*D) of flattening all embeddings.
-    The per-variable GRNs, the weighting and the projection run in one autograd Function (_PerVariableGRN)
-    with a hand-written backward.
+    With the fast CPU kernels on, the per-variable GRNs, the weighting and the projection run in one autograd
+    Function (_PerVariableGRN) with a hand-written backward; off, the same ops run under plain autograd.
     """
 
     def __init__(self, num_vars: int, var_hidden: int, d_model: int, dropout: float, context_dim: int):
@@ -137,6 +164,7 @@ class VariableSelection(nn.Module):
         self.dropout = Dropout(dropout)
         self.selector = GatedResidualNetwork(num_vars, d_model, num_vars, dropout, context_dim)
         self.project = nn.Linear(num_vars * var_hidden, d_model)
+        self.fast_cpu_kernels = True     # set_fast_cpu_kernels(); on: the CPU's default, where models are built
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, F), context: (B, C) -> selected (B, T, D), weights (B, T, F)."""
@@ -158,11 +186,12 @@ class VariableSelection(nn.Module):
         shift = (weight.view(-1, num_vars, self.var_hidden) * self.norm_bias).sum(-1)       # (D, F)
         mask = None          # dropout on each GRN's hidden layer
         if self.training and self.dropout.p > 0.0:
-            mask = dropout_mask((num_vars, batch * steps, self.var_hidden), self.dropout.p, x, dtype)
+            draw = dropout_mask if self.fast_cpu_kernels else _torch_dropout_mask
+            mask = draw((num_vars, batch * steps, self.var_hidden), self.dropout.p, dtype, x.device)
+        per_variable = _PerVariableGRN.apply if self.fast_cpu_kernels else _per_variable_autograd
         weights_nf = weights.to(dtype).reshape(batch * steps, num_vars)
-        selected = _PerVariableGRN.apply(x.to(dtype).reshape(batch * steps, num_vars), weights_nf, slope, offset,
-                                         self.w_gate.to(dtype), self.b_gate.to(dtype), embed_weight, embed_bias,
-                                         scaled, mask)
+        selected = per_variable(x.to(dtype).reshape(batch * steps, num_vars), weights_nf, slope, offset,
+                                self.w_gate.to(dtype), self.b_gate.to(dtype), embed_weight, embed_bias, scaled, mask)
         selected = selected.view(batch, steps, -1) + F.linear(weights.to(dtype), shift.to(dtype),
                                                               self.project.bias.to(dtype))
         return selected, weights
@@ -188,6 +217,16 @@ def _weighted_flat(normed: torch.Tensor, weights_fn: torch.Tensor) -> torch.Tens
     flat = torch.empty(rows, num_vars, hidden, dtype=normed.dtype, device=normed.device)
     torch.mul(normed, weights_fn, out=flat.transpose(0, 1))
     return flat.view(rows, num_vars * hidden)
+
+
+def _per_variable_autograd(x, weights, slope, offset, w_gate, b_gate, embed_weight, embed_bias, projection, mask):
+    """_PerVariableGRN's forward under plain autograd: the same ops in the same order, so the same output."""
+    with torch.autocast(x.device.type, enabled=False):   # everything is in one dtype already
+        x_fn, weights_fn = x.t().unsqueeze(-1), weights.t().unsqueeze(-1)                       # (F, N, 1)
+        normed = _per_variable_forward(x_fn, slope, offset, w_gate, b_gate, embed_weight, embed_bias, mask)[4]
+        # _weighted_flat's products; its out= write into the (N, F*H) layout is one autograd cannot follow
+        flat = (normed * weights_fn).transpose(0, 1).reshape(x.shape[0], -1)
+        return torch.mm(flat, projection.t())                                                   # (N, D)
 
 
 class _PerVariableGRN(torch.autograd.Function):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .heads import TaskHead
+from .heads import OutputHead
 from .layers import GatedLinearUnit, GatedResidualNetwork, VariableSelection
 
 
@@ -29,7 +29,7 @@ class TFTOutput:
     output: torch.Tensor                           # (B, O) raw head output, float32
     observed_weights: torch.Tensor | None = None   # (B, T, F_obs + F_known)
     future_weights: torch.Tensor | None = None     # (B, H, F_known)
-    attention: list[torch.Tensor] | None = None    # per block: (B, heads, L, L)
+    attention: list[torch.Tensor] | None = None    # per block: (B, heads, L) attention of the last position
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -38,7 +38,6 @@ class CausalSelfAttentionBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float):
         super().__init__()
         self.num_heads = num_heads
-        self.dropout = dropout
         # no bias: a key bias cannot change softmax, so its gradient is rounding noise that Adam would amplify
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model)
@@ -48,46 +47,50 @@ class CausalSelfAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, need_weights: bool = False,
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, L, D) -> (B, L, D), or (B, 1, D) for the last position alone when `last_only`.
+        """x: (B, L, D) -> (B, L, D), or (B, 1, D) for the last position alone when `last_only`; with
+        `need_weights`, also the last position's attention weights (B, heads, L) (else None).
 
         `last_only` is for the last block, whose output the head reads at the last position only: keys and
         values still come from every position, but the query, output projection, gate and feed-forward
         run on one row instead of L (the same numbers for that row, a fraction of the work and memory).
+        The weights are computed beside the attention, not instead of it: the outputs are the same to the
+        bit with or without them.
         """
         batch, length, d_model = x.shape
-        if last_only and not need_weights:
+        if last_only:
             q_weight, kv_weight = self.qkv.weight.split([d_model, 2 * d_model])
             k, v = F.linear(x, kv_weight).view(batch, length, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
             x = x[:, -1:]                                                                     # (B, 1, D)
             q = F.linear(x, q_weight).view(batch, 1, self.num_heads, -1).transpose(1, 2)      # (B, h, 1, d)
             # the last query may see every position: no mask (is_causal would align it to the first key)
             attended = F.scaled_dot_product_attention(q, k, v)
+            weights = _last_row_weights(q, k) if need_weights else None
             attended = self.out(attended.transpose(1, 2).reshape(batch, 1, d_model))
             x = self.attn_norm(x + self.attn_gate(attended))
-            return self.ff(x), None
+            return self.ff(x), weights
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3x (B, h, L, d)
-        weights = None
-        if need_weights:
-            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)  # safe in half precision
-            weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-            attended = weights @ v
-        else:
-            # no dropout on the attention probabilities: without it the fused (flash) kernels run on CPU and GPU
-            # alike and keep O(L) memory instead of saving (B, heads, L, L); dropout acts on the output instead
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # no dropout on the attention probabilities: without it the fused (flash) kernels run on CPU and GPU
+        # alike and keep O(L) memory instead of saving (B, heads, L, L); dropout acts on the output instead
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        weights = _last_row_weights(q[:, :, -1:], k) if need_weights else None
         attended = self.out(attended.transpose(1, 2).reshape(batch, length, d_model))
         x = self.attn_norm(x + self.attn_gate(attended))
         return self.ff(x), weights
 
 
+def _last_row_weights(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the last query (B, h, 1, d) over every key (B, h, L, d) -> (B, h, L), float32.
+
+    The last position may see every earlier one, so its row needs no causal mask."""
+    scores = (q_last.float() @ k.float().transpose(-2, -1)) * q_last.shape[-1] ** -0.5
+    return torch.softmax(scores, dim=-1)[:, :, 0]
+
+
 class EnhancedTFT(nn.Module):
     """Inputs: observed (B, T, F_obs), known (B, L, F_known), symbol (B,). Output: the head's (B, O)."""
 
-    def __init__(self, dims: ModelDims, task: str, d_model: int, num_heads: int, num_transformer_blocks: int,
-                 ff_dim: int, dropout_rate: float, variable_hidden_size: int, lstm_layers: int = 1,
-                 regression_loss: str = "huber", huber_delta: float = 1.0):
+    def __init__(self, dims: ModelDims, output_size: int, d_model: int, num_heads: int, num_transformer_blocks: int,
+                 ff_dim: int, dropout_rate: float, variable_hidden_size: int, lstm_layers: int = 1):
         super().__init__()
         self.dims = dims
         self.lstm_layers = lstm_layers
@@ -105,7 +108,7 @@ class EnhancedTFT(nn.Module):
         self.enrichment = GatedResidualNetwork(d_model, d_model, d_model, dropout_rate, context_dim=d_model)
         self.blocks = nn.ModuleList(
             CausalSelfAttentionBlock(d_model, num_heads, ff_dim, dropout_rate) for _ in range(num_transformer_blocks))
-        self.head = TaskHead(task, d_model, regression_loss, huber_delta)
+        self.head = OutputHead(d_model, output_size)
         self.activation_checkpointing = "none"   # set through set_activation_checkpointing()
 
     def _run(self, level: str, fn, *args):
@@ -140,10 +143,11 @@ class EnhancedTFT(nn.Module):
         attention = []
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
+            # the head reads the last position only: the last block computes that row alone
             if return_weights:
-                x, weights = block(x, need_weights=True)
+                x, weights = block(x, need_weights=True, last_only=index == last)
                 attention.append(weights)
-            else:   # the head reads the last position only: the last block computes that row alone
+            else:
                 x = self._run("blocks", partial(block, last_only=index == last), x)[0]
         output = self.head(x[:, -1])                                                  # (B, O)
         if not return_weights:
@@ -160,11 +164,3 @@ def set_activation_checkpointing(model: EnhancedTFT, policy: str) -> EnhancedTFT
         raise ValueError(f"activation_checkpointing={policy!r}; allowed: {', '.join(CHECKPOINTING)}")
     model.activation_checkpointing = policy
     return model
-
-
-def build_model(cfg, dims: ModelDims) -> EnhancedTFT:
-    """The model described by a Config's `model` section for data of the given dimensions."""
-    m = cfg.model
-    model = EnhancedTFT(dims, cfg.task, m.d_model, m.num_heads, m.num_transformer_blocks, m.ff_dim, m.dropout_rate,
-                        m.variable_hidden_size, m.lstm_layers, cfg.train.regression_loss, cfg.train.huber_delta)
-    return set_activation_checkpointing(model, cfg.train.activation_checkpointing)

@@ -11,6 +11,10 @@ import torch
 GIB = 2**30
 
 
+class OutOfMemoryGiveUp(RuntimeError):
+    """Out of memory even at one sample per (micro-)batch: the config itself must change (exit 3)."""
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -72,8 +76,7 @@ class MemoryMonitor:
     def __init__(self, device: torch.device):
         self.device = device
         self._nvml = _nvml_handle(device)
-        # windows reset the allocator's peak, so the epoch's and the run's peaks are kept here
-        self.run_peak = 0
+        # windows reset the allocator's peak, so the epoch's peak is kept here
         self.epoch_peak = 0
 
     def start_epoch(self) -> None:
@@ -89,7 +92,6 @@ class MemoryMonitor:
             return {"memory/rss_bytes": current, "memory/peak_rss_bytes": max(current, peak_rss_bytes())}
         stats = torch.cuda.memory_stats(self.device)
         window_peak = int(torch.cuda.max_memory_allocated(self.device))
-        self.run_peak = max(self.run_peak, window_peak)
         self.epoch_peak = max(self.epoch_peak, window_peak)
         figures = {
             "memory/peak_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),

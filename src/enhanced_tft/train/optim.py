@@ -17,6 +17,22 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable
     return factor
 
 
+def continued_lr_lambda(before: Callable[[int], float], resume_step: int, warmup_steps: int, total_steps: int,
+                       min_ratio: float) -> Callable[[int], float]:
+    """The schedule of a resumed run whose length changed: `before` up to the resume (and to the end of its
+    warm-up), then cosine decay from the factor reached there to `min_ratio` at `total_steps`: the learning
+    rate never jumps."""
+    start = max(resume_step, warmup_steps)
+    start_factor = before(start)
+
+    def factor(step: int) -> float:
+        if step <= start:
+            return before(step)
+        progress = min(1.0, (step - start) / max(1, total_steps - start))
+        return min_ratio + (start_factor - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: decaying biases, norms and per-variable offsets only hurts."""
     decay, no_decay = [], []

@@ -6,29 +6,40 @@ frees (rounded up to the CUDA caching allocator's 512-byte granularity). Paramet
 AdamW's two moments are counted exactly from the parameter list. Activation memory is linear in the
 micro-batch, so two traces (at b and 2b) give bytes = fixed + per_sample * b, from which the largest
 micro-batch for a memory budget follows.
+The trace is of the step a GPU runs: the model's CPU fast paths (numpy dropout masks, variable selection's
+hand-written backward; model/layers.py) are off there by default, and are turned off here too (a fake
+tensor has no value to seed numpy's generator with). One buffer fake tensors report as empty, the LSTM
+kernel's workspace, is counted at its real size, measured on the kernel itself (lstm_workspace_bytes).
 For a GPU budget the plan keeps a stated margin: the CUDA context (CONTEXT_BYTES, never in the
 allocator's figures) and FRAGMENTATION_MARGIN on top of the allocator's peak for rounding and
 fragmentation (reserved exceeds allocated).
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import asdict, dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..config import Config, update
-from ..model.tft import CHECKPOINTING, ModelDims, build_model
+from .. import tasks
+from ..config import Config, UserError
+from ..model.build import build_model
+from ..model.layers import set_fast_cpu_kernels
+from ..model.tft import CHECKPOINTING, ModelDims, set_activation_checkpointing
 from .optim import param_groups
 
 CONTEXT_BYTES = 768 * 2**20          # CUDA context + cuBLAS/cuDNN workspaces, outside the allocator
 FRAGMENTATION_MARGIN = 0.15          # reserved vs allocated headroom
 ALLOCATOR_ROUNDING = 512
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}   # fp32: no autocast
+WORKSPACE_PROBE_BATCH = 16
+LSTM_LAYER = torch.ops.aten.mkldnn_rnn_layer.default   # the CPU LSTM kernel, one call per layer
 
 
 def _rounded(nbytes: int) -> int:
@@ -59,11 +70,11 @@ class StorageTracker(TorchDispatchMode):
                 self._existing.add(tensor.untyped_storage()._cdata)
         self.peak = self.live
 
-    def _track(self, storage) -> None:
+    def _track(self, storage, nbytes: int | None = None) -> None:
         key = storage._cdata
         if key in self._seen or key in self._existing:
             return
-        nbytes = -(-storage.nbytes() // self._rounding) * self._rounding
+        nbytes = -(-(storage.nbytes() if nbytes is None else nbytes) // self._rounding) * self._rounding
         self._seen.add(key)
         self.live += nbytes
         weakref.finalize(storage, self._free, key, nbytes)
@@ -74,6 +85,9 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func is LSTM_LAYER and isinstance(out[3], FakeTensor):
+            # the LSTM's workspace, kept for its backward: empty on fake tensors, counted at its real size
+            self._track(out[3].untyped_storage(), lstm_workspace_bytes(args))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self._track(tensor.untyped_storage())
@@ -81,12 +95,31 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-def lstm_workspace_bytes(cfg: Config, micro_batch: int, length: int) -> int:
-    """The fp32 LSTM kernel's workspace, which fake tensors do not see: 16 floats per step, sample and unit.
+def lstm_workspace_bytes(args: tuple) -> int:
+    """The real size of the workspace that one LSTM layer's CPU kernel (aten.mkldnn_rnn_layer, called with
+    `args`) keeps for its backward; fake tensors report it as empty.
 
-    Measured against real CPU steps (benchmarks/plan_vs_measured.py); the reduced-precision path has none.
+    The size belongs to oneDNN and the torch version (in torch 2.13 about 15 floats per step, sample and unit
+    at fp32 and 11 at bf16), so it is measured: the kernel runs on real zeros of the call's shapes, the batch
+    capped at WORKSPACE_PROBE_BATCH and the size scaled linearly (from 16 samples on, within 0.5% of the real one).
     """
-    return 16 * 4 * micro_batch * length * cfg.model.d_model * cfg.model.lstm_layers
+    length, batch = args[0].shape[:2]                        # input (length, batch, features), states (batch, hidden)
+    probe = min(batch, WORKSPACE_PROBE_BATCH)
+    shapes = [(length, probe, *args[0].shape[2:]), *(a.shape for a in args[1:5]),
+              *((probe, *a.shape[1:]) for a in args[5:7])]
+    tensors = tuple((tuple(shape), a.dtype) for shape, a in zip(shapes, args[:7]))
+    options = tuple(tuple(a) if isinstance(a, list) else a for a in args[7:])   # hashable, for the cache
+    return _probe_workspace_bytes(tensors, options) * batch // probe
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_workspace_bytes(tensors: tuple, options: tuple) -> int:
+    """Bytes of the workspace aten.mkldnn_rnn_layer returns for real zeros of `tensors` ((shape, dtype) each)."""
+    # grad mode on: without it the kernel keeps no workspace
+    with unset_fake_temporarily(), torch.enable_grad():
+        zeros = [torch.zeros(shape, dtype=dtype) for shape, dtype in tensors]
+        rest = [list(a) if isinstance(a, tuple) else a for a in options]
+        return LSTM_LAYER(*zeros, *rest)[3].untyped_storage().nbytes()
 
 
 @dataclass
@@ -94,7 +127,8 @@ class StepMemory:
     micro_batch: int
     precision: str
     checkpointing: str
-    parameters: int
+    num_parameters: int
+    parameters: int         # bytes, as are the fields below
     gradients: int
     optimizer_state: int
     activations: int        # saved for backward at the end of the forward
@@ -103,11 +137,19 @@ class StepMemory:
 
 
 def _trace(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, checkpointing: str) -> StepMemory:
+    """The memory of one training step as a GPU runs it, traced on fake tensors.
+
+    The model's CPU fast paths are switched off, as on a GPU: the trace is of torch's own dropout and plain
+    autograd through variable selection.
+    """
     accumulating = cfg.train.gradient_accumulation_steps > 1
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
+    steps, horizon = cfg.data.sequence_length, dims.horizon
     with FakeTensorMode(allow_non_fake_inputs=False):
         torch.manual_seed(0)
-        model = build_model(update(cfg, train={"activation_checkpointing": checkpointing}), dims).train()
+        task = tasks.for_config(cfg)
+        model = build_model(cfg.model, dims, task.output_size)
+        model = set_activation_checkpointing(set_fast_cpu_kernels(model, False), checkpointing).train()
         params = [p for p in model.parameters()]
         param_bytes = sum(_rounded(p.numel() * p.element_size()) for p in params)
         # foreach: what AdamW uses on CUDA by default (and 10x fewer ops to trace than the per-tensor loop)
@@ -117,7 +159,6 @@ def _trace(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, check
         optimizer.step()
         if not accumulating:
             optimizer.zero_grad(set_to_none=True)
-        steps, horizon = cfg.data.sequence_length, dims.horizon
         observed = torch.randn(micro_batch, steps, dims.num_observed)
         known = torch.randn(micro_batch, steps + horizon, dims.num_known)
         symbol = torch.zeros(micro_batch, dtype=torch.int64)
@@ -128,7 +169,7 @@ def _trace(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, check
         with tracker:
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 output = model(observed, known, symbol).output
-            loss = model.head.loss(output, target).sum() / micro_batch
+            loss = task.loss(output, target).sum() / micro_batch
             after_forward = tracker.live
             loss.backward()
             del loss, output
@@ -137,12 +178,11 @@ def _trace(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, check
         grad_bytes = param_bytes
         opt_bytes = 2 * param_bytes
         base = param_bytes + opt_bytes + (grad_bytes if accumulating else 0)
-        lstm_extra = lstm_workspace_bytes(cfg, micro_batch, steps + horizon) if dtype is None else 0
-        peak = base + tracker.peak + lstm_extra
-        activations = after_forward + lstm_extra
+        peak = base + tracker.peak
+        activations = after_forward
         temporaries = max(0, peak - param_bytes - opt_bytes - grad_bytes - activations)
-    return StepMemory(micro_batch, precision, checkpointing, param_bytes, grad_bytes, opt_bytes, activations,
-                      temporaries, peak)
+    return StepMemory(micro_batch, precision, checkpointing, sum(p.numel() for p in params), param_bytes, grad_bytes,
+                      opt_bytes, activations, temporaries, peak)
 
 
 @dataclass
@@ -185,7 +225,7 @@ def plan(cfg: Config, dims: ModelDims, budget_bytes: int | None = None) -> dict:
         "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "configured_gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "effective_batch_size": cfg.train.samples_per_step,
-        "num_parameters": chosen.parameters // 4, "input_features": dims.num_observed + dims.num_known,
+        "num_parameters": chosen.num_parameters, "input_features": dims.num_observed + dims.num_known,
         "options": table,
         "margin": {"cuda_context_bytes": CONTEXT_BYTES, "fragmentation": FRAGMENTATION_MARGIN,
                    "allocator_rounding_bytes": ALLOCATOR_ROUNDING},
@@ -221,6 +261,6 @@ def parse_bytes(text: str) -> int:
     except ValueError:
         value = math.nan
     if unit not in units or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"--gpu-memory={text!r} is not a memory size; allowed: a positive number with a unit "
+        raise UserError(f"--gpu-memory={text!r} is not a memory size; allowed: a positive number with a unit "
                          "such as 24GiB, 8GB or 512MiB")
     return int(value * units[unit])

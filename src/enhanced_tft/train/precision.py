@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ class PrecisionPolicy:
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA GPU is visible; allowed here: auto or cpu")
+        raise UserError("train.device='cuda' but no CUDA GPU is visible; allowed here: auto or cpu")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)

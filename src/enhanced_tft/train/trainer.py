@@ -12,18 +12,20 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import tasks
 from ..config import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
-from ..model.tft import EnhancedTFT
-from .memory import MemoryMonitor
-from .metrics import task_metrics
-from .optim import lr_lambda, make_optimizer
+from ..inference import InferredChunk, infer
+from ..model.build import build_model, move_to_device
+from ..model.tft import EnhancedTFT, ModelDims, set_activation_checkpointing
+from .memory import MemoryMonitor, OutOfMemoryGiveUp
+from .optim import continued_lr_lambda, lr_lambda, make_optimizer
 from .precision import PrecisionPolicy
 from .resume import STOP, NonFiniteGiveUp, TrainingInterrupted, TrainProgress, rng_state, set_rng_state
 
@@ -36,10 +38,6 @@ INPUT_KEYS = ("observed", "known", "symbol", "target")
 FaultHook = Callable[[str, int, int, torch.Tensor], None]
 
 
-class OutOfMemoryGiveUp(RuntimeError):
-    """Out of memory even at micro-batch 1: the config itself must change."""
-
-
 def _give_up_message(cfg: Config, phase: str) -> str:
     m = cfg.model
     return (f"out of memory in {phase} even at micro-batch 1 (d_model {m.d_model}, ff_dim {m.ff_dim}, "
@@ -50,7 +48,16 @@ def _give_up_message(cfg: Config, phase: str) -> str:
             "model.variable_hidden_size; `etft plan` shows what fits.")
 
 
-_SPLIT_STATS = ("num_samples", "up_rate", "majority_rate")   # properties of the data, not of the model
+def build_training_model(cfg: Config, task: tasks.Task, dims: ModelDims,
+                         device: torch.device | None = None) -> EnhancedTFT:
+    """The model as training runs it: built from the config, with its activation-checkpointing policy applied.
+
+    With a `device`, also moved there with the CPU fast paths set to that device's default (model/build.py);
+    without one it stays on the CPU, fast paths on.
+    """
+    model = set_activation_checkpointing(build_model(cfg.model, dims, task.output_size),
+                                         cfg.train.activation_checkpointing)
+    return model if device is None else move_to_device(model, device)
 
 
 @dataclass
@@ -69,14 +76,14 @@ class FitResult:
 @dataclass
 class Evaluation:
     loss: float
-    prediction: torch.Tensor     # (N,) or (N, O) as TaskHead.predict returns, on the CPU
+    prediction: torch.Tensor     # (N,) or (N, O) as Task.predict returns, on the CPU
     target: torch.Tensor         # (N,)
     raw_return: torch.Tensor     # (N,)
 
 
 class Trainer:
     def __init__(self, model: EnhancedTFT, data: DataBundle, cfg: Config, device: torch.device,
-                 policy: PrecisionPolicy, *, seed: int, member: int = 0,
+                 policy: PrecisionPolicy, *, seed: int, member: int = 0, task: tasks.Task | None = None,
                  micro_batch_size: int | None = None,
                  on_epoch_end: Callable[[dict], None] | None = None,
                  on_best: Callable[[dict[str, torch.Tensor], int], None] | None = None,
@@ -84,6 +91,7 @@ class Trainer:
                  fault_hook: FaultHook | None = None):
         self.model, self.data, self.cfg, self.device, self.policy = model, data, cfg, device, policy
         self.member = member
+        self.task = task or tasks.for_config(cfg)
         self.on_epoch_end, self.on_best, self.fault_hook = on_epoch_end, on_best, fault_hook
         self.on_checkpoint = on_checkpoint
         self.progress = TrainProgress()
@@ -103,9 +111,10 @@ class Trainer:
         self.steps_per_epoch = math.ceil(num_train / self.effective_batch_size)
         if train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
-        total_steps = self.steps_per_epoch * train.epochs
+        self.total_steps = self.steps_per_epoch * train.epochs
+        self.warmup_steps = int(train.warmup_fraction * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, int(train.warmup_fraction * total_steps), train.min_lr_ratio))
+            self.optimizer, lr_lambda(self.total_steps, self.warmup_steps, train.min_lr_ratio))
         self.skipped_steps = 0
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,14 +138,14 @@ class Trainer:
             batch = self._to_device(split.batch(micro))
             with self.policy.autocast():
                 output = self.model(batch["observed"], batch["known"], batch["symbol"]).output
-            losses = self.model.head.loss(output, batch["target"])                      # (b,) float32
+            losses = self.task.loss(output, batch["target"])                            # (b,) float32
             loss_sum = losses.sum()
             self.scaler.scale(loss_sum / count).backward()
             total += loss_sum.detach()
         return total
 
-    def _shrink_after_oom(self, phase: str, size_attr: str) -> None:
-        """Free what the failed attempt held, then halve the batch size named by `size_attr`."""
+    def _shrink_after_oom(self, phase: str, size_attr: str) -> int:
+        """Free what the failed attempt held, then halve the batch size named by `size_attr`; return it."""
         self.optimizer.zero_grad(set_to_none=True)   # the interrupted window's partial gradients
         gc.collect()
         if self.device.type == "cuda":
@@ -154,6 +163,7 @@ class Trainer:
         else:
             log.warning("out of memory in %s: evaluation chunk %d -> %d; redoing the chunk", phase, old,
                         getattr(self, size_attr))
+        return getattr(self, size_attr)
 
     def train_window(self, split: WindowSet, window: torch.Tensor) -> torch.Tensor:
         """accumulate() with OOM recovery: retried at half the micro-batch until it fits, no sample lost or doubled."""
@@ -268,37 +278,25 @@ class Trainer:
                                "loss/train": loss, "speed/samples_per_s": samples_per_s,
                                "batch/micro": self.micro_batch_size, **memory})
 
-    @torch.no_grad()
+    def inference(self, split_name: str, *, with_loss: bool = False,
+                  with_weights: bool = False) -> Iterator[InferredChunk]:
+        """The split through the model in evaluation chunks (inference.infer); an OOM halves the chunk for the
+        rest of the run."""
+        hook = self.fault_hook
+        return infer([self.model], self.task, self.data.splits[split_name], self.device, self.policy,
+                     self.eval_batch_size, with_loss=with_loss, with_weights=with_weights,
+                     before_chunk=(lambda index, chunk: hook(split_name, self.global_step, index, chunk)) if hook else None,
+                     on_oom=lambda size: self._shrink_after_oom(split_name, "eval_batch_size"), what=split_name)
+
     def evaluate(self, split_name: str) -> Evaluation:
-        """Loss and predictions on a whole split, in order; a chunk that runs out of memory is redone at half size."""
+        """Loss and predictions on a whole split, in order."""
         split = self.data.splits[split_name]
-        self.model.eval()
-        outputs, loss_sum = [], torch.zeros((), device=self.device)
-        indices = split.all_indices()
-        position, chunk_index = 0, 0
-        while position < len(split):
-            chunk = indices[position:position + self.eval_batch_size]
-            try:
-                if self.fault_hook:
-                    self.fault_hook(split_name, self.global_step, chunk_index, chunk)
-                batch = self._to_device(split.batch(chunk))
-                with self.policy.autocast():
-                    output = self.model(batch["observed"], batch["known"], batch["symbol"]).output
-                chunk_loss = self.model.head.loss(output, batch["target"]).sum()
-                prediction = self.model.head.predict(output).cpu()
-            except torch.OutOfMemoryError:
-                pass
-            else:
-                loss_sum += chunk_loss
-                outputs.append(prediction)
-                position += chunk.numel()
-                chunk_index += 1
-                continue
-            batch = output = None
-            self._shrink_after_oom(split_name, "eval_batch_size")
-        arrays = split.arrays
-        ends = split.sample_ends
-        return Evaluation(float(loss_sum) / max(len(split), 1), torch.cat(outputs),
+        predictions, loss_sum = [], torch.zeros((), device=self.device)
+        for chunk in self.inference(split_name, with_loss=True):
+            loss_sum += chunk.loss_sums[0]
+            predictions.append(chunk.predictions[0])
+        arrays, ends = split.arrays, split.sample_ends
+        return Evaluation(float(loss_sum) / max(len(split), 1), torch.cat(predictions),
                           arrays.target.index_select(0, ends), arrays.raw_return.index_select(0, ends))
 
     def fit(self) -> FitResult:
@@ -313,8 +311,8 @@ class Trainer:
             p.peak_bytes = max(p.peak_bytes, epoch_peak)
             p.total_samples += samples
             p.total_seconds += seconds
-            val_metrics = task_metrics(self.cfg.task, evaluation.prediction, evaluation.target,
-                                       evaluation.raw_return, **self.data.target_scale())
+            val_metrics = self.task.metrics(evaluation.prediction, evaluation.target, evaluation.raw_return,
+                                            self.data.target_scale())
             improved = evaluation.loss < p.best_loss - 1e-6
             if improved:
                 p.best_loss, p.best_epoch, p.stale_epochs = evaluation.loss, epoch, 0
@@ -335,7 +333,7 @@ class Trainer:
             }
             log.info("member %d epoch %d/%d  train loss %.5f  val loss %.5f%s  %s  %.0f samples/s  %s",
                      self.member, epoch, train.epochs, train_loss, evaluation.loss, " *" if improved else "  ",
-                     "  ".join(f"{k} {v:.4f}" for k, v in val_metrics.items() if k not in _SPLIT_STATS),
+                     "  ".join(f"{k} {v:.4f}" for k, v in val_metrics.items() if k not in tasks.SPLIT_STATS),
                      samples / seconds, MemoryMonitor.describe(memory))
             if self.on_epoch_end:
                 self.on_epoch_end(record)
@@ -366,6 +364,7 @@ class Trainer:
             "order_generator": self.order_generator.get_state(), "rng": rng_state(self.device),
             "micro_batch_size": self.micro_batch_size, "eval_batch_size": self.eval_batch_size,
             "oom_recoveries": self.oom_recoveries, "skipped_steps": self.skipped_steps,
+            "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
         }
 
     def load_state_dict(self, state: dict, best_state: dict[str, torch.Tensor] | None = None) -> None:
@@ -380,6 +379,16 @@ class Trainer:
         self.micro_batch_size, self.eval_batch_size = state["micro_batch_size"], state["eval_batch_size"]
         self.oom_recoveries, self.skipped_steps = state["oom_recoveries"], state["skipped_steps"]
         self.best_state = best_state
+        saved = state.get("schedule", {}).get("total_steps", self.total_steps)
+        if saved != self.total_steps:   # train.epochs changed: continue from the learning rate reached so far
+            step, train = self.scheduler.last_epoch, self.cfg.train
+            warmup = state["schedule"]["warmup_steps"]
+            old = lr_lambda(saved, warmup, train.min_lr_ratio)
+            continued = continued_lr_lambda(old, step, warmup, self.total_steps, train.min_lr_ratio)
+            self.scheduler.lr_lambdas = [continued] * len(self.optimizer.param_groups)
+            log.info("member %d: %d optimizer steps in all now (was %d); the learning rate continues from %.3g "
+                     "(%.3g of the peak) and decays to %.3g of the peak by the last step", self.member,
+                     self.total_steps, saved, self.scheduler.get_last_lr()[0], old(step), train.min_lr_ratio)
 
     def checkpoint(self) -> None:
         if self.on_checkpoint:

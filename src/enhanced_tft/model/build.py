@@ -1,0 +1,46 @@
+"""Build the model a config describes, and rebuild a trained one from its saved weights.
+
+The model takes plain sizes; the task says how many outputs the head has (tasks.Task.output_size), the
+fitted data transform how many inputs (dims_for). Loading a file is the run folder's job (runs.py):
+here a state dict (tensors) goes into a freshly built model. A model leaves the CPU through move_to_device,
+which also sets the CPU fast paths' switch to that device's stated default (model/layers.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from .layers import fast_cpu_kernels_default, set_fast_cpu_kernels
+from .tft import EnhancedTFT, ModelDims
+
+
+def dims_for(transform) -> ModelDims:
+    """The input sizes a fitted transform implies (observed features, calendar inputs, symbols, horizon)."""
+    return ModelDims(len(transform.features), len(transform.known_features), len(transform.symbols),
+                     transform.horizon)
+
+
+def build_model(model: ModelConfig, dims: ModelDims, output_size: int) -> EnhancedTFT:
+    """The model of a config's `model` section for inputs of `dims` and a head of `output_size` outputs."""
+    return EnhancedTFT(dims, output_size, model.d_model, model.num_heads, model.num_transformer_blocks,
+                       model.ff_dim, model.dropout_rate, model.variable_hidden_size, model.lstm_layers)
+
+
+def move_to_device(model: EnhancedTFT, device: torch.device | str) -> EnhancedTFT:
+    """`model` on `device`, with the CPU fast paths on or off as that device's default says."""
+    return set_fast_cpu_kernels(model, fast_cpu_kernels_default(device)).to(device)
+
+
+class WeightsMismatch(ValueError):
+    """Saved weights whose names or shapes do not fit the model the config describes."""
+
+
+def load_model(model: ModelConfig, dims: ModelDims, output_size: int, state_dict: dict[str, torch.Tensor],
+               device: torch.device) -> EnhancedTFT:
+    """A trained model: built from the config, given `state_dict`, moved to `device`, in eval mode."""
+    built = build_model(model, dims, output_size)
+    try:
+        built.load_state_dict(state_dict)
+    except RuntimeError as err:   # missing or misshapen weights: another model's checkpoint
+        raise WeightsMismatch(str(err).splitlines()[0][:300]) from None
+    return move_to_device(built, device).eval()

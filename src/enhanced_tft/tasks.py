@@ -1,0 +1,331 @@
+"""One class per task: what it learns from the returns, its loss, its prediction, its output columns, its
+metrics, its naive baseline and what the report shows. Nothing else in the package branches on a task's name:
+the rest asks the task object (`tasks.get(name)` for the class, `tasks.for_config(cfg)` for an instance).
+
+A new task is a subclass registered with `register`; the config accepts its name from then on.
+torch is imported inside the methods: the config validates task names before anything heavy is loaded.
+
+Legend: B batch, O head outputs, M members, N samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:   # pragma: no cover
+    import torch
+
+QUANTILES = (0.1, 0.5, 0.9)
+SPLIT_STATS = ("num_samples", "up_rate", "majority_rate")   # properties of the data, not of a model
+
+
+@dataclass(frozen=True)
+class TargetScale:
+    """How the model's scaled output maps back to the raw target: raw = scaled * std + mean."""
+    std: float = 1.0
+    mean: float = 0.0
+
+
+class Task:
+    """The behaviour of one task. Subclasses set the class attributes and the methods marked below."""
+    name: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]]        # prediction columns, in the head's output order
+    probabilities: ClassVar[bool]             # columns are probabilities (classifiers), else raw target values
+    targets: ClassVar[tuple[str, ...]] = ("return",)   # data.target values this task can learn
+    uses_binary_dead_zone: ClassVar[bool] = False      # data.binary_dead_zone applies
+    main_metric: ClassVar[str]                # the report's headline metric (learning curves, ensemble spread)
+    spread: ClassVar[tuple[str, str]]         # (column, label) of the members' disagreement in the report
+
+    def __init__(self, target: str = "return", regression_loss: str = "huber", huber_delta: float = 1.0):
+        self.target, self.regression_loss, self.huber_delta = target, regression_loss, huber_delta
+
+    @property
+    def output_size(self) -> int:
+        return len(self.columns)
+
+    # ---------------------------------------------------------------- what each task defines
+
+    def make_targets(self, forward_target: np.ndarray, forward_return: np.ndarray, target_scale: TargetScale,
+                     dead_zone: float) -> np.ndarray:
+        """What the model learns per row (float32), from the raw forward target and forward return."""
+        raise NotImplementedError
+
+    def loss(self, output_BO: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses (B,) in float32; the trainer sums and normalises them."""
+        raise NotImplementedError
+
+    def predict(self, output_BO: torch.Tensor) -> torch.Tensor:
+        """Raw head output -> what users read: (B,) or (B, O), scaled values or probabilities."""
+        raise NotImplementedError
+
+    def metrics(self, prediction: torch.Tensor, target: torch.Tensor, raw: torch.Tensor,
+                scale: TargetScale) -> dict[str, float]:
+        """prediction as `predict` returns it; target as the task's labels; raw the raw target in its units."""
+        raise NotImplementedError
+
+    def baseline(self, train_target: torch.Tensor, train_raw: torch.Tensor, scale: TargetScale) -> torch.Tensor:
+        """The naive rule's constant prediction, fitted on the train split: shape () or (O,)."""
+        raise NotImplementedError
+
+    def baseline_rule(self) -> str:
+        raise NotImplementedError
+
+    def hard_class(self, mean_BO: torch.Tensor) -> torch.Tensor | None:
+        """The predicted class per sample (classifiers), else None."""
+        return None
+
+    def split_note(self, metrics: dict) -> str:
+        """A sentence about the split itself (class balance), or ''."""
+        return ""
+
+    def data_notes(self, transform: dict) -> list[tuple[str, str]]:
+        """Rows the report's data section adds for this task, from scaler.json."""
+        return []
+
+    # ---------------------------------------------------------------- shared behaviour
+
+    @classmethod
+    def check_data(cls, target: str, binary_dead_zone: float) -> str | None:
+        """Why this task cannot learn with these data settings, or None."""
+        if target not in cls.targets:
+            able = [name for name, task in REGISTRY.items() if target in task.targets]
+            return f"data.target={target!r} needs task {' or '.join(able)}, not {cls.name!r}"
+        if binary_dead_zone and not cls.uses_binary_dead_zone:
+            able = [name for name, task in REGISTRY.items() if task.uses_binary_dead_zone]
+            return (f"data.binary_dead_zone={binary_dead_zone:g} applies to task {' or '.join(able)} only, "
+                    f"not {cls.name!r}; set it to 0")
+        return None
+
+    def prediction_columns(self, member_predictions_MB: list[torch.Tensor], scale: TargetScale,
+                           with_members: bool = True) -> dict[str, np.ndarray]:
+        """Columns of one batch: ensemble mean per output, the class, the members' spread (std), each member.
+
+        Probabilities stay probabilities; values are in the raw target's units (output x train std + train mean).
+        """
+        import torch
+        stacked_MBO = torch.stack(member_predictions_MB).float()
+        if stacked_MBO.dim() == 2:
+            stacked_MBO = stacked_MBO.unsqueeze(-1)
+        mean_BO = stacked_MBO.mean(dim=0)
+        spread_BO = stacked_MBO.std(dim=0, unbiased=False)   # 0 for a single member
+        factor, shift = (1.0, 0.0) if self.probabilities else (scale.std, scale.mean)
+        columns: dict[str, np.ndarray] = {}
+        for j, name in enumerate(self.columns):
+            columns[name] = (mean_BO[:, j] * factor + shift).numpy()   # the order of `metrics`: same float32 result
+        hard = self.hard_class(mean_BO)
+        if hard is not None:
+            columns["class"] = hard.to(torch.int8).numpy()
+        for j, name in enumerate(self.columns):
+            columns[f"{name}_spread"] = (spread_BO[:, j] * factor).numpy()
+        if with_members and len(member_predictions_MB) > 1:
+            for m in range(stacked_MBO.shape[0]):
+                for j, name in enumerate(self.columns):
+                    columns[f"member_{m}_{name}"] = (stacked_MBO[m, :, j] * factor + shift).numpy()
+        return columns
+
+
+def _recall_and_auc(hard, labels, num_classes: int, scores) -> tuple[float, float]:
+    from torchmetrics.functional.classification import binary_auroc, multiclass_auroc, multiclass_recall
+    recall = float(multiclass_recall(hard, labels, num_classes=max(num_classes, 2), average="macro"))
+    if num_classes == 2:
+        return recall, float(binary_auroc(scores, labels))
+    return recall, float(multiclass_auroc(scores, labels, num_classes=num_classes, average="macro"))
+
+
+class BinaryClassification(Task):
+    name = "classification_binary"
+    columns = ("p_up",)
+    probabilities = True
+    uses_binary_dead_zone = True
+    main_metric = "auc"
+    spread = ("p_up_spread", "std of the members' P(up)")
+
+    def make_targets(self, forward_target, forward_return, target_scale, dead_zone):
+        return (forward_return > 0).astype(np.float32)
+
+    def loss(self, output_BO, target_B):
+        import torch.nn.functional as F
+        return F.binary_cross_entropy_with_logits(output_BO.float()[:, 0], target_B, reduction="none")
+
+    def predict(self, output_BO):
+        import torch
+        return torch.sigmoid(output_BO.float()[:, 0])
+
+    def metrics(self, prediction, target, raw, scale):
+        prediction, labels = prediction.float().cpu(), target.float().cpu().long()
+        hard = (prediction > 0.5).long()
+        balanced, auc = _recall_and_auc(hard, labels, 2, prediction)
+        up = labels.float().mean()
+        return {"accuracy": float((hard == labels).float().mean()), "balanced_accuracy": balanced, "auc": auc,
+                "up_rate": float(up), "majority_rate": float(max(up, 1 - up)), "num_samples": int(labels.numel())}
+
+    def baseline(self, train_target, train_raw, scale):
+        import torch
+        majority = float(train_target.float().mean() > 0.5)
+        # probability just off 0.5 towards the majority: accuracy = majority rate, AUC = 0.5
+        return torch.tensor(0.5 + (majority - 0.5) * 1e-3)
+
+    def baseline_rule(self):
+        return "majority class of the train split"
+
+    def hard_class(self, mean_BO):
+        return mean_BO[:, 0] > 0.5
+
+    def split_note(self, metrics):
+        return f"{metrics['up_rate']:.1%} up bars, majority-class rate {metrics['majority_rate']:.1%}"
+
+
+class MulticlassClassification(Task):
+    name = "classification_multiclass"
+    columns = ("p_down", "p_flat", "p_up")
+    probabilities = True
+    main_metric = "auc"
+    spread = ("p_up_spread", "std of the members' P(up)")
+
+    def make_targets(self, forward_target, forward_return, target_scale, dead_zone):
+        return np.where(forward_return > dead_zone, 2, np.where(forward_return < -dead_zone, 0, 1)).astype(np.float32)
+
+    def loss(self, output_BO, target_B):
+        import torch.nn.functional as F
+        return F.cross_entropy(output_BO.float(), target_B.long(), reduction="none")
+
+    def predict(self, output_BO):
+        import torch
+        return torch.softmax(output_BO.float(), dim=1)
+
+    def metrics(self, prediction, target, raw, scale):
+        prediction, labels = prediction.float().cpu(), target.float().cpu().long()
+        hard = prediction.argmax(dim=1)
+        balanced, auc = _recall_and_auc(hard, labels, 3, prediction)
+        return {"accuracy": float((hard == labels).float().mean()), "balanced_accuracy": balanced, "auc": auc,
+                "num_samples": int(labels.numel())}
+
+    def baseline(self, train_target, train_raw, scale):
+        import torch
+        freq = torch.bincount(train_target.long(), minlength=3).float()
+        return freq / freq.sum()
+
+    def baseline_rule(self):
+        return "class frequencies of the train split"
+
+    def hard_class(self, mean_BO):
+        return mean_BO.argmax(dim=1)
+
+    def data_notes(self, transform):
+        return [("flat class: |log return| at most", f"{transform['dead_zone']:.6f}")] if "dead_zone" in transform else []
+
+
+class _TargetValues(Task):
+    """Tasks that predict the target itself (return or volatility), centred and scaled by its train moments."""
+    probabilities = False
+    targets = ("return", "volatility")
+
+    def make_targets(self, forward_target, forward_return, target_scale, dead_zone):
+        return ((forward_target - target_scale.mean) / target_scale.std).astype(np.float32)
+
+
+class Regression(_TargetValues):
+    name = "regression"
+    columns = ("value",)
+    main_metric = "mae"
+    spread = ("value_spread", "std of the members' predicted log return")
+
+    def loss(self, output_BO, target_B):
+        import torch.nn.functional as F
+        prediction = output_BO.float()[:, 0]
+        if self.regression_loss == "mae":
+            return (prediction - target_B).abs()
+        return F.huber_loss(prediction, target_B, reduction="none", delta=self.huber_delta)
+
+    def predict(self, output_BO):
+        return output_BO.float()[:, 0]
+
+    def metrics(self, prediction, target, raw, scale):
+        value = prediction.float().cpu() * scale.std + scale.mean
+        raw = raw.float().cpu()
+        error = value - raw
+        out = {"mae": float(error.abs().mean()), "rmse": float(error.pow(2).mean().sqrt())}
+        if self.target == "return":
+            out["direction_accuracy"] = float(((value > 0) == (raw > 0)).float().mean())
+        return {**out, "num_samples": int(raw.numel())}
+
+    def baseline(self, train_target, train_raw, scale):
+        import torch
+        return torch.tensor(0.0)   # in scaled units: the train mean of the target (0 for returns)
+
+    def baseline_rule(self):
+        return "train mean of the volatility target" if self.target == "volatility" else "zero return"
+
+
+class QuantileRegression(_TargetValues):
+    name = "quantile"
+    columns = tuple(f"p{round(q * 100)}" for q in QUANTILES)
+    main_metric = "quantile_loss"
+    spread = ("p50_spread", "std of the members' predicted median log return")
+
+    def loss(self, output_BO, target_B):
+        import torch
+        quantiles = torch.tensor(QUANTILES, device=output_BO.device)
+        error = target_B.unsqueeze(1) - output_BO.float()                                     # (B, Q)
+        return torch.maximum(quantiles * error, (quantiles - 1) * error).mean(dim=1)
+
+    def predict(self, output_BO):
+        return output_BO.float().sort(dim=1).values   # keeps P10 <= P50 <= P90
+
+    def metrics(self, prediction, target, raw, scale):
+        import torch
+        quantiles = torch.tensor(QUANTILES)
+        raw = raw.float().cpu()
+        values = prediction.float().cpu() * scale.std + scale.mean                           # (N, Q)
+        error = raw.unsqueeze(1) - values
+        pinball = torch.maximum(quantiles * error, (quantiles - 1) * error)
+        inside = (raw >= values[:, 0]) & (raw <= values[:, -1])
+        return {"quantile_loss": float(pinball.mean()), "coverage_p10_p90": float(inside.float().mean()),
+                "mae_p50": float((values[:, 1] - raw).abs().mean()), "num_samples": int(raw.numel())}
+
+    def baseline(self, train_target, train_raw, scale):
+        import torch
+        levels = torch.tensor(QUANTILES, dtype=torch.float64)
+        return (torch.quantile(train_raw.double(), levels).float() - scale.mean) / scale.std
+
+    def baseline_rule(self):
+        return "unconditional train quantiles"
+
+
+REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(task: type[Task]) -> type[Task]:
+    """Make a task class known by its name (usable as a decorator); the config accepts the name from then on."""
+    if not getattr(task, "name", None) or not getattr(task, "columns", None):
+        raise TypeError(f"{task.__name__} needs a `name` and its `columns`")
+    REGISTRY[task.name] = task
+    return task
+
+
+for _builtin in (Regression, QuantileRegression, BinaryClassification, MulticlassClassification):
+    register(_builtin)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> type[Task]:
+    """The class of a task name; an unknown name names the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(map(repr, REGISTRY))}") from None
+
+
+def for_config(cfg) -> Task:
+    """The task a validated Config trains, with its loss settings and target."""
+    return get(cfg.task)(cfg.data.target, cfg.train.regression_loss, cfg.train.huber_delta)
+
+
+def for_transform(transform) -> Task:
+    """The task of a saved run's transform (scaler.json): what prediction and scoring need."""
+    return get(transform.task)(transform.target)

@@ -1,0 +1,159 @@
+"""A training run end to end, as `etft train` runs it: run folder, data, auto-batch, members, summary, the
+test split's outputs (interpretation, predictions_test.csv), report.html; resume; walk-forward folds.
+
+The command line parses and calls these; so can a notebook.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as config_mod
+from . import tasks
+from .config import Config, UserError
+from .runs import (ATTENTION_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV, SCALER_JSON, SUMMARY_JSON,
+                   RunFolder, walk_forward_file, write_json_atomic)
+
+log = logging.getLogger("enhanced_tft.train")
+
+
+@dataclass
+class TrainRequest:
+    """What `etft train` was asked beyond the config: a folder to continue, and the auto-batch budget."""
+    resume_folder: Path | None = None
+    changed: tuple[str, ...] = ()      # config keys a resume changed (all in SAFE_RESUME_CHANGES)
+    auto_batch: bool = False
+    gpu_memory: str | None = None      # auto-batch budget, e.g. 24GiB; None = the device's memory
+
+
+def resume_request(folder: str | Path, overrides: list[str]) -> tuple[Config, TrainRequest]:
+    """A stopped run's own config, with only the changes that keep its training what it was."""
+    run = RunFolder(folder)
+    if not run.is_run_folder():
+        raise UserError(f"--resume {str(run.path)!r} is not a run folder: it needs {CONFIG_YAML} and checkpoints/ "
+                        "(a folder like logs/training_20261128_101500)")
+    cfg, changed = config_mod.resume_config(config_mod.load_config(run.file(CONFIG_YAML)), overrides)
+    return cfg, TrainRequest(resume_folder=run.path, changed=tuple(changed))
+
+
+def train(cfg: Config, request: TrainRequest | None = None) -> int:
+    """Train `cfg` (every walk-forward fold when it asks for folds); return the exit code."""
+    request = request or TrainRequest()
+    if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:
+        return walk_forward(cfg, request)
+    return train_run(cfg, request)[0]
+
+
+def walk_forward(cfg: Config, request: TrainRequest) -> int:
+    """One run folder per fold, then the folds' test metrics side by side (and walk_forward_<time>.json)."""
+    folds = cfg.data.walk_forward_folds
+    results = []
+    for fold in range(folds):
+        log.info("walk-forward fold %d of %d", fold, folds)
+        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}), request)
+        if code != 0:
+            return code
+        results.append({"fold": fold, "run": str(run_path), "test": RunFolder(run_path).read_json(SUMMARY_JSON)["test"]})
+    keys = [k for k, v in results[0]["test"].items() if isinstance(v, float)]
+    mean = {k: sum(r["test"][k] for r in results) / folds for k in keys}
+    lines = [f"walk-forward test metrics ({folds} folds):", "  fold" + "".join(f"{k:>20}" for k in keys)]
+    lines += [f"  {r['fold']:<4}" + "".join(f"{r['test'][k]:>20.4f}" for k in keys) for r in results]
+    lines.append("  mean" + "".join(f"{mean[k]:>20.4f}" for k in keys))
+    out = walk_forward_file(cfg.run.log_dir, Path(results[0]["run"]))
+    write_json_atomic(out, {"folds": results, "mean": mean})
+    lines.append(f"written to {out}")
+    log.info("\n".join(lines))
+    return 0
+
+
+def train_run(cfg: Config, request: TrainRequest) -> tuple[int, Path]:
+    """Train one run (or continue `request.resume_folder`); return the exit code and the run folder."""
+    resuming = request.resume_folder is not None
+    task = tasks.for_config(cfg)
+    # heavy imports (torch, pandas) only once the config is known to be good: bad input answers at once
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .data.pipeline import build_data
+    from .threads import configure_threads
+    from .train.auto_batch import auto_batch
+    from .train.ensemble import train_ensemble
+    from .train.precision import resolve_device, resolve_precision
+    from .train.resume import TrainingInterrupted, install_signal_handlers, restore_signal_handlers
+
+    configure_threads()   # the CPUs this process may use, not the machine's: oversubscribed threads spin
+    device = resolve_device(cfg.train.device)
+    policy = resolve_precision(cfg.train.mixed_precision, device)
+    # the saved config is what ran: record the effective device and precision
+    cfg = config_mod.update(cfg, train={"device": device.type, "mixed_precision": policy.name})
+    run = RunFolder(request.resume_folder) if resuming else RunFolder.create(cfg.run.log_dir)
+    run.attach_logging()
+    started = time.time()
+    training_started = False
+    previous_handlers = install_signal_handlers()
+    try:
+        if resuming:
+            log.info("resuming run folder %s%s", run.path,
+                     f" with changed {', '.join(request.changed)}" if request.changed else "")
+        else:
+            log.info("run folder %s%s", run.path, "  (test mode)" if cfg.run.test_mode else "")
+        data = build_data(cfg)
+        if request.auto_batch:   # sized from the built data: the model's input sizes are the data's
+            cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory)
+            log.info(note)
+        run.write_text(CONFIG_YAML, f"# resolved config of this run; precision {policy.name}: {policy.reason}\n"
+                       + config_mod.to_yaml(cfg))
+        log.info("task %s; effective batch %d = micro-batch %d x %d accumulation steps; precision %s: %s",
+                 cfg.task, cfg.train.samples_per_step, cfg.train.batch_size,
+                 cfg.train.gradient_accumulation_steps, policy.name, policy.reason)
+        run.write_json(SCALER_JSON, data.scaler)
+        training_started = True
+        with logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]):
+            result = train_ensemble(cfg, task, data, device, policy, run, resume=resuming)
+        summary = result.summary
+        from .evaluation import metrics_table
+        several = summary["ensemble"]["size"] > 1
+        log.info("\n".join([
+            metrics_table(task, summary["test"], summary["baseline"], summary["baseline"]["rule"],
+                          summary["ensemble"]["mean_member"] if several else None,
+                          f"test metrics ({summary['test']['num_samples']} samples):"),
+            f"train speed {summary['samples_per_s']:.0f} samples/s, peak memory "
+            f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB, {time.time() - started:.0f} s in all",
+            f"run folder: {run.path}"]))
+        write_test_outputs(run, data, result)
+        return 0, run.path
+    except TrainingInterrupted as stop:
+        print(f"etft train: {stop}. Resume with: etft train --resume {run.path}", file=sys.stderr)
+        return (143 if stop.signal_name == "SIGTERM" else 130), run.path
+    finally:
+        restore_signal_handlers(previous_handlers)
+        run.detach_logging()
+        if not training_started and not resuming:
+            shutil.rmtree(run.path, ignore_errors=True)   # bad input found before training: leave no empty run
+
+
+def write_test_outputs(run: RunFolder, data, result) -> None:
+    """Interpretation CSVs, predictions_test.csv and report.html, from the members' one test pass each. The
+    trained run is already saved, so a failure here is reported and leaves the exit code alone."""
+    from .interpret import interpretation_frames, total
+    from .predict import write_test_predictions
+    try:
+        frames = interpretation_frames(total([m.weights for m in result.members]), data.transform,
+                                       data.splits["test"].sequence_length)
+        for name, key in ((IMPORTANCE_CSV, "importance"), (IMPORTANCE_BY_SYMBOL_CSV, "importance_by_symbol"),
+                          (ATTENTION_CSV, "attention")):
+            run.write_csv(name, frames[key])
+        write_test_predictions(run, data.splits["test"], data.transform, [m.prediction for m in result.members])
+    except Exception:
+        log.exception("interpretation or test predictions failed (the trained run is saved)")
+    try:
+        from .report import write_report
+        write_report(run.path)
+    except ImportError as err:
+        log.warning("report.html skipped: %s (pip install 'matplotlib>=3.8', then etft report --run %s)",
+                    err, run.path)
+    except Exception:
+        log.exception("report.html failed (the trained run is saved); etft report --run %s retries", run.path)
