@@ -41,23 +41,74 @@ def resume_request(folder: str | Path, overrides: list[str]) -> tuple[Config, Tr
 
 
 def train(cfg: Config, request: TrainRequest | None = None) -> int:
-    """Train `cfg` (every walk-forward fold when it asks for folds); return the exit code."""
+    """Train `cfg` (every walk-forward fold when it asks for folds); return the exit code.
+
+    Under torchrun every rank calls this with the same arguments: they train each model together
+    (train/distributed.py) and rank 0 writes the one run folder.
+    """
     request = request or TrainRequest()
-    if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:
-        return walk_forward(cfg, request)
-    return train_run(cfg, request)[0]
+    from .train.distributed import RankFilter, close_world, init_world
+    from .train.precision import resolve_device
+
+    world = init_world(resolve_device(cfg.train.device).type)
+    # ranks other than 0 print their warnings only, prefixed with the rank; rank 0 tells the rest
+    handlers = logging.getLogger("enhanced_tft").handlers if not world.is_main else []
+    rank_filter = RankFilter(world.rank)
+    for handler in handlers:   # on the handlers: a logger's own filter misses its children's records
+        handler.addFilter(rank_filter)
+    try:
+        if request.resume_folder is None:
+            request = _resume_after_restart(cfg, request, world)
+        if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:
+            code = walk_forward(cfg, request, world)
+        else:
+            code = train_run(cfg, request, world)[0]
+        marker = restart_marker(cfg.run.log_dir)
+        if code == 0 and world.is_main and marker is not None:
+            marker.unlink(missing_ok=True)   # finished: no restart will look for it
+        return code
+    finally:
+        for handler in handlers:
+            handler.removeFilter(rank_filter)
+        close_world(world)
 
 
-def walk_forward(cfg: Config, request: TrainRequest) -> int:
+def _resume_after_restart(cfg: Config, request: TrainRequest, world) -> TrainRequest:
+    """Under `torchrun --max-restarts K`, a restarted worker group continues the run folder the first attempt
+    made (found through LOG_DIR/.torchrun_<run id>, which rank 0 wrote) instead of starting a new one."""
+    from .train.distributed import restart_count, run_id
+    marker = restart_marker(cfg.run.log_dir)
+    if restart_count() == 0 or marker is None:
+        return request
+    folder = world.broadcast(marker.read_text().strip() if world.is_main and marker.is_file() else None)
+    if folder is None:
+        return request   # the first attempt stopped before it made its folder: start one
+    log.warning("torchrun restarted the workers (restart %d of job %s): resuming %s", restart_count(), run_id(),
+                folder)
+    return TrainRequest(resume_folder=Path(folder), changed=(), auto_batch=False)
+
+
+def restart_marker(log_dir: str | Path) -> Path | None:
+    """Where a torchrun job records its run folder, for restarts; None outside torchrun's elastic agent."""
+    from .train.distributed import run_id
+    job = run_id()
+    return Path(log_dir) / f".torchrun_{job}" if job else None
+
+
+def walk_forward(cfg: Config, request: TrainRequest, world) -> int:
     """One run folder per fold, then the folds' test metrics side by side (and walk_forward_<time>.json)."""
     folds = cfg.data.walk_forward_folds
     results = []
     for fold in range(folds):
         log.info("walk-forward fold %d of %d", fold, folds)
-        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}), request)
+        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}), request, world)
         if code != 0:
             return code
-        results.append({"fold": fold, "run": str(run_path), "test": RunFolder(run_path).read_json(SUMMARY_JSON)["test"]})
+        if world.is_main:
+            results.append({"fold": fold, "run": str(run_path),
+                            "test": RunFolder(run_path).read_json(SUMMARY_JSON)["test"]})
+    if not world.is_main:
+        return 0
     keys = [k for k, v in results[0]["test"].items() if isinstance(v, float)]
     mean = {k: sum(r["test"][k] for r in results) / folds for k in keys}
     lines = [f"walk-forward test metrics ({folds} folds):", "  fold" + "".join(f"{k:>20}" for k in keys)]
@@ -70,8 +121,27 @@ def walk_forward(cfg: Config, request: TrainRequest) -> int:
     return 0
 
 
-def train_run(cfg: Config, request: TrainRequest) -> tuple[int, Path]:
+def _open_run_folder(cfg: Config, request: TrainRequest, world) -> RunFolder:
+    """The run's folder: rank 0 makes it (or reopens the one to resume) and tells the other ranks."""
+    error, path = None, None
+    if world.is_main:
+        try:
+            path = request.resume_folder or RunFolder.create(cfg.run.log_dir).path
+            marker = restart_marker(cfg.run.log_dir)
+            if marker is not None and request.resume_folder is None:
+                marker.write_text(f"{path}\n")
+        except UserError as err:
+            error = str(err)
+    error, path = world.broadcast((error, str(path) if path else None))
+    if error:
+        raise UserError(error)
+    return RunFolder(path)
+
+
+def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path]:
     """Train one run (or continue `request.resume_folder`); return the exit code and the run folder."""
+    from .train.distributed import SINGLE
+    world = world or SINGLE
     resuming = request.resume_folder is not None
     task = tasks.for_config(cfg)
     # heavy imports (torch, pandas) only once the config is known to be good: bad input answers at once
@@ -81,16 +151,21 @@ def train_run(cfg: Config, request: TrainRequest) -> tuple[int, Path]:
     from .threads import configure_threads
     from .train.auto_batch import auto_batch
     from .train.ensemble import train_ensemble
+    import torch
+
     from .train.precision import resolve_device, resolve_precision
     from .train.resume import TrainingInterrupted, install_signal_handlers, restore_signal_handlers
 
     configure_threads()   # the CPUs this process may use, not the machine's: oversubscribed threads spin
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
     policy = resolve_precision(cfg.train.mixed_precision, device)
     # the saved config is what ran: record the effective device and precision
     cfg = config_mod.update(cfg, train={"device": device.type, "mixed_precision": policy.name})
-    run = RunFolder(request.resume_folder) if resuming else RunFolder.create(cfg.run.log_dir)
-    run.attach_logging()
+    run = _open_run_folder(cfg, request, world)
+    if world.is_main:
+        run.attach_logging()
     started = time.time()
     training_started = False
     previous_handlers = install_signal_handlers()
@@ -100,19 +175,24 @@ def train_run(cfg: Config, request: TrainRequest) -> tuple[int, Path]:
                      f" with changed {', '.join(request.changed)}" if request.changed else "")
         else:
             log.info("run folder %s%s", run.path, "  (test mode)" if cfg.run.test_mode else "")
+        if world.distributed:
+            log.info("data-parallel training on %d ranks (%s); each takes its share of every window and split",
+                     world.size, "NCCL" if device.type == "cuda" else "gloo")
         data = build_data(cfg)
         if request.auto_batch:   # sized from the built data: the model's input sizes are the data's
             cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory)
             log.info(note)
-        run.write_text(CONFIG_YAML, f"# resolved config of this run; precision {policy.name}: {policy.reason}\n"
-                       + config_mod.to_yaml(cfg))
+        if world.is_main:
+            run.write_text(CONFIG_YAML, f"# resolved config of this run; precision {policy.name}: {policy.reason}\n"
+                           + config_mod.to_yaml(cfg))
         log.info("task %s; effective batch %d = micro-batch %d x %d accumulation steps; precision %s: %s",
                  cfg.task, cfg.train.samples_per_step, cfg.train.batch_size,
                  cfg.train.gradient_accumulation_steps, policy.name, policy.reason)
-        run.write_json(SCALER_JSON, data.scaler)
+        if world.is_main:
+            run.write_json(SCALER_JSON, data.scaler)
         training_started = True
         with logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]):
-            result = train_ensemble(cfg, task, data, device, policy, run, resume=resuming)
+            result = train_ensemble(cfg, task, data, device, policy, run, resume=resuming, world=world)
         summary = result.summary
         from .evaluation import metrics_table
         several = summary["ensemble"]["size"] > 1
@@ -123,15 +203,17 @@ def train_run(cfg: Config, request: TrainRequest) -> tuple[int, Path]:
             f"train speed {summary['samples_per_s']:.0f} samples/s, peak memory "
             f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB, {time.time() - started:.0f} s in all",
             f"run folder: {run.path}"]))
-        write_test_outputs(run, data, result)
+        if world.is_main:
+            write_test_outputs(run, data, result)
         return 0, run.path
     except TrainingInterrupted as stop:
-        print(f"etft train: {stop}. Resume with: etft train --resume {run.path}", file=sys.stderr)
+        if world.is_main:
+            print(f"etft train: {stop}. Resume with: etft train --resume {run.path}", file=sys.stderr)
         return (143 if stop.signal_name == "SIGTERM" else 130), run.path
     finally:
         restore_signal_handlers(previous_handlers)
         run.detach_logging()
-        if not training_started and not resuming:
+        if not training_started and not resuming and world.is_main:
             shutil.rmtree(run.path, ignore_errors=True)   # bad input found before training: leave no empty run
 
 

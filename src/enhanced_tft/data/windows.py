@@ -68,3 +68,7 @@ class WindowSet:
 
     def all_indices(self) -> torch.Tensor:
         return torch.arange(len(self))
+
+    def subset(self, indices: torch.Tensor) -> "WindowSet":
+        """The samples `indices` (B,) of this set, in that order, over the same arrays (nothing copied)."""
+        return WindowSet(self.arrays, self.sample_ends[indices].numpy(), self.sequence_length, self.horizon)

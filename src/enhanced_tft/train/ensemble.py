@@ -27,6 +27,7 @@ from .compile import apply_compile
 from .memory import OutOfMemoryGiveUp, release_memory
 from .precision import PrecisionPolicy
 from .resume import NonFiniteGiveUp
+from .distributed import SINGLE, World
 from .trainer import FaultHook, Trainer, build_training_model
 
 log = logging.getLogger(__name__)
@@ -74,37 +75,43 @@ def check_free_space(run: RunFolder, num_parameters: int, keep: int) -> None:
 
 
 def _stop_with_checkpoint(cfg: Config, run: RunFolder, trainer: Trainer, member: int, status: str,
-                          err: Exception) -> None:
+                          err: Exception, writes: bool) -> None:
     trainer.checkpoint()   # through the same hook as every other checkpoint: rotation, config included
+    trainer.world.barrier()   # every rank gives up together (their agreement); rank 0 has written the file
     latest = run.latest_step_checkpoint(member)
-    run.write_json(SUMMARY_JSON, {"task": cfg.task, "status": status, "error": str(err),
-                                  "checkpoint": str(latest.relative_to(run.path))})
+    if writes:
+        run.write_json(SUMMARY_JSON, {"task": cfg.task, "status": status, "error": str(err),
+                                      "checkpoint": str(latest.relative_to(run.path))})
     raise type(err)(f"{err} Last weights: {latest}") from None
 
 
 def _test_pass(trainer: Trainer, num_symbols: int) -> tuple[torch.Tensor, WeightSums]:
-    """The best weights over the test split once: predictions and weight sums together."""
+    """The best weights over the test split once: predictions and weight sums together (each rank its share,
+    then the predictions gathered and the sums added over the ranks)."""
     split = trainer.data.splits["test"]
     sums = WeightSums.for_model(trainer.model, num_symbols, split.sequence_length + split.horizon)
     predictions = []
     for chunk in trainer.inference("test", with_weights=True):
         predictions.append(chunk.predictions[0])
         sums.add_chunk(chunk.outputs[0], chunk.symbol)
-    return torch.cat(predictions), sums
+    for name in ("past_SF", "future_SF", "count_S", "attention_KhL"):
+        trainer.world.sum_(getattr(sums, name))
+    return trainer.gather_split(predictions), sums
 
 
 def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
                  run: RunFolder, member: int, micro_batch_size: int, fault_hook: FaultHook | None = None,
-                 resume: bool = False) -> MemberResult:
+                 resume: bool = False, world: World = SINGLE) -> MemberResult:
     """Train member `member` (seed + member), continuing from its newest checkpoint if `resume`, then score it
-    on the test split; its result is saved in the run folder (and reused by a later resume)."""
+    on the test split; its result is saved in the run folder (and reused by a later resume). With several
+    ranks they train it together, and rank 0 alone writes files."""
     seed = cfg.seed + member
     torch.manual_seed(seed)
     model = build_training_model(cfg, task, dims_for(data.transform), device)
     if cfg.train.compile:
         trial = data.splits["train"].batch(torch.arange(min(micro_batch_size, len(data.splits["train"]))))
         apply_compile(model, True, {k: v.to(device) for k, v in trial.items()}, policy.autocast)
-    if member == 0:
+    if member == 0 and world.is_main:
         num_parameters = sum(p.numel() for p in model.parameters())
         check_free_space(run, num_parameters, cfg.train.keep_checkpoints)
         log.info("model: %s parameters on %s; activation checkpointing %s",
@@ -112,26 +119,30 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
     best_path = run.best_checkpoint(member)
     config_record = cfg.model_dump(mode="json")   # each checkpoint says which config it belongs to
     member_data = bootstrap_windows(data, seed) if cfg.train.bootstrap else data
+    writes = world.is_main
     trainer = Trainer(model, member_data, cfg, device, policy, seed=seed, member=member, task=task,
-                      micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics,
-                      on_best=lambda state, epoch: save_checkpoint(state, best_path),
-                      on_checkpoint=lambda state: run.save_step_checkpoint(
-                          member, {**state, "config": config_record}, cfg.train.keep_checkpoints),
-                      fault_hook=fault_hook)
-    latest = run.latest_step_checkpoint(member) if resume else None
+                      micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics if writes else None,
+                      on_best=(lambda state, epoch: save_checkpoint(state, best_path)) if writes else None,
+                      on_checkpoint=(lambda state: run.save_step_checkpoint(
+                          member, {**state, "config": config_record}, cfg.train.keep_checkpoints)) if writes else None,
+                      fault_hook=fault_hook, world=world)
+    latest = world.broadcast(run.latest_step_checkpoint(member) if resume else None)   # one file for all ranks
     if latest is not None:
         best = load_checkpoint(best_path) if best_path.is_file() else None
-        trainer.load_state_dict(load_checkpoint(latest), best)
-        log.info("member %d resumed from %s (epoch %d, step %d of it)", member, latest.name,
-                 trainer.progress.epoch, trainer.progress.step_in_epoch)
+        state = load_checkpoint(latest)
+        trainer.load_state_dict(state, best)
+        log.info("member %d resumed from %s (epoch %d, step %d of it%s)", member, latest.name,
+                 trainer.progress.epoch, trainer.progress.step_in_epoch,
+                 f"; written by {state.get('world_size', 1)} rank(s), continued by {world.size}"
+                 if state.get("world_size", 1) != world.size else "")
     try:
         fit = trainer.fit()
         prediction, weights = _test_pass(trainer, len(data.symbols))
         micro_batch_size = trainer.micro_batch_size
     except OutOfMemoryGiveUp as err:
-        _stop_with_checkpoint(cfg, run, trainer, member, "out_of_memory", err)
+        _stop_with_checkpoint(cfg, run, trainer, member, "out_of_memory", err, writes)
     except NonFiniteGiveUp as err:
-        _stop_with_checkpoint(cfg, run, trainer, member, "non_finite", err)
+        _stop_with_checkpoint(cfg, run, trainer, member, "non_finite", err, writes)
     finally:
         trainer.close()
         del trainer, model
@@ -147,7 +158,8 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
         "oom_recoveries": fit.oom_recoveries, "checkpoint": str(best_path.relative_to(run.path)), "test": metrics,
     }
     result = MemberResult(summary, prediction, weights)
-    save_checkpoint(result.to_dict(), run.result_file(member))
+    if writes:
+        save_checkpoint(result.to_dict(), run.result_file(member))
     log.info("member %d test: %s", member, "  ".join(
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return result
@@ -185,19 +197,22 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
 
 
 def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
-                   run: RunFolder, fault_hook: FaultHook | None = None, resume: bool = False) -> EnsembleResult:
-    """Train `ensemble_size` members (reusing those a stopped run finished), then write summary.json."""
+                   run: RunFolder, fault_hook: FaultHook | None = None, resume: bool = False,
+                   world: World = SINGLE) -> EnsembleResult:
+    """Train `ensemble_size` members (reusing those a stopped run finished), then write summary.json (rank 0)."""
     started = time.time()
     members: list[MemberResult] = []
     micro_batch_size = cfg.train.batch_size   # a size that had to shrink on OOM stays shrunk for later members
     for member in range(cfg.train.ensemble_size):
-        if resume and run.result_file(member).is_file():
+        if world.broadcast(resume and run.result_file(member).is_file()):
             members.append(MemberResult.from_dict(load_checkpoint(run.result_file(member))))
             log.info("member %d finished before the interruption: its results are reused", member)
         else:
             members.append(train_member(cfg, task, data, device, policy, run, member, micro_batch_size,
-                                        fault_hook, resume))
+                                        fault_hook, resume, world))
         micro_batch_size = members[-1].summary["micro_batch_size"]
     summary = summarize_ensemble(cfg, task, data, device, policy, members, time.time() - started)
-    run.write_json(SUMMARY_JSON, summary)
+    summary["world_size"] = world.size
+    if world.is_main:
+        run.write_json(SUMMARY_JSON, summary)
     return EnsembleResult(summary, members)

@@ -27,6 +27,7 @@ from ..model.tft import EnhancedTFT, ModelDims, set_activation_checkpointing
 from .memory import MemoryMonitor, OutOfMemoryGiveUp
 from .optim import continued_lr_lambda, lr_lambda, make_optimizer
 from .precision import PrecisionPolicy
+from .distributed import SINGLE, World
 from .resume import STOP, NonFiniteGiveUp, TrainingInterrupted, TrainProgress, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,10 @@ class Trainer:
                  on_epoch_end: Callable[[dict], None] | None = None,
                  on_best: Callable[[dict[str, torch.Tensor], int], None] | None = None,
                  on_checkpoint: Callable[[dict], None] | None = None,
-                 fault_hook: FaultHook | None = None):
+                 fault_hook: FaultHook | None = None, world: World = SINGLE):
         self.model, self.data, self.cfg, self.device, self.policy = model, data, cfg, device, policy
+        self.world = world
+        self.stop_agreed = False     # every rank saw a SIGINT/SIGTERM request by the last window's agreement
         self.member = member
         self.task = task or tasks.for_config(cfg)
         self.on_epoch_end, self.on_best, self.fault_hook = on_epoch_end, on_best, fault_hook
@@ -122,17 +125,20 @@ class Trainer:
 
     @property
     def accumulation_steps(self) -> int:
-        return math.ceil(self.effective_batch_size / self.micro_batch_size)
+        """Micro-batches per optimizer window on each rank (its share of the effective batch)."""
+        return math.ceil(math.ceil(self.effective_batch_size / self.world.size) / self.micro_batch_size)
 
     def accumulate(self, split: WindowSet, window: torch.Tensor) -> torch.Tensor:
-        """Forward/backward one optimizer window as micro-batches; gradients = those of the whole window.
+        """Forward/backward this rank's share of one optimizer window as micro-batches.
 
-        Each micro-batch's summed loss is divided by the window's sample count, so the accumulated
-        gradient equals the mean-loss gradient of one large batch, whatever the micro-batch size.
+        Each micro-batch's summed loss is divided by the whole window's sample count, so the accumulated
+        gradient (summed over ranks) equals the mean-loss gradient of one large batch, whatever the
+        micro-batch size and the number of ranks.
         """
         count = window.numel()
         total = torch.zeros((), device=self.device)
-        for index, micro in enumerate(window.split(self.micro_batch_size)):
+        share = self.world.share(window)
+        for index, micro in enumerate(share.split(self.micro_batch_size) if share.numel() else ()):
             if self.fault_hook:
                 self.fault_hook("train", self.global_step, index, micro)
             batch = self._to_device(split.batch(micro))
@@ -166,12 +172,19 @@ class Trainer:
         return getattr(self, size_attr)
 
     def train_window(self, split: WindowSet, window: torch.Tensor) -> torch.Tensor:
-        """accumulate() with OOM recovery: retried at half the micro-batch until it fits, no sample lost or doubled."""
+        """accumulate() with OOM recovery: retried at half the micro-batch until it fits, no sample lost or doubled;
+        returns the window's summed loss. With several ranks, they agree after their micro-batches: an OOM on any
+        rank makes all of them halve and redo the window; then their gradients are summed."""
         while True:
+            out_of_memory = False
             try:
-                return self.accumulate(split, window)
+                total = self.accumulate(split, window)
             except torch.OutOfMemoryError:
-                pass   # leave the except block first so that the traceback's tensors are freed
+                out_of_memory = True   # leave the except block first so that the traceback's tensors are freed
+            out_of_memory, self.stop_agreed = self.world.agree(out_of_memory, STOP.is_set())
+            if not out_of_memory:
+                self.world.sum_gradients(list(self.model.parameters()))
+                return self.world.sum_(total)
             self._shrink_after_oom("train", "micro_batch_size")
 
     def optimizer_step(self) -> None:
@@ -236,7 +249,7 @@ class Trainer:
         every = self.cfg.train.log_every_steps
         bar = tqdm(range(p.step_in_epoch, self.steps_per_epoch), initial=p.step_in_epoch, total=self.steps_per_epoch,
                    desc=f"member {self.member} epoch {epoch}/{self.cfg.train.epochs}", unit="step", leave=False,
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=None if self.world.is_main else True)
         for step in bar:
             window = order[step * self.effective_batch_size:(step + 1) * self.effective_batch_size]
             step_loss = self.train_window(split, window)
@@ -258,12 +271,13 @@ class Trainer:
                 window_loss.zero_()
                 window_samples, window_started = 0, now
             if step + 1 < self.steps_per_epoch:
-                stopping = STOP.is_set()
+                stopping = self.stop_agreed
                 if stopping or self.global_step % self.cfg.train.checkpoint_every_steps == 0:
                     p.epoch_loss_sum = float(loss_sum)
                     self.checkpoint()
                 if stopping:
-                    raise TrainingInterrupted(STOP.signal_name, f"member {self.member} epoch {epoch} step {step + 1}")
+                    raise TrainingInterrupted(STOP.signal_name or "SIGTERM",
+                                              f"member {self.member} epoch {epoch} step {step + 1}")
         bar.close()
         p.epoch_loss_sum = float(loss_sum)
         return p.epoch_loss_sum / max(p.epoch_samples, 1), p.epoch_samples, p.epoch_seconds
@@ -280,24 +294,31 @@ class Trainer:
 
     def inference(self, split_name: str, *, with_loss: bool = False,
                   with_weights: bool = False) -> Iterator[InferredChunk]:
-        """The split through the model in evaluation chunks (inference.infer); an OOM halves the chunk for the
-        rest of the run."""
+        """This rank's share of the split through the model in evaluation chunks (inference.infer); an OOM halves
+        the chunk for the rest of the run. Chunk indices are positions within the share."""
         hook = self.fault_hook
-        return infer([self.model], self.task, self.data.splits[split_name], self.device, self.policy,
+        split = self.data.splits[split_name]
+        shard = split.subset(self.world.share(split.all_indices())) if self.world.distributed else split
+        return infer([self.model], self.task, shard, self.device, self.policy,
                      self.eval_batch_size, with_loss=with_loss, with_weights=with_weights,
                      before_chunk=(lambda index, chunk: hook(split_name, self.global_step, index, chunk)) if hook else None,
                      on_oom=lambda size: self._shrink_after_oom(split_name, "eval_batch_size"), what=split_name)
 
     def evaluate(self, split_name: str) -> Evaluation:
-        """Loss and predictions on a whole split, in order."""
+        """Loss and predictions on a whole split, in order (each rank scores its share; all get the whole)."""
         split = self.data.splits[split_name]
         predictions, loss_sum = [], torch.zeros((), device=self.device)
         for chunk in self.inference(split_name, with_loss=True):
             loss_sum += chunk.loss_sums[0]
             predictions.append(chunk.predictions[0])
         arrays, ends = split.arrays, split.sample_ends
-        return Evaluation(float(loss_sum) / max(len(split), 1), torch.cat(predictions),
+        return Evaluation(float(self.world.sum_(loss_sum)) / max(len(split), 1), self.gather_split(predictions),
                           arrays.target.index_select(0, ends), arrays.raw_return.index_select(0, ends))
+
+    def gather_split(self, local: list[torch.Tensor]) -> torch.Tensor:
+        """The ranks' predictions of their shares, joined in rank order: the split's order, each sample once."""
+        parts = self.world.gather(torch.cat(local) if local else None)
+        return torch.cat([part for part in parts if part is not None])
 
     def fit(self) -> FitResult:
         """Train until the last epoch or early stopping; resumes from `progress` if it was restored."""
@@ -346,8 +367,8 @@ class Trainer:
                 log.info("early stopping: val loss has not improved for %d epochs (best %.5f at epoch %d)",
                          train.early_stopping_patience, p.best_loss, p.best_epoch)
             self.checkpoint()
-            if STOP.is_set():
-                raise TrainingInterrupted(STOP.signal_name, f"member {self.member} after epoch {epoch}")
+            if self.world.agree(STOP.is_set())[0]:
+                raise TrainingInterrupted(STOP.signal_name or "SIGTERM", f"member {self.member} after epoch {epoch}")
             if stop_early:
                 break
         if self.best_state is not None:
@@ -365,6 +386,7 @@ class Trainer:
             "micro_batch_size": self.micro_batch_size, "eval_batch_size": self.eval_batch_size,
             "oom_recoveries": self.oom_recoveries, "skipped_steps": self.skipped_steps,
             "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
+            "world_size": self.world.size,   # any other world size may resume it: the same windows and mathematics
         }
 
     def load_state_dict(self, state: dict, best_state: dict[str, torch.Tensor] | None = None) -> None:

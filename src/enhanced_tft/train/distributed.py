@@ -1,0 +1,167 @@
+"""Data-parallel training across processes started by torchrun: the process group, each rank's share of the
+samples, and the few collectives training needs. Nothing else in the package knows about ranks: it asks the
+World it is given (a single process gets World(), whose collectives do nothing).
+
+Exactness: every rank takes a disjoint, contiguous share of each optimizer window and of each split, in order.
+Each micro-batch's summed loss is divided by the WHOLE window's sample count, so summing the ranks' gradients
+gives exactly the gradient one process computes over the window. Gradients are summed by one all-reduce per
+window after every rank has finished its micro-batches, never inside a backward: a rank that runs out of
+memory (or receives SIGTERM) reports it in the same agreement step, and all ranks halve (or stop) together at
+the same window instead of waiting forever on a rank that will not send. (DistributedDataParallel's reducer
+all-reduces inside the backward of the last micro-batch, where a rank that failed earlier would leave the
+others hanging; one coalesced all-reduce after the agreement costs the same bytes, without the overlap.)
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# torchrun's worker environment (torch.distributed.run); a plain `python` / `etft` process has none of them
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def share(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of `indices` (sizes differ by at most one; some may be empty)."""
+        return indices.tensor_split(self.size)[self.rank] if self.distributed else indices
+
+    def agree(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over the ranks: one small all-reduce, so that every rank takes the same branch."""
+        if not self.distributed:
+            return list(flags)
+        import torch.distributed as dist
+        tensor = torch.tensor([float(f) for f in flags], device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in tensor.tolist()]
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce a tensor in place (sum over ranks) and return it."""
+        if self.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Sum every parameter's gradient over the ranks, in one coalesced all-reduce per dtype. A parameter
+        without a gradient on this rank (an empty share) contributes zeros."""
+        if not self.distributed:
+            return
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in parameters:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self.sum_(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (picklable; tensors travel on the CPU), in rank order."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def _device(self) -> torch.device:
+        import torch.distributed as dist
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+SINGLE = World()
+
+
+def launched_by_torchrun() -> bool:
+    return all(key in os.environ for key in _ENV)
+
+
+def init_world(device_type: str) -> World:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); a plain process gets SINGLE.
+
+    On GPUs each rank takes the GPU of its local rank. The group's timeout bounds any wait on a rank that died.
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return SINGLE
+    import torch.distributed as dist
+    rank, size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        timeout = datetime.timedelta(seconds=float(os.environ.get("ETFT_DIST_TIMEOUT_S", 1800)))
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
+    return World(rank, size, local_rank)
+
+
+def close_world(world: World) -> None:
+    if world.distributed:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def restart_count() -> int:
+    """How often torchrun restarted this worker group (--max-restarts); 0 on the first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def run_id() -> str | None:
+    """torchrun's id of this job (--rdzv-id, or the one --standalone made), the same across restarts."""
+    value = os.environ.get("TORCHELASTIC_RUN_ID")
+    return value if value and value != "none" else None
+
+
+class RankFilter(logging.Filter):
+    """On ranks other than 0: warnings and errors only, each prefixed with the rank."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True

@@ -1,0 +1,140 @@
+"""Data-parallel training under real torchrun processes (gloo on the CPU): the mathematics of one process,
+one run folder, OOM recovery on one rank, restarts after a killed worker, and resume across world sizes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO
+
+# dropout 0 and fp32: the same windows must give the same weights, whatever the number of ranks
+DDP_YAML = """
+seed: 7
+data: {num_symbols: 2, num_bars: 700, sequence_length: 16}
+model: {d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 32, variable_hidden_size: 4, dropout_rate: 0.0}
+train: {batch_size: 16, gradient_accumulation_steps: 4, epochs: 2, log_every_steps: 4, checkpoint_every_steps: 5,
+        mixed_precision: fp32, early_stopping_patience: 5}
+"""
+
+
+def _env() -> dict:
+    paths = (str(REPO / "src"), str(REPO / "tests"), os.environ.get("PYTHONPATH"))
+    # one thread a rank: two ranks on two cores, as a 1-process run on one thread
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), OMP_NUM_THREADS="1")
+
+
+def _run(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env or _env(), capture_output=True, text=True,
+                          timeout=timeout)   # a hang fails the test instead of blocking the suite
+
+
+def _torchrun(ranks: int, program: list[str], cwd: Path, extra: list[str] = (), env: dict | None = None):
+    return _run(["-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--standalone", *extra, *program],
+                cwd, env)
+
+
+def _etft(*args: str) -> list[str]:
+    return ["-m", "enhanced_tft.cli", *args]
+
+
+def _only_run(log_dir: Path) -> Path:
+    (run,) = log_dir.glob("training_*")
+    return run
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "member_0_best.pt", weights_only=True)
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+    left, right = _weights(a), _weights(b)
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(right[name], left[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    """The reference: one process, the same config."""
+    folder = tmp_path_factory.mktemp("ddp_single")
+    (folder / "ddp.yaml").write_text(DDP_YAML)
+    result = _run(_etft("train", "--config", "ddp.yaml", "--log_dir", "logs"), folder)
+    assert result.returncode == 0, result.stderr
+    return _only_run(folder / "logs")
+
+
+def _epochs(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+
+def test_two_ranks_train_the_weights_and_metrics_of_one_process(single_run, tmp_path):
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
+    result = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = _only_run(tmp_path / "logs")                                   # one run folder for both ranks
+    assert not list((tmp_path / "logs").glob(".torchrun_*"))             # the restart marker is gone when done
+    _assert_same_weights(single_run, run)
+    one, two = _epochs(single_run), _epochs(run)
+    assert [r["epoch"] for r in two] == [1, 2] and len(one) == len(two)
+    for a, b in zip(one, two):
+        assert b["loss/val"] == pytest.approx(a["loss/val"], abs=1e-6)
+        assert b["loss/train"] == pytest.approx(a["loss/train"], abs=1e-6)
+        assert b["val/accuracy"] == a["val/accuracy"]
+    summary, reference = (json.loads((r / "summary.json").read_text()) for r in (run, single_run))
+    assert summary["test"] == reference["test"] and summary["baseline"] == reference["baseline"]
+    assert summary["world_size"] == 2 and reference["world_size"] == 1
+    rows, reference_rows = (pd.read_csv(r / "predictions_test.csv") for r in (run, single_run))
+    assert list(rows.columns) == list(reference_rows.columns) and len(rows) == summary["test"]["num_samples"]
+    assert (rows[["symbol", "timestamp", "label"]] == reference_rows[["symbol", "timestamp", "label"]]).all().all()
+    assert (rows.p_up - reference_rows.p_up).abs().max() < 1e-5          # gathered in order, each sample once
+    log = (run / "training.log").read_text()
+    assert "data-parallel training on 2 ranks (gloo)" in log
+    assert log.count("member 0 epoch 2/2") == 1                          # rank 0 alone writes the log
+    assert "micro-batch 16 x 2" in log                                   # each rank: its 32 of the 64 samples
+    assert result.stderr.count("member 0 epoch 2/2") == 1                # and alone prints progress
+
+
+def test_an_oom_on_one_rank_halves_the_micro_batch_on_every_rank(single_run, tmp_path):
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
+    env = dict(_env(), ETFT_TEST_FAULT="oom:1:3:1")                      # rank 1, step 3, second micro-batch
+    result = _torchrun(2, [str(REPO / "tests" / "ddp_entry.py"), "train", "--config", "ddp.yaml",
+                           "--log_dir", "logs"], tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    run = _only_run(tmp_path / "logs")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ensemble"]["members"][0]["oom_recoveries"] == 1      # rank 0 halved as well
+    assert summary["ensemble"]["members"][0]["micro_batch_size"] == 8
+    assert "out of memory in train step 3: micro-batch 16 -> 8" in (run / "training.log").read_text()
+    _assert_same_weights(single_run, run)                                 # the window was redone, nothing lost
+
+
+def test_a_killed_worker_is_restarted_and_resumes_the_same_run(single_run, tmp_path):
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
+    env = dict(_env(), ETFT_TEST_FAULT="kill:1:12:0")                    # after the checkpoint of step 10
+    result = _torchrun(2, [str(REPO / "tests" / "ddp_entry.py"), "train", "--config", "ddp.yaml",
+                           "--log_dir", "logs"], tmp_path, extra=["--max-restarts=1"], env=env)
+    assert result.returncode == 0, result.stderr
+    run = _only_run(tmp_path / "logs")                                   # the restart continued this folder
+    log = (run / "training.log").read_text()
+    assert "resuming run folder" in log and "member 0 resumed from member_0_step_000000010.pt" in log
+    _assert_same_weights(single_run, run)
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML.replace("epochs: 2", "epochs: 1"))
+    first = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs"), tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = _only_run(tmp_path / "logs")
+    (run / "checkpoints" / "member_0_result.pt").unlink()               # as if stopped before the end
+    resumed = _run(_etft("train", "--resume", str(run), "--set", "train.epochs=2"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    log = (run / "training.log").read_text()
+    assert "written by 2 rank(s), continued by 1" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["ensemble"]["members"][0]["epochs_run"] == 2
