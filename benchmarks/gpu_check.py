@@ -30,7 +30,8 @@ from enhanced_tft.train.memory import release_memory  # noqa: E402
 from enhanced_tft.train.planner import _trace, fit_budget  # noqa: E402
 from enhanced_tft.train.precision import PrecisionPolicy  # noqa: E402
 from enhanced_tft.train.optim import param_groups  # noqa: E402
-from enhanced_tft.train.trainer import Trainer, build_training_model  # noqa: E402
+from enhanced_tft.model.build import build_training_model  # noqa: E402
+from enhanced_tft.train.trainer import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30

@@ -59,5 +59,5 @@ def training_model(cfg, data):
     """The model `etft train` builds for this config and data (its task's head, its checkpointing policy)."""
     from enhanced_tft import tasks
     from enhanced_tft.model.build import dims_for
-    from enhanced_tft.train.trainer import build_training_model
+    from enhanced_tft.model.build import build_training_model
     return build_training_model(cfg, tasks.for_config(cfg), dims_for(data.transform))

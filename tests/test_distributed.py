@@ -39,7 +39,7 @@ def _torchrun(ranks: int, program: list[str], cwd: Path, extra: list[str] = (), 
 
 
 def _etft(*args: str) -> list[str]:
-    return ["-m", "enhanced_tft.cli", *args]
+    return ["-m", "enhanced_tft", *args]   # __main__.py: what `torchrun -m enhanced_tft train` runs
 
 
 def _only_run(log_dir: Path) -> Path:
@@ -123,6 +123,8 @@ def test_a_killed_worker_is_restarted_and_resumes_the_same_run(single_run, tmp_p
     run = _only_run(tmp_path / "logs")                                   # the restart continued this folder
     log = (run / "training.log").read_text()
     assert "resuming run folder" in log and "member 0 resumed from member_0_step_000000010.pt" in log
+    assert "rank 0: another rank stopped while this one waited on it" in result.stderr   # a peer, not a bug
+    assert "this is a bug in Enhanced TFT" not in result.stderr
     _assert_same_weights(single_run, run)
 
 
@@ -138,3 +140,92 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
     assert "written by 2 rank(s), continued by 1" in log
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["ensemble"]["members"][0]["epochs_run"] == 2
+
+
+def test_two_machines_rendezvous_on_localhost_and_train_the_single_process_result(single_run, tmp_path):
+    """Two torchrun launches, one a "machine" (--nnodes 2), meeting through a c10d rendezvous on localhost."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=etft-two-nodes",
+         *_etft("train", "--config", "ddp.yaml", "--log_dir", "logs")],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    try:
+        outputs = [launch.communicate(timeout=240) for launch in launches]
+    finally:
+        for launch in launches:
+            launch.kill()
+    assert [launch.returncode for launch in launches] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    run = _only_run(tmp_path / "logs")
+    assert "data-parallel training on 2 ranks (gloo)" in (run / "training.log").read_text()
+    _assert_same_weights(single_run, run)
+
+
+MEMBERS = ["--set", "train.ensemble_size=3", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=6"]
+
+
+def test_members_spread_over_ranks_are_the_members_of_the_serial_run(tmp_path):
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
+    serial = _run(_etft("train", "--config", "ddp.yaml", "--log_dir", "serial", *MEMBERS), tmp_path)
+    assert serial.returncode == 0, serial.stderr
+    spread = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "spread", *MEMBERS,
+                                "--set", "train.distribute=members"), tmp_path)
+    assert spread.returncode == 0, spread.stderr
+    one, two = _only_run(tmp_path / "serial"), _only_run(tmp_path / "spread")
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    assert [m["member"] for m in b["ensemble"]["members"]] == [0, 1, 2]
+    assert [m["test"] for m in b["ensemble"]["members"]] == [m["test"] for m in a["ensemble"]["members"]]
+    assert b["test"] == a["test"] and b["ensemble"]["mean_member"] == a["ensemble"]["mean_member"]
+    for member in range(3):
+        left = torch.load(one / "checkpoints" / f"member_{member}_best.pt", weights_only=True)
+        right = torch.load(two / "checkpoints" / f"member_{member}_best.pt", weights_only=True)
+        assert all(torch.equal(left[k], right[k]) for k in left), member   # one process each: to the bit
+    log = (two / "training.log").read_text()
+    assert "[rank 1] member 1 epoch 1/1" in log and "member 2 epoch 1/1" in log   # rank 0 trained 0 and 2
+
+
+@pytest.mark.parametrize("devices, micro, steps", [(2, 32, 2), (3, 32, 2), (8, 16, 1)])
+def test_plan_fits_each_devices_share_of_the_effective_batch(devices, micro, steps, tmp_path):
+    """seed_original (effective batch 128) where 50 samples fit one device: each device runs ceil(128 / N)."""
+    from enhanced_tft.cli import main
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", "--config", str(REPO / "configs" / "seed_original.yaml"), "--gpu-memory", "1.2GiB",
+                     "--nproc-per-node", str(devices), "--json"]) == 0
+    result = json.loads(out.getvalue())
+    assert result["max_micro_batch"] == 50 and result["num_devices"] == devices
+    assert (result["micro_batch_size"], result["gradient_accumulation_steps"]) == (micro, steps)
+    assert 128 % result["micro_batch_size"] == 0                          # batch_size x accumulation = 128
+    assert micro * steps * devices >= 128 > micro * (steps - 1) * devices  # the shares cover the batch once
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_once_and_the_run_resumes(tmp_path):
+    """torchrun passes SIGTERM to its workers; they agree at the next window, rank 0 writes one checkpoint."""
+    import signal
+    import time
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML.replace("epochs: 2", "epochs: 30").replace(
+        "checkpoint_every_steps: 5", "checkpoint_every_steps: 1000"))
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                                 *_etft("train", "--config", "ddp.yaml", "--log_dir", "logs")],
+                                cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("logs/training_*/checkpoints/member_0_step_*.pt")):   # the first epoch's end
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    run = _only_run(tmp_path / "logs")
+    assert "Resume with: etft train --resume" in stderr and stderr.count("Resume with:") == 1   # rank 0 says it
+    checkpoints = sorted((run / "checkpoints").glob("member_0_step_*.pt"))
+    assert 1 <= len(checkpoints) <= 2                                     # the epoch's and the stop's, nothing else
+    stopped_at = torch.load(checkpoints[-1], weights_only=True)
+    assert stopped_at["world_size"] == 2 and not (run / "summary.json").exists()
+    resumed = _torchrun(2, _etft("train", "--resume", str(run), "--set", "train.epochs=2"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"

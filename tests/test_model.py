@@ -218,7 +218,7 @@ def test_the_switch_has_a_default_per_device_and_leaves_the_weights_alone(small_
     cfg = build_config(small_raw)
     loaded = load_model(cfg.model, DIMS, 1, model.state_dict(), torch.device("cpu"))
     assert flags(loaded) == [True] * 14 and not loaded.training
-    from enhanced_tft.train.trainer import build_training_model
+    from enhanced_tft.model.build import build_training_model
     task = tasks.for_config(cfg)
     assert flags(build_training_model(cfg, task, DIMS)) == [True] * 14
     assert flags(build_training_model(cfg, task, DIMS, torch.device("meta"))) == [False] * 14

@@ -6,7 +6,7 @@ import torch
 from enhanced_tft.config import build_config
 from enhanced_tft.data.pipeline import build_data
 from conftest import training_model
-from enhanced_tft.tasks import BinaryClassification, TargetScale
+from enhanced_tft.tasks import BinaryClassification
 from enhanced_tft.train.precision import resolve_precision
 from enhanced_tft.train.optim import lr_lambda
 from enhanced_tft.train.trainer import Trainer

@@ -37,11 +37,11 @@ from .data import features
 from .data.pipeline import DataBundle, build_data
 from .data.windows import WindowSet
 from .inference import forward_chunk
-from .model.build import dims_for
+from .model.build import build_training_model, dims_for
 from .train.compile import apply_compile
 from .train.planner import StorageTracker
 from .train.precision import PrecisionPolicy, resolve_precision
-from .train.trainer import Trainer, build_training_model
+from .train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

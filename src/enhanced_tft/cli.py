@@ -3,7 +3,8 @@ evaluate), report.py, plan_report.py and bench.py.
 
 Exit codes: 0 done; 2 bad input (UserError: its message, no traceback); 3 training could not go on (out of
 memory at one sample, NaN/inf steps in a row); 130 / 143 stopped by SIGINT / SIGTERM with a checkpoint;
-1 an internal error, with its traceback and a line saying what to report.
+1 an internal error, with its traceback and a line saying what to report (or, under torchrun, another rank
+stopped: one line, the failing rank's own log says why).
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="memory budget, e.g. 24GiB or 8GB: also find the largest micro-batch that fits")
     plan.add_argument("--num-features", "--num_features", dest="num_features", type=int, metavar="N",
                       help="observed input variables (default: what the config's data section produces)")
+    plan.add_argument("--nproc-per-node", "--nproc_per_node", dest="num_devices", type=int, default=1, metavar="N",
+                      help="data-parallel devices sharing the effective batch (torchrun --nproc-per-node N): the "
+                           "fit is per device")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     report = commands.add_parser("report", help="(re)build report.html of a run folder from its files")
     report.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder (logs/training_...)")
@@ -132,10 +136,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = config_mod.load_config(args.config, args.overrides)
     if args.num_features is not None and args.num_features < 1:
         raise UserError(f"--num-features={args.num_features}; allowed: an integer >= 1")
+    if args.num_devices < 1:
+        raise UserError(f"--nproc-per-node={args.num_devices}; allowed: an integer >= 1")
+    if args.num_devices > 1 and not args.gpu_memory:
+        raise UserError("--nproc-per-node shares the effective batch for a budget fit; add --gpu-memory SIZE")
     from .plan_report import format_plan, plan_dims
     from .train.planner import parse_bytes, plan
     budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    result = plan(cfg, plan_dims(cfg, args.num_features), budget)
+    result = plan(cfg, plan_dims(cfg, args.num_features), budget, args.num_devices)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
@@ -215,9 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"etft {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        import torch
+
+        from .train.distributed import RankLost
         from .train.memory import OutOfMemoryGiveUp
         from .train.resume import NonFiniteGiveUp
-        import torch
+        if isinstance(err, RankLost):   # not a bug here: the rank that failed says why
+            print(f"etft {args.command}: error: {err}", file=sys.stderr)
+            return 1
         if isinstance(err, torch.OutOfMemoryError):   # outside a step (moving the model, say): no recovery there
             err = OutOfMemoryGiveUp(f"out of memory outside a training step ({str(err).splitlines()[0]}); "
                                     "`etft plan` shows what fits; lower model.d_model or model.ff_dim")

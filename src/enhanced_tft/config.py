@@ -213,6 +213,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     compile: bool = Field(False, description="torch.compile the model (minutes to compile); falls back to eager, logged, if it fails")
     ensemble_size: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...")
+    distribute: Literal["data", "members"] = Field(
+        "data", description="under torchrun: data = all ranks train each model together (each its share of every "
+                            "window); members = rank r trains members (and walk-forward folds) r, r+N, ... alone")
     bootstrap: bool = Field(
         False, description="each member trains on a resample with replacement of the training windows, drawn "
                            "with its seed (more diverse members); false: every member sees every window")
@@ -405,7 +408,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 # what may change when a stopped run resumes: nothing that would change what was trained
-SAFE_RESUME_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.log_every_steps",
+SAFE_RESUME_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.log_every_steps", "train.distribute",
                        "train.checkpoint_every_steps", "train.keep_checkpoints", "train.max_nonfinite_steps")
 
 

@@ -41,7 +41,14 @@ def format_plan(result: dict) -> str:
             f"budget {result['budget_bytes'] / GIB:.1f} GiB, less {margin['cuda_context_bytes'] / MIB:.0f} MiB CUDA "
             f"context and {margin['fragmentation']:.0%} allocator headroom = "
             f"{result['budget']['usable_bytes'] / GIB:.2f} GiB for tensors")
-        if result["fits"]:
+        if result["fits"] and result["num_devices"] > 1:
+            lines.append(f"largest micro-batch that fits one device: {result['max_micro_batch']}; on "
+                         f"{result['num_devices']} devices, each running its share of the effective batch "
+                         f"{result['effective_batch_size']}: micro-batch {result['micro_batch_size']} x "
+                         f"{result['gradient_accumulation_steps']} accumulation steps per device "
+                         f"(train.batch_size={result['micro_batch_size']}, train.effective_batch_size="
+                         f"{result['effective_batch_size']}; torchrun --nproc-per-node {result['num_devices']})")
+        elif result["fits"]:
             lines.append(f"largest micro-batch that fits: {result['max_micro_batch']}; to keep the effective batch "
                          f"{result['effective_batch_size']}: train.batch_size={result['micro_batch_size']} x "
                          f"train.gradient_accumulation_steps={result['gradient_accumulation_steps']}")

@@ -203,10 +203,12 @@ class RunFolder:
 
     # ---------------------------------------------------------------- logging
 
-    def attach_logging(self) -> None:
-        """Send the package's log records to training.log (what `tail -f` shows)."""
+    def attach_logging(self, record_filter: logging.Filter | None = None) -> None:
+        """Send the package's log records to training.log (what `tail -f` shows), appended line by line."""
         self._handler = logging.FileHandler(self.log_file, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter(_FORMAT))
+        if record_filter is not None:
+            self._handler.addFilter(record_filter)
         logging.getLogger(LOGGER_NAME).addHandler(self._handler)
 
     def detach_logging(self) -> None:

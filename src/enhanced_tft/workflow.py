@@ -9,7 +9,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import config as config_mod
@@ -28,6 +28,7 @@ class TrainRequest:
     changed: tuple[str, ...] = ()      # config keys a resume changed (all in SAFE_RESUME_CHANGES)
     auto_batch: bool = False
     gpu_memory: str | None = None      # auto-batch budget, e.g. 24GiB; None = the device's memory
+    restartable: bool = True           # record the folder for a torchrun restart (not for folds spread over ranks)
 
 
 def resume_request(folder: str | Path, overrides: list[str]) -> tuple[Config, TrainRequest]:
@@ -47,7 +48,7 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
     (train/distributed.py) and rank 0 writes the one run folder.
     """
     request = request or TrainRequest()
-    from .train.distributed import RankFilter, close_world, init_world
+    from .train.distributed import RankFilter, RankLost, close_world, init_world
     from .train.precision import resolve_device
 
     world = init_world(resolve_device(cfg.train.device).type)
@@ -59,10 +60,17 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
     try:
         if request.resume_folder is None:
             request = _resume_after_restart(cfg, request, world)
-        if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:
-            code = walk_forward(cfg, request, world)
-        else:
-            code = train_run(cfg, request, world)[0]
+        try:
+            if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:
+                code = walk_forward(cfg, request, world)
+            else:
+                code = train_run(cfg, request, world)[0]
+        except RuntimeError as err:
+            if not world.distributed or not _peer_failure(err):
+                raise
+            raise RankLost(f"rank {world.rank}: another rank stopped while this one waited on it "
+                           f"({str(err).splitlines()[0][:200]}); its own log says why. Under torchrun "
+                           "--max-restarts K the group restarts and resumes from the newest checkpoint") from None
         marker = restart_marker(cfg.run.log_dir)
         if code == 0 and world.is_main and marker is not None:
             marker.unlink(missing_ok=True)   # finished: no restart will look for it
@@ -71,6 +79,14 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
         for handler in handlers:
             handler.removeFilter(rank_filter)
         close_world(world)
+
+
+def _peer_failure(err: RuntimeError) -> bool:
+    """Whether a collective failed because a peer went away (gloo and NCCL word it in their own ways)."""
+    import torch.distributed as dist
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL"))
 
 
 def _resume_after_restart(cfg: Config, request: TrainRequest, world) -> TrainRequest:
@@ -96,19 +112,31 @@ def restart_marker(log_dir: str | Path) -> Path | None:
 
 
 def walk_forward(cfg: Config, request: TrainRequest, world) -> int:
-    """One run folder per fold, then the folds' test metrics side by side (and walk_forward_<time>.json)."""
+    """One run folder per fold, then the folds' test metrics side by side (and walk_forward_<time>.json).
+
+    Under torchrun the ranks train each fold together, or with train.distribute=members rank r trains folds
+    r, r+N, ... alone; rank 0 writes the comparison."""
+    from .train.distributed import SINGLE
     folds = cfg.data.walk_forward_folds
-    results = []
-    for fold in range(folds):
+    spread = cfg.train.distribute == "members" and world.distributed
+    mine = range(world.rank, folds, world.size) if spread else range(folds)
+    results, code = [], 0
+    for fold in mine:
         log.info("walk-forward fold %d of %d", fold, folds)
-        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}), request, world)
+        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}),
+                                   replace(request, restartable=False) if spread else request,
+                                   SINGLE if spread else world)
         if code != 0:
-            return code
-        if world.is_main:
+            break
+        if world.is_main or spread:
             results.append({"fold": fold, "run": str(run_path),
                             "test": RunFolder(run_path).read_json(SUMMARY_JSON)["test"]})
-    if not world.is_main:
-        return 0
+    if spread:
+        codes = world.gather(code)
+        code = next((c for c in codes if c != 0), 0)
+        results = sorted(sum(world.gather(results), []), key=lambda r: r["fold"])
+    if code != 0 or not world.is_main:
+        return code
     keys = [k for k, v in results[0]["test"].items() if isinstance(v, float)]
     mean = {k: sum(r["test"][k] for r in results) / folds for k in keys}
     lines = [f"walk-forward test metrics ({folds} folds):", "  fold" + "".join(f"{k:>20}" for k in keys)]
@@ -128,7 +156,7 @@ def _open_run_folder(cfg: Config, request: TrainRequest, world) -> RunFolder:
         try:
             path = request.resume_folder or RunFolder.create(cfg.run.log_dir).path
             marker = restart_marker(cfg.run.log_dir)
-            if marker is not None and request.resume_folder is None:
+            if marker is not None and request.resume_folder is None and request.restartable:
                 marker.write_text(f"{path}\n")
         except UserError as err:
             error = str(err)
@@ -136,6 +164,15 @@ def _open_run_folder(cfg: Config, request: TrainRequest, world) -> RunFolder:
     if error:
         raise UserError(error)
     return RunFolder(path)
+
+
+def _shared_data_folder(cfg: Config, run: RunFolder) -> Path:
+    """Where the ranks of one machine meet their shared arrays: data.memory_map_dir if set, else the system's
+    temporary folder (the OS page cache holds one copy of the mapped pages for every rank)."""
+    import tempfile
+    base = cfg.data.memory_map_dir or tempfile.gettempdir()
+    fold = f"_fold{cfg.data.fold}" if cfg.data.fold is not None else ""
+    return Path(base) / f"etft_data_{run.path.name}{fold}"
 
 
 def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path]:
@@ -166,6 +203,9 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
     run = _open_run_folder(cfg, request, world)
     if world.is_main:
         run.attach_logging()
+    elif cfg.train.distribute == "members":   # this rank's own members: their lines too, prefixed with the rank
+        from .train.distributed import RankFilter
+        run.attach_logging(RankFilter(world.rank, min_level=logging.DEBUG))
     started = time.time()
     training_started = False
     previous_handlers = install_signal_handlers()
@@ -178,9 +218,13 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         if world.distributed:
             log.info("data-parallel training on %d ranks (%s); each takes its share of every window and split",
                      world.size, "NCCL" if device.type == "cuda" else "gloo")
-        data = build_data(cfg)
+        if world.distributed:   # one copy of the arrays per machine, mapped by its ranks
+            from .train.distributed import build_shared_data
+            data = build_shared_data(lambda: build_data(cfg), world, _shared_data_folder(cfg, run))
+        else:
+            data = build_data(cfg)
         if request.auto_batch:   # sized from the built data: the model's input sizes are the data's
-            cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory)
+            cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory, world.size)
             log.info(note)
         if world.is_main:
             run.write_text(CONFIG_YAML, f"# resolved config of this run; precision {policy.name}: {policy.reason}\n"

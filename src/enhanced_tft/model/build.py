@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from .layers import fast_cpu_kernels_default, set_fast_cpu_kernels
-from .tft import EnhancedTFT, ModelDims
+from .tft import EnhancedTFT, ModelDims, set_activation_checkpointing
 
 
 def dims_for(transform) -> ModelDims:
     """The input sizes a fitted transform implies (observed features, calendar inputs, symbols, horizon)."""
     return ModelDims(len(transform.features), len(transform.known_features), len(transform.symbols),
                      transform.horizon)
+
+
+def build_training_model(cfg: Config, task, dims: ModelDims, device: torch.device | None = None) -> EnhancedTFT:
+    """The model as training runs it: built from the config, its activation-checkpointing policy applied (a
+    policy on the built model, from outside it). With a `device`, also moved there with the CPU fast paths
+    set to that device's default; without one it stays on the CPU, fast paths on."""
+    model = set_activation_checkpointing(build_model(cfg.model, dims, task.output_size),
+                                         cfg.train.activation_checkpointing)
+    return model if device is None else move_to_device(model, device)
 
 
 def build_model(model: ModelConfig, dims: ModelDims, output_size: int) -> EnhancedTFT:

@@ -33,6 +33,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    node: int = 0          # torchrun's GROUP_RANK: the machine (node rank) this process runs on
 
     @property
     def is_main(self) -> bool:
@@ -112,6 +113,10 @@ class World:
 SINGLE = World()
 
 
+class RankLost(RuntimeError):
+    """Another rank stopped (crashed, killed, out of memory outside a step) while this one waited on it."""
+
+
 def launched_by_torchrun() -> bool:
     return all(key in os.environ for key in _ENV)
 
@@ -130,8 +135,14 @@ def init_world(device_type: str) -> World:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         timeout = datetime.timedelta(seconds=float(os.environ.get("ETFT_DIST_TIMEOUT_S", 1800)))
-        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
-    return World(rank, size, local_rank)
+        # torchrun's agent keeps one store across --max-restarts: without a prefix per attempt, a restarted
+        # rank can read the address a dead rank of the last attempt published, and fail to connect to it
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                              is_master=rank == 0 and not agent_store, timeout=timeout, multi_tenant=True)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"etft/attempt_{restart_count()}", store),
+                                rank=rank, world_size=size, timeout=timeout)
+    return World(rank, size, local_rank, int(os.environ.get("GROUP_RANK", "0")))
 
 
 def close_world(world: World) -> None:
@@ -153,15 +164,48 @@ def run_id() -> str | None:
 
 
 class RankFilter(logging.Filter):
-    """On ranks other than 0: warnings and errors only, each prefixed with the rank."""
+    """For a handler of a rank other than 0: records from `min_level` up (the console: warnings and errors),
+    each prefixed with the rank once."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, min_level: int = logging.WARNING):
         super().__init__()
-        self.prefix = f"[rank {rank}] "
+        self.prefix, self.min_level = f"[rank {rank}] ", min_level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < self.min_level:
             return False
         if not str(record.msg).startswith(self.prefix):
             record.msg = self.prefix + str(record.msg)
         return True
+
+
+def build_shared_data(build, world: World, folder: "os.PathLike[str]"):
+    """The DataBundle `build()` makes, built once per machine: the local rank 0 builds it and writes it to
+    `folder` (data/shared.py), every rank of the machine maps those files, then the folder is removed (the
+    mappings stay). Host memory therefore does not grow with the ranks. A build error reaches every rank."""
+    import shutil
+    from pathlib import Path
+
+    from ..config import UserError
+    from ..data.shared import export_bundle, map_bundle
+
+    folder = Path(folder).with_name(f"{Path(folder).name}_node{world.node}")   # machines may share a folder
+    error = None
+    if world.local_rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)   # left by an attempt killed between its export and cleanup
+        try:
+            export_bundle(build(), folder)
+        except UserError as err:
+            error = str(err)
+        except OSError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            error = (f"the ranks' shared copy of the data could not be written under {folder.parent} "
+                     f"({err.strerror}); set data.memory_map_dir to a folder with room for the feature arrays")
+    errors = [e for e in world.gather(error) if e]   # also the barrier: every machine's files exist after it
+    if errors:
+        raise UserError(errors[0])
+    bundle = map_bundle(folder)
+    world.barrier()   # every rank has mapped the files
+    if world.local_rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    return bundle

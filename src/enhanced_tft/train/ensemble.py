@@ -20,7 +20,7 @@ from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..evaluation import baseline_output, mean_of, score
 from ..interpret import WeightSums
-from ..model.build import dims_for
+from ..model.build import build_training_model, dims_for
 from ..runs import SUMMARY_JSON, RunFolder, load_checkpoint, save_checkpoint
 from ..tasks import Task
 from .compile import apply_compile
@@ -28,7 +28,7 @@ from .memory import OutOfMemoryGiveUp, release_memory
 from .precision import PrecisionPolicy
 from .resume import NonFiniteGiveUp
 from .distributed import SINGLE, World
-from .trainer import FaultHook, Trainer, build_training_model
+from .trainer import FaultHook, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +101,18 @@ def _test_pass(trainer: Trainer, num_symbols: int) -> tuple[torch.Tensor, Weight
 
 def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
                  run: RunFolder, member: int, micro_batch_size: int, fault_hook: FaultHook | None = None,
-                 resume: bool = False, world: World = SINGLE) -> MemberResult:
+                 resume: bool = False, world: World = SINGLE, writes: bool | None = None) -> MemberResult:
     """Train member `member` (seed + member), continuing from its newest checkpoint if `resume`, then score it
     on the test split; its result is saved in the run folder (and reused by a later resume). With several
-    ranks they train it together, and rank 0 alone writes files."""
+    ranks they train it together, and rank 0 alone writes files (unless `writes` says otherwise)."""
     seed = cfg.seed + member
     torch.manual_seed(seed)
     model = build_training_model(cfg, task, dims_for(data.transform), device)
     if cfg.train.compile:
         trial = data.splits["train"].batch(torch.arange(min(micro_batch_size, len(data.splits["train"]))))
         apply_compile(model, True, {k: v.to(device) for k, v in trial.items()}, policy.autocast)
-    if member == 0 and world.is_main:
+    writes = world.is_main if writes is None else writes
+    if member == 0 and writes:
         num_parameters = sum(p.numel() for p in model.parameters())
         check_free_space(run, num_parameters, cfg.train.keep_checkpoints)
         log.info("model: %s parameters on %s; activation checkpointing %s",
@@ -119,7 +120,6 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
     best_path = run.best_checkpoint(member)
     config_record = cfg.model_dump(mode="json")   # each checkpoint says which config it belongs to
     member_data = bootstrap_windows(data, seed) if cfg.train.bootstrap else data
-    writes = world.is_main
     trainer = Trainer(model, member_data, cfg, device, policy, seed=seed, member=member, task=task,
                       micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics if writes else None,
                       on_best=(lambda state, epoch: save_checkpoint(state, best_path)) if writes else None,
@@ -199,18 +199,27 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
 def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
                    run: RunFolder, fault_hook: FaultHook | None = None, resume: bool = False,
                    world: World = SINGLE) -> EnsembleResult:
-    """Train `ensemble_size` members (reusing those a stopped run finished), then write summary.json (rank 0)."""
+    """Train `ensemble_size` members (reusing those a stopped run finished), then write summary.json (rank 0).
+
+    Under torchrun with train.distribute=members, rank r trains members r, r+N, ... alone on its device and
+    writes their files; rank 0 gathers every member's result into the one summary."""
     started = time.time()
+    spread = cfg.train.distribute == "members" and world.distributed
+    mine = range(world.rank, cfg.train.ensemble_size, world.size) if spread else range(cfg.train.ensemble_size)
     members: list[MemberResult] = []
     micro_batch_size = cfg.train.batch_size   # a size that had to shrink on OOM stays shrunk for later members
-    for member in range(cfg.train.ensemble_size):
-        if world.broadcast(resume and run.result_file(member).is_file()):
+    for member in mine:
+        done = resume and run.result_file(member).is_file()
+        if done if spread else world.broadcast(done):
             members.append(MemberResult.from_dict(load_checkpoint(run.result_file(member))))
             log.info("member %d finished before the interruption: its results are reused", member)
         else:
-            members.append(train_member(cfg, task, data, device, policy, run, member, micro_batch_size,
-                                        fault_hook, resume, world))
+            members.append(train_member(cfg, task, data, device, policy, run, member, micro_batch_size, fault_hook,
+                                        resume, SINGLE if spread else world, writes=True if spread else None))
         micro_batch_size = members[-1].summary["micro_batch_size"]
+    if spread:   # every rank's members, in member order
+        gathered = world.gather([(m, r.to_dict()) for m, r in zip(mine, members)])
+        members = [MemberResult.from_dict(state) for _, state in sorted(sum(gathered, []), key=lambda x: x[0])]
     summary = summarize_ensemble(cfg, task, data, device, policy, members, time.time() - started)
     summary["world_size"] = world.size
     if world.is_main:

@@ -15,6 +15,17 @@ class OutOfMemoryGiveUp(RuntimeError):
     """Out of memory even at one sample per (micro-)batch: the config itself must change (exit 3)."""
 
 
+def give_up_message(cfg, phase: str) -> str:
+    """What to change when even micro-batch 1 runs out of memory, with the config's current sizes."""
+    m = cfg.model
+    return (f"out of memory in {phase} even at micro-batch 1 (d_model {m.d_model}, ff_dim {m.ff_dim}, "
+            f"{m.num_transformer_blocks} blocks, sequence_length {cfg.data.sequence_length}, precision "
+            f"{cfg.train.mixed_precision}, activation_checkpointing {cfg.train.activation_checkpointing}). "
+            "Change the config: set train.activation_checkpointing=all and train.mixed_precision=bf16, or lower "
+            "data.sequence_length, model.d_model, model.ff_dim, model.num_transformer_blocks or "
+            "model.variable_hidden_size; `etft plan` shows what fits.")
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

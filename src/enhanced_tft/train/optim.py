@@ -33,6 +33,19 @@ def continued_lr_lambda(before: Callable[[int], float], resume_step: int, warmup
     return factor
 
 
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved_total: int, warmup_steps: int,
+                      total_steps: int, min_ratio: float) -> str:
+    """Give a resumed scheduler whose run changed length (saved_total -> total_steps optimizer steps) the
+    continued schedule; returns a line for the log."""
+    step = scheduler.last_epoch
+    before = lr_lambda(saved_total, warmup_steps, min_ratio)
+    continued = continued_lr_lambda(before, step, warmup_steps, total_steps, min_ratio)
+    scheduler.lr_lambdas = [continued] * len(scheduler.optimizer.param_groups)
+    return (f"{total_steps} optimizer steps in all now (was {saved_total}); the learning rate continues from "
+            f"{scheduler.get_last_lr()[0]:.3g} ({before(step):.3g} of the peak) and decays to {min_ratio:.3g} of "
+            "the peak by the last step")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: decaying biases, norms and per-variable offsets only hurts."""
     decay, no_decay = [], []

@@ -190,14 +190,18 @@ class BudgetFit:
     budget_bytes: int
     usable_bytes: int
     max_micro_batch: int
-    micro_batch_size: int              # largest divisor of the effective batch that fits
-    gradient_accumulation_steps: int
+    micro_batch_size: int              # largest divisor of the effective batch that fits (per device)
+    gradient_accumulation_steps: int   # micro-batches per optimizer step on each device
+    num_devices: int                   # data-parallel ranks sharing each optimizer window
     predicted_peak_bytes: int
 
 
 def fit_budget(cfg: Config, dims: ModelDims, budget_bytes: int, precision: str, checkpointing: str,
-               probe: int = 64, traced_probe: StepMemory | None = None) -> BudgetFit:
-    """Largest micro-batch under a GPU memory budget, keeping the context and fragmentation margins."""
+               probe: int = 64, traced_probe: StepMemory | None = None, num_devices: int = 1) -> BudgetFit:
+    """Largest micro-batch under one device's memory budget, keeping the context and fragmentation margins.
+
+    With `num_devices` data-parallel ranks each device runs its share of the effective batch (ceil(E / N)
+    samples); the micro-batch divides the effective batch, so that batch_size x accumulation still gives it."""
     small = traced_probe or _trace(cfg, dims, probe, precision, checkpointing)
     large = _trace(cfg, dims, 2 * probe, precision, checkpointing)
     per_sample = (large.peak_bytes - small.peak_bytes) / probe
@@ -205,13 +209,15 @@ def fit_budget(cfg: Config, dims: ModelDims, budget_bytes: int, precision: str, 
     usable = int((budget_bytes - CONTEXT_BYTES) / (1 + FRAGMENTATION_MARGIN))
     max_micro = max(0, int((usable - fixed) // per_sample)) if per_sample > 0 else 0
     effective = cfg.train.samples_per_step
-    micro = max((d for d in range(1, min(max_micro, effective) + 1) if effective % d == 0), default=0)
-    return BudgetFit(budget_bytes, usable, max_micro, micro, effective // micro if micro else 0,
+    share = -(-effective // num_devices)
+    micro = max((d for d in range(1, min(max_micro, share) + 1) if effective % d == 0), default=0)
+    return BudgetFit(budget_bytes, usable, max_micro, micro, -(-share // micro) if micro else 0, num_devices,
                      int(fixed + per_sample * micro) if micro else 0)
 
 
-def plan(cfg: Config, dims: ModelDims, budget_bytes: int | None = None) -> dict:
-    """The configured step, every precision x checkpointing option, and the fit for a budget."""
+def plan(cfg: Config, dims: ModelDims, budget_bytes: int | None = None, num_devices: int = 1) -> dict:
+    """The configured step, every precision x checkpointing option, and the fit for a budget (per device, with
+    `num_devices` data-parallel ranks sharing the effective batch)."""
     configured_precision = _precision_name(cfg.train.mixed_precision)
     micro = cfg.train.batch_size
     traced = {(p, c): _trace(cfg, dims, micro, p, c) for p in ("fp32", "bf16") for c in CHECKPOINTING}
@@ -232,10 +238,10 @@ def plan(cfg: Config, dims: ModelDims, budget_bytes: int | None = None) -> dict:
     }
     if budget_bytes is not None:
         fit = fit_budget(cfg, dims, budget_bytes, configured_precision, cfg.train.activation_checkpointing,
-                         probe=micro, traced_probe=chosen)
+                         probe=micro, traced_probe=chosen, num_devices=num_devices)
         result.update(budget_bytes=budget_bytes, max_micro_batch=fit.max_micro_batch,
                       micro_batch_size=fit.micro_batch_size,
-                      gradient_accumulation_steps=fit.gradient_accumulation_steps,
+                      gradient_accumulation_steps=fit.gradient_accumulation_steps, num_devices=num_devices,
                       fits=fit.micro_batch_size > 0, budget=asdict(fit))
     return result
 

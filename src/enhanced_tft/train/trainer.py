@@ -22,10 +22,9 @@ from ..config import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..inference import InferredChunk, infer
-from ..model.build import build_model, move_to_device
-from ..model.tft import EnhancedTFT, ModelDims, set_activation_checkpointing
-from .memory import MemoryMonitor, OutOfMemoryGiveUp
-from .optim import continued_lr_lambda, lr_lambda, make_optimizer
+from ..model.tft import EnhancedTFT
+from .memory import MemoryMonitor, OutOfMemoryGiveUp, give_up_message
+from .optim import continue_schedule, lr_lambda, make_optimizer
 from .precision import PrecisionPolicy
 from .distributed import SINGLE, World
 from .resume import STOP, NonFiniteGiveUp, TrainingInterrupted, TrainProgress, rng_state, set_rng_state
@@ -37,28 +36,6 @@ INPUT_KEYS = ("observed", "known", "symbol", "target")
 # fault_hook(phase, step, micro_index, indices) runs before each micro-batch's forward ("train") and each
 # evaluation chunk ("val", "test"); raising torch.OutOfMemoryError there is handled like a real OOM.
 FaultHook = Callable[[str, int, int, torch.Tensor], None]
-
-
-def _give_up_message(cfg: Config, phase: str) -> str:
-    m = cfg.model
-    return (f"out of memory in {phase} even at micro-batch 1 (d_model {m.d_model}, ff_dim {m.ff_dim}, "
-            f"{m.num_transformer_blocks} blocks, sequence_length {cfg.data.sequence_length}, precision "
-            f"{cfg.train.mixed_precision}, activation_checkpointing {cfg.train.activation_checkpointing}). "
-            "Change the config: set train.activation_checkpointing=all and train.mixed_precision=bf16, or lower "
-            "data.sequence_length, model.d_model, model.ff_dim, model.num_transformer_blocks or "
-            "model.variable_hidden_size; `etft plan` shows what fits.")
-
-
-def build_training_model(cfg: Config, task: tasks.Task, dims: ModelDims,
-                         device: torch.device | None = None) -> EnhancedTFT:
-    """The model as training runs it: built from the config, with its activation-checkpointing policy applied.
-
-    With a `device`, also moved there with the CPU fast paths set to that device's default (model/build.py);
-    without one it stays on the CPU, fast paths on.
-    """
-    model = set_activation_checkpointing(build_model(cfg.model, dims, task.output_size),
-                                         cfg.train.activation_checkpointing)
-    return model if device is None else move_to_device(model, device)
 
 
 @dataclass
@@ -158,7 +135,7 @@ class Trainer:
             torch.cuda.empty_cache()
         old = getattr(self, size_attr)
         if old <= 1:
-            raise OutOfMemoryGiveUp(_give_up_message(self.cfg, phase))
+            raise OutOfMemoryGiveUp(give_up_message(self.cfg, phase))
         setattr(self, size_attr, old // 2)
         self.oom_recoveries += 1
         if size_attr == "micro_batch_size":
@@ -401,16 +378,11 @@ class Trainer:
         self.micro_batch_size, self.eval_batch_size = state["micro_batch_size"], state["eval_batch_size"]
         self.oom_recoveries, self.skipped_steps = state["oom_recoveries"], state["skipped_steps"]
         self.best_state = best_state
-        saved = state.get("schedule", {}).get("total_steps", self.total_steps)
-        if saved != self.total_steps:   # train.epochs changed: continue from the learning rate reached so far
-            step, train = self.scheduler.last_epoch, self.cfg.train
-            warmup = state["schedule"]["warmup_steps"]
-            old = lr_lambda(saved, warmup, train.min_lr_ratio)
-            continued = continued_lr_lambda(old, step, warmup, self.total_steps, train.min_lr_ratio)
-            self.scheduler.lr_lambdas = [continued] * len(self.optimizer.param_groups)
-            log.info("member %d: %d optimizer steps in all now (was %d); the learning rate continues from %.3g "
-                     "(%.3g of the peak) and decays to %.3g of the peak by the last step", self.member,
-                     self.total_steps, saved, self.scheduler.get_last_lr()[0], old(step), train.min_lr_ratio)
+        saved = state.get("schedule", {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps})
+        if saved["total_steps"] != self.total_steps:   # train.epochs changed: continue from the rate reached
+            note = continue_schedule(self.scheduler, saved["total_steps"], saved["warmup_steps"], self.total_steps,
+                                     self.cfg.train.min_lr_ratio)
+            log.info("member %d: %s", self.member, note)
 
     def checkpoint(self) -> None:
         if self.on_checkpoint:
