@@ -255,3 +255,10 @@ def test_full_disk_and_unusable_log_dir_are_reported_before_training(tmp_path, m
     result = run_cli(["-m", "enhanced_tft.cli", "train", "--test_mode", "--log_dir", str(blocker / "logs")],
                      cwd=tmp_path)
     assert result.returncode == 2 and "cannot be created" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_member_result_of_an_older_version_is_refused_with_what_to_do(tmp_path):
+    from enhanced_tft.train.ensemble import MemberResult
+    old = {"summary": {"member": 0}, "prediction": torch.zeros(3)}   # before the interpretation sums were kept
+    with pytest.raises(CheckpointError, match=r"older version of Enhanced TFT \(it lacks weights\); delete it"):
+        MemberResult.from_dict(old, "member_0_result.pt")

@@ -21,7 +21,7 @@ from ..data.windows import WindowSet
 from ..evaluation import baseline_output, mean_of, score
 from ..interpret import WeightSums
 from ..model.build import build_training_model, dims_for
-from ..runs import SUMMARY_JSON, RunFolder, load_checkpoint, save_checkpoint
+from ..runs import SUMMARY_JSON, CheckpointError, RunFolder, load_checkpoint, save_checkpoint
 from ..tasks import Task
 from .compile import apply_compile
 from .memory import OutOfMemoryGiveUp, release_memory
@@ -43,7 +43,11 @@ class MemberResult:
         return {"summary": self.summary, "prediction": self.prediction, "weights": self.weights.to_dict()}
 
     @classmethod
-    def from_dict(cls, state: dict) -> "MemberResult":
+    def from_dict(cls, state: dict, source: str = "a member's result") -> "MemberResult":
+        if not {"summary", "prediction", "weights"} <= state.keys():   # written before the one test pass
+            raise CheckpointError(f"{source} was written by an older version of Enhanced TFT (it lacks "
+                                  f"{', '.join(sorted({'summary', 'prediction', 'weights'} - state.keys()))}); "
+                                  "delete it and resume, and that member is trained again")
         return cls(state["summary"], state["prediction"], WeightSums.from_dict(state["weights"]))
 
 
@@ -211,7 +215,8 @@ def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.devi
     for member in mine:
         done = resume and run.result_file(member).is_file()
         if done if spread else world.broadcast(done):
-            members.append(MemberResult.from_dict(load_checkpoint(run.result_file(member))))
+            members.append(MemberResult.from_dict(load_checkpoint(run.result_file(member)),
+                                                  str(run.result_file(member))))
             log.info("member %d finished before the interruption: its results are reused", member)
         else:
             members.append(train_member(cfg, task, data, device, policy, run, member, micro_batch_size, fault_hook,
