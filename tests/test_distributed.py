@@ -128,18 +128,24 @@ def test_a_killed_worker_is_restarted_and_resumes_the_same_run(single_run, tmp_p
     _assert_same_weights(single_run, run)
 
 
-def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
-    (tmp_path / "ddp.yaml").write_text(DDP_YAML.replace("epochs: 2", "epochs: 1"))
+def test_a_two_rank_checkpoint_resumes_in_one_process(single_run, tmp_path):
+    """Stopped mid-epoch by 2 ranks, finished by 1 process: the weights of the uninterrupted run."""
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
     first = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs"), tmp_path)
     assert first.returncode == 0, first.stderr
     run = _only_run(tmp_path / "logs")
-    (run / "checkpoints" / "member_0_result.pt").unlink()               # as if stopped before the end
-    resumed = _run(_etft("train", "--resume", str(run), "--set", "train.epochs=2"), tmp_path)
+    steps = sorted((run / "checkpoints").glob("member_0_step_*.pt"))
+    assert [p.name for p in steps] == ["member_0_step_000000025.pt", "member_0_step_000000030.pt"]
+    steps[-1].unlink()                                                    # as if stopped at step 25 of 30,
+    (run / "checkpoints" / "member_0_result.pt").unlink()               # mid-way through epoch 2
+    (run / "summary.json").unlink()
+    resumed = _run(_etft("train", "--resume", str(run)), tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     log = (run / "training.log").read_text()
-    assert "written by 2 rank(s), continued by 1" in log
+    assert "member_0_step_000000025.pt (epoch 2, step 10 of it; written by 2 rank(s), continued by 1)" in log
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["ensemble"]["members"][0]["epochs_run"] == 2
+    _assert_same_weights(single_run, run)
 
 
 def test_two_machines_rendezvous_on_localhost_and_train_the_single_process_result(single_run, tmp_path):
@@ -229,3 +235,13 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_once_and_the_run_resumes
     resumed = _torchrun(2, _etft("train", "--resume", str(run), "--set", "train.epochs=2"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_bad_input_under_restarts_stays_bad_input_and_leaves_nothing(tmp_path):
+    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
+    result = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs", "--data", "missing.csv"),
+                       tmp_path, extra=["--max-restarts=1"])
+    assert result.returncode != 0
+    assert result.stderr.count("etft train: error: data file") >= 2          # both attempts: the same message
+    assert "does not exist (data.path)" in result.stderr and "this is a bug" not in result.stderr
+    assert not list((tmp_path / "logs").glob("training_*")) and not list((tmp_path / "logs").glob(".torchrun_*"))

@@ -178,3 +178,15 @@ def test_changing_epochs_on_resume_keeps_the_learning_rate_continuous(small_raw,
     assert all(b <= a + 1e-15 for a, b in zip(lrs, lrs[1:]))                  # still decaying
     peak, floor = small_raw["train"].get("learning_rate", 2e-3), 0.05
     assert lrs[-1] == pytest.approx(peak * floor, rel=1e-9)                   # min_lr_ratio at the new last step
+
+    # a later resume with the same epochs rebuilds the continued schedule from the checkpoint, not a fresh one
+    again, _ = make_trainer(small_raw, data)
+    replay, _ = make_trainer(small_raw, data)
+    replay.load_state_dict(state)
+    for _ in range(4):
+        replay.scheduler.step()
+    again.load_state_dict(replay.state_dict())
+    for _ in range(8):
+        assert again.scheduler.get_last_lr()[0] == replay.scheduler.get_last_lr()[0] == lrs[4 + _]
+        again.scheduler.step()
+        replay.scheduler.step()

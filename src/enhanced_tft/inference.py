@@ -96,13 +96,3 @@ def infer(models: list[EnhancedTFT], task: Task, split: WindowSet, device: torch
             continue
         result = None
         batch_size = on_oom(batch_size) if on_oom else halve_after_oom(batch_size, device, what)
-
-
-def predict_split(models: list[EnhancedTFT], task: Task, split: WindowSet, device: torch.device,
-                  policy: PrecisionPolicy, batch_size: int) -> list[torch.Tensor]:
-    """Every model's predictions over a whole split (on the CPU), in split order."""
-    kept: list[list[torch.Tensor]] = [[] for _ in models]
-    for chunk in infer(models, task, split, device, policy, batch_size):
-        for store, prediction in zip(kept, chunk.predictions):
-            store.append(prediction)
-    return [torch.cat(store) for store in kept]

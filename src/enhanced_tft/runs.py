@@ -218,6 +218,16 @@ class RunFolder:
             self._handler = None
 
 
+def restart_marker_file(log_dir: str | Path, job: str) -> Path:
+    """LOG_DIR/.torchrun_<job>: the run folder a torchrun job made, for its restarted workers."""
+    return Path(log_dir) / f".torchrun_{job}"
+
+
+def shared_data_folder(base: str | Path, run_name: str, fold: int | None) -> Path:
+    """Where the ranks of one machine meet the arrays they share (removed once every rank mapped them)."""
+    return Path(base) / (f"etft_data_{run_name}" + (f"_fold{fold}" if fold is not None else ""))
+
+
 def walk_forward_file(log_dir: str | Path, first_run: Path) -> Path:
     """LOG_DIR/walk_forward_<time of the first fold's run>.json."""
     return Path(log_dir) / f"walk_forward_{first_run.name.removeprefix('training_')}.json"

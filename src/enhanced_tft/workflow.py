@@ -9,6 +9,7 @@ import logging
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from . import config as config_mod
 from . import tasks
 from .config import Config, UserError
 from .runs import (ATTENTION_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV, SCALER_JSON, SUMMARY_JSON,
-                   RunFolder, walk_forward_file, write_json_atomic)
+                   RunFolder, restart_marker_file, shared_data_folder, walk_forward_file, write_json_atomic,
+                   write_text_atomic)
 
 log = logging.getLogger("enhanced_tft.train")
 
@@ -59,7 +61,10 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
         handler.addFilter(rank_filter)
     try:
         if request.resume_folder is None:
-            request = _resume_after_restart(cfg, request, world)
+            restarted = _resume_after_restart(cfg, request, world)
+            if restarted is not request:   # continue what the first attempt trained, with its own config
+                cfg = config_mod.load_config(RunFolder(restarted.resume_folder).file(CONFIG_YAML))
+            request = restarted
         try:
             if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:
                 code = walk_forward(cfg, request, world)
@@ -96,19 +101,23 @@ def _resume_after_restart(cfg: Config, request: TrainRequest, world) -> TrainReq
     marker = restart_marker(cfg.run.log_dir)
     if restart_count() == 0 or marker is None:
         return request
-    folder = world.broadcast(marker.read_text().strip() if world.is_main and marker.is_file() else None)
+    folder = None
+    if world.is_main and marker.is_file():
+        recorded = marker.read_text().strip()
+        folder = recorded if recorded and RunFolder(recorded).is_run_folder() else None
+    folder = world.broadcast(folder)
     if folder is None:
-        return request   # the first attempt stopped before it made its folder: start one
+        return request   # the first attempt stopped before its folder held a run: start one
     log.warning("torchrun restarted the workers (restart %d of job %s): resuming %s", restart_count(), run_id(),
                 folder)
-    return TrainRequest(resume_folder=Path(folder), changed=(), auto_batch=False)
+    return resume_request(folder, [])[1]   # the folder's own config: what the first attempt trained
 
 
 def restart_marker(log_dir: str | Path) -> Path | None:
     """Where a torchrun job records its run folder, for restarts; None outside torchrun's elastic agent."""
     from .train.distributed import run_id
     job = run_id()
-    return Path(log_dir) / f".torchrun_{job}" if job else None
+    return restart_marker_file(log_dir, job) if job else None
 
 
 def walk_forward(cfg: Config, request: TrainRequest, world) -> int:
@@ -123,8 +132,8 @@ def walk_forward(cfg: Config, request: TrainRequest, world) -> int:
     results, code = [], 0
     for fold in mine:
         log.info("walk-forward fold %d of %d", fold, folds)
-        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}),
-                                   replace(request, restartable=False) if spread else request,
+        # a fold is not resumed after a torchrun restart: the restart would train the last fold in its folder
+        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}), replace(request, restartable=False),
                                    SINGLE if spread else world)
         if code != 0:
             break
@@ -157,7 +166,7 @@ def _open_run_folder(cfg: Config, request: TrainRequest, world) -> RunFolder:
             path = request.resume_folder or RunFolder.create(cfg.run.log_dir).path
             marker = restart_marker(cfg.run.log_dir)
             if marker is not None and request.resume_folder is None and request.restartable:
-                marker.write_text(f"{path}\n")
+                write_text_atomic(marker, f"{path}\n")
         except UserError as err:
             error = str(err)
     error, path = world.broadcast((error, str(path) if path else None))
@@ -170,9 +179,7 @@ def _shared_data_folder(cfg: Config, run: RunFolder) -> Path:
     """Where the ranks of one machine meet their shared arrays: data.memory_map_dir if set, else the system's
     temporary folder (the OS page cache holds one copy of the mapped pages for every rank)."""
     import tempfile
-    base = cfg.data.memory_map_dir or tempfile.gettempdir()
-    fold = f"_fold{cfg.data.fold}" if cfg.data.fold is not None else ""
-    return Path(base) / f"etft_data_{run.path.name}{fold}"
+    return shared_data_folder(cfg.data.memory_map_dir or tempfile.gettempdir(), run.path.name, cfg.data.fold)
 
 
 def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path]:
@@ -215,7 +222,10 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
                      f" with changed {', '.join(request.changed)}" if request.changed else "")
         else:
             log.info("run folder %s%s", run.path, "  (test mode)" if cfg.run.test_mode else "")
-        if world.distributed:
+        if world.distributed and cfg.train.distribute == "members":
+            log.info("%d ranks (%s): each trains its own members alone", world.size,
+                     "NCCL" if device.type == "cuda" else "gloo")
+        elif world.distributed:
             log.info("data-parallel training on %d ranks (%s); each takes its share of every window and split",
                      world.size, "NCCL" if device.type == "cuda" else "gloo")
         if world.distributed:   # one copy of the arrays per machine, mapped by its ranks
@@ -224,7 +234,8 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         else:
             data = build_data(cfg)
         if request.auto_batch:   # sized from the built data: the model's input sizes are the data's
-            cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory, world.size)
+            sharing = world.size if cfg.train.distribute == "data" else 1   # members: each rank a whole model
+            cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory, sharing)
             log.info(note)
         if world.is_main:
             run.write_text(CONFIG_YAML, f"# resolved config of this run; precision {policy.name}: {policy.reason}\n"
@@ -235,7 +246,9 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         if world.is_main:
             run.write_json(SCALER_JSON, data.scaler)
         training_started = True
-        with logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]):
+        # only rank 0 shows progress bars; the redirect would also drop the other ranks' console filter
+        redirect = logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]) if world.is_main else nullcontext()
+        with redirect:
             result = train_ensemble(cfg, task, data, device, policy, run, resume=resuming, world=world)
         summary = result.summary
         from .evaluation import metrics_table
@@ -259,6 +272,9 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         run.detach_logging()
         if not training_started and not resuming and world.is_main:
             shutil.rmtree(run.path, ignore_errors=True)   # bad input found before training: leave no empty run
+            marker = restart_marker(cfg.run.log_dir)
+            if marker is not None and request.restartable:
+                marker.unlink(missing_ok=True)
 
 
 def write_test_outputs(run: RunFolder, data, result) -> None:

@@ -1,7 +1,7 @@
 """Bars from the user's own OHLCV export: CSV, gzip CSV or Parquet, checked row by row.
 
 `load_file_bars(data)` returns the long format the pipeline takes (timestamp, symbol, open, high, low,
-close, volume), sorted by symbol then time. Every problem a file can have stops the run with a ValueError
+close, volume), sorted by symbol then time. Every problem a file can have stops the run with a UserError
 of one paragraph: what is wrong, where (columns, counts, the first row), and the key that changes it.
 Policies (data.duplicates, data.missing) may drop rows instead; what they drop is logged with its count.
 """
@@ -97,7 +97,7 @@ def example_config(data: DataConfig) -> DataConfig:
 
 
 def _read_table(path: Path, skip_rows: int) -> tuple[pd.DataFrame, bool]:
-    """The whole table with text kept as text; any reader error becomes one ValueError with advice."""
+    """The whole table with text kept as text; any reader error becomes one UserError with advice."""
     try:
         with path.open("rb") as handle:
             head = handle.read(4)

@@ -131,8 +131,9 @@ def init_world(device_type: str) -> World:
     import torch.distributed as dist
     rank, size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if backend == "nccl":
+        # on GPUs: NCCL for CUDA tensors (gradients), gloo for the CPU ones (interpretation sums, flags)
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         timeout = datetime.timedelta(seconds=float(os.environ.get("ETFT_DIST_TIMEOUT_S", 1800)))
         # torchrun's agent keeps one store across --max-restarts: without a prefix per attempt, a restarted

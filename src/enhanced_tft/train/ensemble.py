@@ -47,7 +47,8 @@ class MemberResult:
         if not {"summary", "prediction", "weights"} <= state.keys():   # written before the one test pass
             raise CheckpointError(f"{source} was written by an older version of Enhanced TFT (it lacks "
                                   f"{', '.join(sorted({'summary', 'prediction', 'weights'} - state.keys()))}); "
-                                  "delete it and resume, and that member is trained again")
+                                  "delete it and resume: that member's test split is scored again from its saved "
+                                  "weights")
         return cls(state["summary"], state["prediction"], WeightSums.from_dict(state["weights"]))
 
 
@@ -80,12 +81,14 @@ def check_free_space(run: RunFolder, num_parameters: int, keep: int) -> None:
 
 def _stop_with_checkpoint(cfg: Config, run: RunFolder, trainer: Trainer, member: int, status: str,
                           err: Exception, writes: bool) -> None:
+    # no collective here: a rank may give up alone (out of memory while scoring its share); it exits and
+    # torchrun stops the other ranks, which would otherwise wait on it
     trainer.checkpoint()   # through the same hook as every other checkpoint: rotation, config included
-    trainer.world.barrier()   # every rank gives up together (their agreement); rank 0 has written the file
+    if not writes:
+        raise err
     latest = run.latest_step_checkpoint(member)
-    if writes:
-        run.write_json(SUMMARY_JSON, {"task": cfg.task, "status": status, "error": str(err),
-                                      "checkpoint": str(latest.relative_to(run.path))})
+    run.write_json(SUMMARY_JSON, {"task": cfg.task, "status": status, "error": str(err),
+                                  "checkpoint": str(latest.relative_to(run.path))})
     raise type(err)(f"{err} Last weights: {latest}") from None
 
 

@@ -33,17 +33,33 @@ def continued_lr_lambda(before: Callable[[int], float], resume_step: int, warmup
     return factor
 
 
-def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved_total: int, warmup_steps: int,
-                      total_steps: int, min_ratio: float) -> str:
-    """Give a resumed scheduler whose run changed length (saved_total -> total_steps optimizer steps) the
-    continued schedule; returns a line for the log."""
+def schedule_lambda(schedule: dict, min_ratio: float) -> Callable[[int], float]:
+    """The factor function a schedule record describes: {"total_steps", "warmup_steps"} for warm-up + cosine,
+    plus {"continued": {"from": <earlier record>, "at_step": s}} when a resumed run changed its length at s.
+    Checkpoints keep the record, so every later resume rebuilds the same schedule."""
+    continued = schedule.get("continued")
+    if continued is None:
+        return lr_lambda(schedule["total_steps"], schedule["warmup_steps"], min_ratio)
+    before = schedule_lambda(continued["from"], min_ratio)
+    return continued_lr_lambda(before, continued["at_step"], continued["from"]["warmup_steps"],
+                               schedule["total_steps"], min_ratio)
+
+
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict, total_steps: int,
+                      min_ratio: float) -> tuple[dict, str | None]:
+    """Give a resumed scheduler the schedule its checkpoint recorded, continued from the step reached if the run
+    now has `total_steps` steps in all; returns the record to keep and a line for the log (None: unchanged)."""
     step = scheduler.last_epoch
-    before = lr_lambda(saved_total, warmup_steps, min_ratio)
-    continued = continued_lr_lambda(before, step, warmup_steps, total_steps, min_ratio)
-    scheduler.lr_lambdas = [continued] * len(scheduler.optimizer.param_groups)
-    return (f"{total_steps} optimizer steps in all now (was {saved_total}); the learning rate continues from "
-            f"{scheduler.get_last_lr()[0]:.3g} ({before(step):.3g} of the peak) and decays to {min_ratio:.3g} of "
-            "the peak by the last step")
+    note = None
+    schedule = saved
+    if saved["total_steps"] != total_steps:
+        schedule = {"total_steps": total_steps, "warmup_steps": saved["warmup_steps"],
+                    "continued": {"from": saved, "at_step": step}}
+        note = (f"{total_steps} optimizer steps in all now (was {saved['total_steps']}); the learning rate continues "
+                f"from {schedule_lambda(saved, min_ratio)(step):.3g} of the peak and decays to {min_ratio:.3g} of the "
+                "peak by the last step")
+    scheduler.lr_lambdas = [schedule_lambda(schedule, min_ratio)] * len(scheduler.optimizer.param_groups)
+    return schedule, note
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

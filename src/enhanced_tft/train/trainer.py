@@ -93,6 +93,7 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * train.epochs
         self.warmup_steps = int(train.warmup_fraction * self.total_steps)
+        self.schedule = {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}   # as checkpointed
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, self.warmup_steps, train.min_lr_ratio))
         self.skipped_steps = 0
@@ -362,7 +363,7 @@ class Trainer:
             "order_generator": self.order_generator.get_state(), "rng": rng_state(self.device),
             "micro_batch_size": self.micro_batch_size, "eval_batch_size": self.eval_batch_size,
             "oom_recoveries": self.oom_recoveries, "skipped_steps": self.skipped_steps,
-            "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
+            "schedule": self.schedule,
             "world_size": self.world.size,   # any other world size may resume it: the same windows and mathematics
         }
 
@@ -378,10 +379,10 @@ class Trainer:
         self.micro_batch_size, self.eval_batch_size = state["micro_batch_size"], state["eval_batch_size"]
         self.oom_recoveries, self.skipped_steps = state["oom_recoveries"], state["skipped_steps"]
         self.best_state = best_state
-        saved = state.get("schedule", {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps})
-        if saved["total_steps"] != self.total_steps:   # train.epochs changed: continue from the rate reached
-            note = continue_schedule(self.scheduler, saved["total_steps"], saved["warmup_steps"], self.total_steps,
-                                     self.cfg.train.min_lr_ratio)
+        # train.epochs changed since the checkpoint: continue from the rate reached (kept for later resumes too)
+        self.schedule, note = continue_schedule(self.scheduler, state.get("schedule", self.schedule), self.total_steps,
+                                                self.cfg.train.min_lr_ratio)
+        if note:
             log.info("member %d: %s", self.member, note)
 
     def checkpoint(self) -> None:
