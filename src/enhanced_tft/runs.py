@@ -2,6 +2,11 @@
 and every write into it goes through one atomic writer (temp file, fsync, rename, fsync of the folder):
 a reader sees the old file or the new one, never half of one, and a crash leaves no half file.
 
+Run folders travel between users, so they are read and written as untrusted: the writer's temporary
+file is created exclusively under a fresh random name (nothing planted in the folder is opened), and a
+symbolic link where a run file should be is refused on read and on write, so that no file outside the
+folder is read into a report or overwritten. One process at a time trains in a folder (`lock`).
+
 torch is imported inside the functions that need it: the CLI creates folders and logs before torch loads.
 """
 from __future__ import annotations
@@ -10,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +38,7 @@ ATTENTION_CSV = "attention_by_lag.csv"
 PREDICTIONS_TEST_CSV = "predictions_test.csv"
 PREDICTIONS_DEFAULT = "predictions.parquet"   # etft predict without --out
 REPORT_HTML = "report.html"
+LOCK_FILE = ".lock"                           # held by the process that trains in the folder
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -48,12 +55,28 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def refuse_link(path: str | Path) -> Path:
+    """`path`, unless it is a symbolic link: a run folder's files must be its own plain files."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{str(path)!r} is a symbolic link (to {os.readlink(path)!r}); a run folder's files must be "
+                        "plain files, so that etft neither reads nor overwrites anything outside the folder. "
+                        "Replace the link with a copy of the file, or remove it")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` with the same ending; on success it is fsync'd and renamed over
-    `path`, and the folder fsync'd. On an error the temporary file is removed and `path` is untouched."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp.{path.name}")   # same ending: writers that pick a format from it still can
+    """Yield a fresh temporary path beside `path` with the same ending; on success it is fsync'd and renamed
+    over `path`, and the folder fsync'd. On an error the temporary file is removed and `path` is untouched.
+
+    The temporary file is created exclusively (O_EXCL) under a random name: a file or link planted in the
+    folder is never opened. A link at `path` itself is refused (the rename would replace the link, but a
+    reader of the old name expected a file)."""
+    path = refuse_link(path)
+    handle, name = tempfile.mkstemp(prefix=".tmp.", suffix=f".{path.name}", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)   # same ending as `path`: writers that pick a format from it still can
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -90,6 +113,7 @@ class CheckpointError(UserError):
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint; weights_only refuses anything but tensors and plain containers: no code runs."""
     import torch
+    refuse_link(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:   # pickle.UnpicklingError for hidden code, RuntimeError/EOFError for damage
@@ -129,7 +153,8 @@ class RunFolder:
     # ---------------------------------------------------------------- paths
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """The path of one of the folder's files (refused if a symbolic link stands there)."""
+        return refuse_link(self.path / name)
 
     @property
     def log_file(self) -> Path:
@@ -191,15 +216,45 @@ class RunFolder:
     # ---------------------------------------------------------------- reads
 
     def read_json(self, name: str) -> dict:
-        return json.loads((self.path / name).read_text())
+        return json.loads(self.file(name).read_text())
 
     def read_text(self, name: str) -> str | None:
-        file = self.path / name
+        file = self.file(name)
         return file.read_text() if file.is_file() else None
 
     def metrics_records(self) -> list[dict]:
-        text = self.read_text(METRICS_JSONL)
-        return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+        """metrics.jsonl's records; a torn last line (a crash mid-append, a full disk) is left out."""
+        lines = [line for line in (self.read_text(METRICS_JSONL) or "").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number != len(lines):
+                    raise UserError(f"{METRICS_JSONL} of {str(self.path)!r} is damaged at line {number} (not a "
+                                    "JSON record): only a torn last line is skipped") from None
+                logging.getLogger(__name__).warning("%s: left out its torn last line", METRICS_JSONL)
+        return records
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for training: a second process (another --resume of the same run, say) is refused
+        with the holder's pid instead of interleaving checkpoints and rotating away the other's files."""
+        import fcntl
+        path = refuse_link(self.path / LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise UserError(f"run folder {str(self.path)!r} is in use by process {holder} (another etft train "
+                                "or --resume of this run); wait for it to finish or stop it first") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)   # releases the lock
 
     # ---------------------------------------------------------------- logging
 

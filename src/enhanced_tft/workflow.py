@@ -9,7 +9,7 @@ import logging
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -158,12 +158,14 @@ def walk_forward(cfg: Config, request: TrainRequest, world) -> int:
     return 0
 
 
-def _open_run_folder(cfg: Config, request: TrainRequest, world) -> RunFolder:
-    """The run's folder: rank 0 makes it (or reopens the one to resume) and tells the other ranks."""
+def _open_run_folder(cfg: Config, request: TrainRequest, world, held: ExitStack) -> RunFolder:
+    """The run's folder: rank 0 makes it (or reopens the one to resume), takes its lock into `held`, and tells
+    the other ranks."""
     error, path = None, None
     if world.is_main:
         try:
             path = request.resume_folder or RunFolder.create(cfg.run.log_dir).path
+            held.enter_context(RunFolder(path).lock())   # one trainer per folder: a second --resume is refused
             marker = restart_marker(cfg.run.log_dir)
             if marker is not None and request.resume_folder is None and request.restartable:
                 write_text_atomic(marker, f"{path}\n")
@@ -207,7 +209,8 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
     policy = resolve_precision(cfg.train.mixed_precision, device)
     # the saved config is what ran: record the effective device and precision
     cfg = config_mod.update(cfg, train={"device": device.type, "mixed_precision": policy.name})
-    run = _open_run_folder(cfg, request, world)
+    held = ExitStack()
+    run = _open_run_folder(cfg, request, world, held)
     if world.is_main:
         run.attach_logging()
     elif cfg.train.distribute == "members":   # this rank's own members: their lines too, prefixed with the rank
@@ -270,6 +273,7 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
     finally:
         restore_signal_handlers(previous_handlers)
         run.detach_logging()
+        held.close()
         if not training_started and not resuming and world.is_main:
             shutil.rmtree(run.path, ignore_errors=True)   # bad input found before training: leave no empty run
             marker = restart_marker(cfg.run.log_dir)
