@@ -136,3 +136,33 @@ def test_floats_in_exponent_form_are_numbers(tmp_path: Path):
     path.write_text("train:\n  learning_rate: 3e-4\n  weight_decay: 1E-2\n")
     cfg = load_config(path, ["train.grad_clip_norm=5e-1"])
     assert (cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.grad_clip_norm) == (3e-4, 1e-2, 0.5)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path):
+    """A "billion laughs" config: nine levels of nine aliases would expand to 9**9 strings."""
+    lines = ['a0: &a0 "lol"'] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    lines.append("model: {d_model: *a9}")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 700
+    with pytest.raises(ConfigError, match=r"not valid YAML: .*YAML aliases \(\*a0\) are not allowed in a config"):
+        load_config(path)
+
+
+def test_error_messages_quote_a_huge_value_cut_short():
+    with pytest.raises(ConfigError) as err:
+        build_config({"model": {"d_model": "x" * 100_000}})
+    message = str(err.value)
+    assert "model.d_model='xxxx" in message and "... (100002 characters)" in message
+    assert len(message) < 600
+
+
+def test_what_etft_writes_has_no_aliases_and_reads_back():
+    """An object met twice would be dumped as an anchor and an alias, which the loader refuses."""
+    from enhanced_tft.config import to_yaml
+    from enhanced_tft.yaml_io import dump_yaml, load_yaml_text
+    shared = [1, 2, 4]
+    text = dump_yaml({"a": shared, "b": shared})
+    assert "&" not in text and "*" not in text and load_yaml_text(text) == {"a": [1, 2, 4], "b": [1, 2, 4]}
+    cfg = build_config({"data": {"return_lags": [1, 2, 4], "volatility_windows": [1, 2, 4]}})
+    assert build_config(load_yaml_text(to_yaml(cfg))) == cfg

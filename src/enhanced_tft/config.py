@@ -5,7 +5,6 @@ Every user error raises ConfigError (a ValueError) naming the key, the value and
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,22 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import tasks
+from .yaml_io import dump_yaml
+from .yaml_io import load_yaml_text as _load
 
 FILE_COLUMNS = ("timestamp", "symbol", "open", "high", "low", "close", "volume", "adj_close")
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML, plus floats written without a dot (1e-3): PyYAML's YAML 1.1 rules read those as strings."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
-    list("-+0123456789"))
-
-
-def _load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
 
 
 class UserError(ValueError):
@@ -292,6 +279,12 @@ def _clean_loc(loc: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
+def _quoted(value: Any, limit: int = 120) -> str:
+    """repr of a rejected value, cut to `limit` characters: a message never repeats a huge input in full."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _format_errors(err: ValidationError) -> str:
     merged: dict[str, list[str]] = {}
     for item in err.errors():
@@ -305,7 +298,7 @@ def _format_errors(err: ValidationError) -> str:
         else:
             # a section-level check (input is the whole section) names its keys in the message itself
             shown = "input" in item and not isinstance(item["input"], dict)
-            key = f"{loc}={item['input']!r}" if shown else loc
+            key = f"{loc}={_quoted(item['input'])}" if shown else loc
         merged.setdefault(key, []).append(msg)
     lines = [f"{key}: {'; or '.join(msgs)}" for key, msgs in merged.items()]
     return "invalid config:\n  " + "\n  ".join(lines)
@@ -404,7 +397,7 @@ def apply_test_mode(cfg: Config) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return dump_yaml(cfg.model_dump(mode="json"))
 
 
 # what may change when a stopped run resumes: nothing that would change what was trained
