@@ -63,11 +63,12 @@ class World:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+    def sum_gradients(self, parameters) -> None:
         """Sum every parameter's gradient over the ranks, in one coalesced all-reduce per dtype. A parameter
         without a gradient on this rank (an empty share) contributes zeros."""
         if not self.distributed:
             return
+        parameters = list(parameters)
         for p in parameters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

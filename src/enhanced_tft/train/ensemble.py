@@ -18,7 +18,7 @@ import torch
 from ..config import Config, UserError
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
-from ..evaluation import baseline_output, mean_of, score
+from ..evaluation import baseline_output, score
 from ..interpret import WeightSums
 from ..model.build import build_training_model, dims_for
 from ..runs import SUMMARY_JSON, CheckpointError, RunFolder, load_checkpoint, save_checkpoint
@@ -192,7 +192,7 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
         "ensemble": {"size": len(records), "averaging": "mean of member predictions",
                      "bootstrap": cfg.train.bootstrap, "members": records, "test": scores["test"],
-                     "mean_member": mean_of([r["test"] for r in records], scores["test"])},
+                     "mean_member": scores["mean_member"]},
         "precision": {"name": policy.name, "reason": policy.reason},
         "device": str(device),
         "data": {"source": cfg.data.source, "target": cfg.data.target, "symbols": len(data.symbols),

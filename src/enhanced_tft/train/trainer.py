@@ -161,7 +161,7 @@ class Trainer:
                 out_of_memory = True   # leave the except block first so that the traceback's tensors are freed
             out_of_memory, self.stop_agreed = self.world.agree(out_of_memory, STOP.is_set())
             if not out_of_memory:
-                self.world.sum_gradients(list(self.model.parameters()))
+                self.world.sum_gradients(self.model.parameters())   # nothing to do in a single process
                 return self.world.sum_(total)
             self._shrink_after_oom("train", "micro_batch_size")
 
