@@ -16,6 +16,11 @@ from .yaml_io import dump_yaml
 from .yaml_io import load_yaml_text as _load
 
 FILE_COLUMNS = ("timestamp", "symbol", "open", "high", "low", "close", "volume", "adj_close")
+# upper bounds: a typo (an extra zero or three) is refused before anything is allocated
+MAX_SEQUENCE_LENGTH = 100_000
+MAX_HORIZON = 100_000
+MAX_BATCH = 1 << 24
+MAX_LAG = 1_000_000
 
 
 class UserError(ValueError):
@@ -46,7 +51,8 @@ class DataConfig(_Section):
                         "adj_close); unmapped names are looked up as they are, and `date` serves as timestamp")
     timestamp_format: str | None = Field(
         None, description="file: strftime format of the timestamps, e.g. '%Y-%m-%d %I-%p'; None = inferred")
-    skip_rows: int = Field(0, ge=0, description="file: lines before the header (free text of some exports)")
+    encoding: str = Field("utf-8", description="file: text encoding of a CSV (utf-8, latin-1, cp1252, utf-16, ...)")
+    skip_rows: int = Field(0, ge=0, le=1_000_000, description="file: lines before the header (free text of some exports)")
     symbol: str | None = Field(
         None, description="file: symbol of a file without a symbol column; with one, keep only this symbol's rows")
     duplicates: Literal["error", "keep_last"] = Field(
@@ -60,15 +66,15 @@ class DataConfig(_Section):
     extra_columns: list[str] | Literal["all"] = Field(
         [], description="file: other numeric columns passed through as observed inputs (names in the file), "
                         "or 'all' for every numeric column not used above")
-    fill_gaps: int = Field(0, ge=0, description="fill a gap of up to this many missing bars (on the series' usual "
+    fill_gaps: int = Field(0, ge=0, le=100_000, description="fill a gap of up to this many missing bars (on the series' usual "
                                                 "step) with flat bars at the last close and zero volume; 0 = never")
-    num_symbols: int = Field(5, ge=1, description="synthetic: number of symbols (series)")
-    num_bars: int = Field(2500, ge=10, description="synthetic: bars per symbol")
-    bar_minutes: int = Field(60, ge=1, description="synthetic: minutes per bar (calendar features)")
-    num_extra_features: int = Field(0, ge=0, description="synthetic: extra observed inputs x_1.. (AR(1) noise "
+    num_symbols: int = Field(5, ge=1, le=100_000, description="synthetic: number of symbols (series)")
+    num_bars: int = Field(2500, ge=10, le=100_000_000, description="synthetic: bars per symbol")
+    bar_minutes: int = Field(60, ge=1, le=525_600, description="synthetic: minutes per bar (calendar features)")
+    num_extra_features: int = Field(0, ge=0, le=10_000, description="synthetic: extra observed inputs x_1.. (AR(1) noise "
                                                          "without signal), for feature-count benchmarks")
-    sequence_length: int = Field(48, ge=2, description="bars of history in each window (the seed's key)")
-    horizon: int = Field(1, ge=1, description="bars ahead the target looks")
+    sequence_length: int = Field(48, ge=2, le=MAX_SEQUENCE_LENGTH, description="bars of history in each window (the seed's key)")
+    horizon: int = Field(1, ge=1, le=MAX_HORIZON, description="bars ahead the target looks")
     target: Literal["return", "volatility"] = Field(
         "return", description="regression/quantile: future log return over the horizon, or future realized "
                               "volatility (root mean square of the next `horizon` 1-bar log returns)")
@@ -79,12 +85,12 @@ class DataConfig(_Section):
     val_start: str | None = Field(None, description="first date of validation (e.g. 2011-01-01); with test_start "
                                                    "it replaces the fractions")
     test_start: str | None = Field(None, description="first date of the test split; needs val_start")
-    walk_forward_folds: int = Field(0, ge=0, description="walk-forward validation: train this many runs, fold k "
+    walk_forward_folds: int = Field(0, ge=0, le=100, description="walk-forward validation: train this many runs, fold k "
                                     "testing on the k-th of the last test blocks with all bars before it for train "
                                     "and val (0 = one split)")
-    fold: int | None = Field(None, ge=0, description="with walk_forward_folds: train only this fold (0-based); "
+    fold: int | None = Field(None, ge=0, le=99, description="with walk_forward_folds: train only this fold (0-based); "
                                                      "None = every fold, one run folder each")
-    purge_gap: int | None = Field(None, ge=0, description="bars left out between splits; None = horizon")
+    purge_gap: int | None = Field(None, ge=0, le=1_000_000, description="bars left out between splits; None = horizon")
     memory_map_dir: str | None = Field(None, description="keep the feature array in a memory-mapped file in this "
                                                          "folder (for data larger than RAM); None = in memory")
     flat_fraction: float = Field(0.33, ge=0.0, lt=1.0,
@@ -95,8 +101,20 @@ class DataConfig(_Section):
     @field_validator("return_lags", "volatility_windows")
     @classmethod
     def _positive_list(cls, value: list[int]) -> list[int]:
-        if not value or any(v < 1 for v in value):
-            raise ValueError(f"must be a non-empty list of integers >= 1, got {value}")
+        if not value or len(value) > 1_000 or any(not 1 <= v <= MAX_LAG for v in value):
+            raise ValueError(f"must be a non-empty list of at most 1000 integers in [1, {MAX_LAG}], got "
+                             f"{_quoted(value)}")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding; allowed: a Python codec name such as utf-8, latin-1, cp1252, "
+                             "utf-16") from None
         return value
 
     @field_validator("columns")
@@ -158,13 +176,13 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    d_model: int = Field(64, ge=1, description="width of every hidden state")
-    num_heads: int = Field(4, ge=1, description="attention heads; must divide d_model")
-    num_transformer_blocks: int = Field(2, ge=1, description="stacked self-attention blocks")
-    ff_dim: int = Field(128, ge=1, description="width of each block's feed-forward")
+    d_model: int = Field(64, ge=1, le=65_536, description="width of every hidden state")
+    num_heads: int = Field(4, ge=1, le=1_024, description="attention heads; must divide d_model")
+    num_transformer_blocks: int = Field(2, ge=1, le=1_024, description="stacked self-attention blocks")
+    ff_dim: int = Field(128, ge=1, le=1_048_576, description="width of each block's feed-forward")
     dropout_rate: float = Field(0.1, ge=0.0, lt=1.0, description="dropout everywhere, in [0, 1)")
-    variable_hidden_size: int = Field(16, ge=1, description="per-variable GRN width in variable selection")
-    lstm_layers: int = Field(1, ge=1, description="layers of the LSTM encoder")
+    variable_hidden_size: int = Field(16, ge=1, le=65_536, description="per-variable GRN width in variable selection")
+    lstm_layers: int = Field(1, ge=1, le=64, description="layers of the LSTM encoder")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -176,17 +194,17 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(64, ge=1, description="micro-batch: samples per forward/backward (the seed's key)")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="micro-batch: samples per forward/backward (the seed's key)")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batches per optimizer step")
     effective_batch_size: int | None = Field(
-        None, ge=1, description="samples per optimizer step; if set, gradient_accumulation_steps is derived from it")
+        None, ge=1, le=MAX_BATCH, description="samples per optimizer step; if set, gradient_accumulation_steps is derived from it")
     activation_checkpointing: Literal["none", "blocks", "all"] = Field(
         "none", description="recompute activations in backward: blocks = transformer blocks, all = also selection and LSTM")
-    log_every_steps: int = Field(50, ge=1, description="optimizer steps per logging window (loss, speed, memory)")
-    checkpoint_every_steps: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints (also at each epoch end)")
-    keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept per member, newest first (the best is kept apart)")
-    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive NaN/inf steps (skipped) before the run stops")
-    epochs: int = Field(8, ge=1, description="maximum epochs")
+    log_every_steps: int = Field(50, ge=1, le=1_000_000_000, description="optimizer steps per logging window (loss, speed, memory)")
+    checkpoint_every_steps: int = Field(100, ge=1, le=1_000_000_000, description="optimizer steps between resumable checkpoints (also at each epoch end)")
+    keep_checkpoints: int = Field(2, ge=1, le=1_000, description="resumable checkpoints kept per member, newest first (the best is kept apart)")
+    max_nonfinite_steps: int = Field(5, ge=1, le=1_000_000, description="consecutive NaN/inf steps (skipped) before the run stops")
+    epochs: int = Field(8, ge=1, le=1_000_000, description="maximum epochs")
     learning_rate: float = Field(2e-3, gt=0.0, description="peak AdamW learning rate")
     weight_decay: float = Field(1e-2, ge=0.0, description="AdamW weight decay")
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of steps with linear warm-up")
@@ -199,14 +217,14 @@ class TrainConfig(_Section):
     huber_delta: float = Field(1.0, gt=0.0, description="Huber delta, in train-std units of the target")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     compile: bool = Field(False, description="torch.compile the model (minutes to compile); falls back to eager, logged, if it fails")
-    ensemble_size: int = Field(1, ge=1, description="members trained with seeds seed, seed+1, ...")
+    ensemble_size: int = Field(1, ge=1, le=1_000, description="members trained with seeds seed, seed+1, ...")
     distribute: Literal["data", "members"] = Field(
         "data", description="under torchrun: data = all ranks train each model together (each its share of every "
                             "window); members = rank r trains members (and walk-forward folds) r, r+N, ... alone")
     bootstrap: bool = Field(
         False, description="each member trains on a resample with replacement of the training windows, drawn "
                            "with its seed (more diverse members); false: every member sees every window")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimizer steps per epoch (smoke runs)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, le=1_000_000_000, description="cap on optimizer steps per epoch (smoke runs)")
 
     @model_validator(mode="before")
     @classmethod
@@ -241,7 +259,7 @@ class RunConfig(_Section):
 class Config(_Section):
     task: str = Field("classification_binary", description="one of the registered tasks (enhanced_tft.tasks): "
                                                            + ", ".join(tasks.names()))
-    seed: int = Field(42, description="seed of data order, initialisation and dropout")
+    seed: int = Field(42, ge=0, le=2**62, description="seed of data order, initialisation and dropout")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -34,7 +34,7 @@ from .train.precision import PrecisionPolicy
 log = logging.getLogger(__name__)
 
 # data.* keys a user may change to read a new file; the others would change the features the model was trained on
-READ_KEYS = ("columns", "timestamp_format", "skip_rows", "symbol", "duplicates", "missing", "too_short",
+READ_KEYS = ("columns", "encoding", "timestamp_format", "skip_rows", "symbol", "duplicates", "missing", "too_short",
              "adjust_column", "fill_gaps", "memory_map_dir")
 
 
