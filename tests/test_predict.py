@@ -12,6 +12,7 @@ import torch
 from conftest import run_cli
 from enhanced_tft.cli import main
 from enhanced_tft.data.synthetic import generate_bars
+from enhanced_tft.data.transform import Transform
 from enhanced_tft.predict import TableWriter
 from enhanced_tft.tasks import BinaryClassification, TargetScale
 
@@ -86,6 +87,9 @@ def test_other_features_than_training_are_refused_with_the_difference(trained_ru
     scaler.update(features=scaler["features"] + ["x_1"], extra_columns=["x_1"], mean=scaler["mean"] + [0.0],
                   std=scaler["std"] + [1.0])
     (run / "scaler.json").write_text(json.dumps(scaler))
+    summary = json.loads((run / "summary.json").read_text())   # as if trained so: the edit is not refused as one
+    summary["data"]["transform_sha256"] = Transform.from_dict(scaler).sha256()
+    (run / "summary.json").write_text(json.dumps(summary))
     generate_bars(2, NUM_NEW_BARS, seed=11).to_csv(tmp_path / "new.csv", index=False)
     assert main(["predict", "--run", str(run), "--data", str(tmp_path / "new.csv")]) == 2
     err = capsys.readouterr().err

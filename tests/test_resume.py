@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from enhanced_tft.runs import CheckpointError, RunFolder, load_checkpoint, save_checkpoint
+from enhanced_tft.runs import CheckpointError, RunFolder, StorageError, load_checkpoint, save_checkpoint
 from enhanced_tft.train.resume import NonFiniteGiveUp
 
 from test_trainer import make_trainer
@@ -119,7 +119,8 @@ def test_a_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
         handle.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match=r"could not write .*member_0_step_000000004\.pt' \(No space left on "
+                       r"device\); its previous version, if any, is intact and no partial file was left"):
         save_checkpoint({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))

@@ -275,14 +275,26 @@ def format_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+def check_json_target(target: str | None, overwrite: bool) -> None:
+    """Before the benchmark runs: an existing file at --json PATH is kept unless --overwrite says otherwise."""
+    if target in (None, "-"):
+        return
+    path = Path(target)
+    if path.is_dir():
+        raise UserError(f"--json {target!r} is a folder; allowed: a file path (or no PATH for stdout)")
+    if path.exists() and not overwrite:
+        raise UserError(f"--json {target!r} exists; add --overwrite to replace it, or choose another path")
+
+
 def write_json(rows: list[BenchRow], target: str) -> None:
-    """'-' prints the rows to stdout; any other target is a file (a JSON list of row objects)."""
+    """'-' prints the rows to stdout; any other target is a file (a JSON list of row objects), written whole."""
+    from .runs import write_text_atomic
     text = json.dumps([asdict(r) for r in rows], indent=2)
     if target == "-":
         print(text)
     else:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(text + "\n")
+        write_text_atomic(target, text + "\n")
 
 
 def validate_request(num_features: list[int] | None, precisions: list[str], settings: BenchSettings) -> None:

@@ -26,6 +26,7 @@ def add_bench_parser(commands) -> None:
                        help="override a value of every config, e.g. --set train.compile=true (repeatable)")
     bench.add_argument("--json", nargs="?", const="-", metavar="PATH",
                        help="also write the rows as a JSON list to PATH (no PATH: to stdout, instead of the table)")
+    bench.add_argument("--overwrite", action="store_true", help="let --json PATH replace an existing file")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats per row; the row reports the median")
     bench.add_argument("--warmup", type=int, default=3, help="optimizer steps before timing (not counted)")
     bench.add_argument("--seconds", type=float, default=3.0, help="about this long per timed repeat")
@@ -47,6 +48,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchSettings, validate_request
     settings = BenchSettings(repeats=args.repeats, warmup_steps=args.warmup, seconds_per_repeat=args.seconds)
     validate_request(args.num_features, args.precision, settings)
+    from .bench import check_json_target
+    check_json_target(args.json, args.overwrite)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads={args.threads}; allowed: an integer >= 1")
 

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +45,9 @@ def _add_train_parser(commands) -> None:
     _add_overrides(train)
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a stopped run from its newest checkpoint (logs/training_...)")
+    train.add_argument("--allow-changed-data", "--allow_changed_data", dest="allow_changed_data",
+                       action="store_true", help="with --resume: go on although the data file changed since the run "
+                       "started (its fitted scaling must still match)")
     train.add_argument("--data", metavar="PATH",
                        help="train on your OHLCV file (CSV, gzip CSV, Parquet): sets data.source=file and "
                             "data.path=PATH; other data.* keys via --set, e.g. --set data.columns='{timestamp: Date}'")
@@ -65,6 +69,9 @@ def _add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
                         help="windows per batch (default: the run's evaluation chunk, 2 x train.batch_size, which "
                              "reproduces its numbers to the bit)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when present")
+    parser.add_argument("--allow-changed-data", "--allow_changed_data", dest="allow_changed_data",
+                        action="store_true", help="without --data: use the run's data file although it changed "
+                        "since training (its fitted scaling must still match)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +132,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 "folder; allowed with --resume: --set for "
                                 f"{', '.join(config_mod.SAFE_RESUME_CHANGES)}")
         cfg, request = resume_request(args.resume, _train_overrides(args))
-        return train(cfg, request)
+        return train(cfg, replace(request, allow_changed_data=args.allow_changed_data))
+    if args.allow_changed_data:
+        raise UserError("--allow-changed-data goes with --resume (a new run fingerprints the data it starts with)")
     cfg = config_mod.load_config(args.config, _train_overrides(args), test_mode=args.test_mode)
     return train(cfg, TrainRequest(auto_batch=args.auto_batch, gpu_memory=args.gpu_memory))
 
@@ -160,7 +169,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _prediction_inputs(args: argparse.Namespace):
     from .predict import open_prediction
-    return open_prediction(args.run, args.data, args.split, args.overrides, args.batch_size, args.device)
+    if args.allow_changed_data and args.data:
+        raise UserError("--allow-changed-data applies to the run's own data (no --data); --data PATH is new data anyway")
+    return open_prediction(args.run, args.data, args.split, args.overrides, args.batch_size, args.device,
+                           args.allow_changed_data)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

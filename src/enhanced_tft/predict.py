@@ -27,8 +27,8 @@ from .data.windows import WindowSet
 from .evaluation import score
 from .inference import infer
 from .model.build import WeightsMismatch, dims_for, load_model
-from .runs import (CONFIG_YAML, PREDICTIONS_TEST_CSV, SCALER_JSON, SUMMARY_JSON, CheckpointError, RunFolder,
-                   atomic_path, load_checkpoint)
+from .runs import (CONFIG_YAML, DATA_JSON, PREDICTIONS_TEST_CSV, SCALER_JSON, SUMMARY_JSON, CheckpointError,
+                   RunFolder, atomic_path, load_checkpoint, spreadsheet_safe)
 from .train.precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class TableWriter:
             if self._handle is None:   # one handle for the whole file: gzip output stays one stream
                 self._handle = (gzip.open(self.path, "wt", newline="") if self.path.suffix == ".gz"
                                 else open(self.path, "w", newline=""))
-            frame.to_csv(self._handle, header=self.rows == 0, index=False, float_format="%.8g")
+            spreadsheet_safe(frame).to_csv(self._handle, header=self.rows == 0, index=False, float_format="%.8g")
         self.rows += len(frame)
 
     def close(self) -> None:
@@ -126,8 +126,16 @@ class SavedRun:
         if summary.get("status") != "completed":
             raise UserError(f"--run {str(folder.path)!r} did not finish (status {summary.get('status')!r}); finish "
                             f"it first with: etft train --resume {folder.path}")
-        transform = Transform.from_dict(folder.read_json(SCALER_JSON), str(folder.file(SCALER_JSON)))
-        return cls(folder, config_mod.load_config(folder.file(CONFIG_YAML)), transform, summary)
+        source = str(folder.file(SCALER_JSON))
+        transform = Transform.from_dict(folder.read_json(SCALER_JSON), source)
+        cfg = config_mod.load_config(folder.file(CONFIG_YAML))
+        transform.check_against(cfg, source)
+        trained = summary.get("data", {}).get("transform_sha256")   # absent in runs of older versions
+        if trained is not None and trained != transform.sha256():
+            raise UserError(f"{source} was changed after training (its values no longer hash to those summary.json "
+                            "recorded): reordered symbols or edited scales would feed the model other inputs than it "
+                            "learned. Restore the run's own scaler.json")
+        return cls(folder, cfg, transform, summary)
 
     @property
     def task(self) -> tasks.Task:
@@ -150,7 +158,7 @@ class SavedRun:
         return models
 
 
-def _differences(saved: Transform, rebuilt: Transform) -> list[str]:
+def transform_differences(saved: Transform, rebuilt: Transform) -> list[str]:
     """The fields in which two transforms differ (numbers: beyond float rounding)."""
     out = []
     for key, before in saved.to_dict().items():
@@ -162,16 +170,33 @@ def _differences(saved: Transform, rebuilt: Transform) -> list[str]:
     return out
 
 
-def prediction_windows(run: SavedRun, data_path: str | None, split: str,
-                       read_overrides: dict) -> tuple[WindowSet, np.ndarray | None]:
+def check_own_data(run: SavedRun, allow_changed: bool) -> None:
+    """The run's own data is still what it was trained on (data.json's fingerprint), or the user says go on."""
+    from .data import fingerprint as fp
+
+    if run.folder.missing(DATA_JSON):
+        return   # a run of an older version: the transform comparison below still applies
+    saved = run.folder.read_json(DATA_JSON)
+    changed = fp.differences(saved, fp.data_fingerprint(run.cfg))
+    if changed and not allow_changed:
+        raise UserError(f"the run's data changed since training ({'; '.join(changed)}): its splits are no longer "
+                        f"those of {fp.describe(saved)}. Restore that file, predict the new one with --data PATH, "
+                        "or add --allow-changed-data (refused anyway if its fitted scaling differs)")
+    if changed:
+        log.warning("predicting the run's changed data (--allow-changed-data): %s", "; ".join(changed))
+
+
+def prediction_windows(run: SavedRun, data_path: str | None, split: str, read_overrides: dict,
+                       allow_changed_data: bool = False) -> tuple[WindowSet, np.ndarray | None]:
     """The windows to predict: every bar of a new file (run's transform applied), or a split of the run's own data."""
     from .data.pipeline import build_data, build_prediction_data
 
     if data_path is None:
         if read_overrides:
             raise UserError("--set data.* applies to --data PATH only; without --data the run's own data is used")
+        check_own_data(run, allow_changed_data)
         data = build_data(run.cfg)
-        changed = _differences(run.transform, data.transform)
+        changed = transform_differences(run.transform, data.transform)
         if changed:
             raise UserError("the run's own data no longer gives the transform it was trained with (" + "; ".join(
                 changed) + "): has the data file changed? Predict it with --data PATH instead")
@@ -266,7 +291,7 @@ def read_overrides(assignments: list[str]) -> dict:
 
 
 def open_prediction(run_path: str, data_path: str | None, split: str, overrides: list[str], batch_size: int | None,
-                    device_name: str) -> PredictionJob:
+                    device_name: str, allow_changed_data: bool = False) -> PredictionJob:
     """The saved run, the windows to predict, and the device and precision the run evaluated with."""
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size={batch_size}; allowed: an integer >= 1")
@@ -278,7 +303,7 @@ def open_prediction(run_path: str, data_path: str | None, split: str, overrides:
     run = SavedRun.open(run_path)
     device = resolve_device(device_name)
     policy = resolve_precision(run.cfg.train.mixed_precision, device)
-    windows, target_known = prediction_windows(run, data_path, split, read)
+    windows, target_known = prediction_windows(run, data_path, split, read, allow_changed_data)
     what = data_path or f"the {split} split of the run's data"
     log.info("%s: %d windows of %d symbol(s); %d member(s) on %s, %s", what, len(windows), len(run.transform.symbols),
              run.cfg.train.ensemble_size, device, policy.name)

@@ -225,16 +225,36 @@ def section_config(run: RunFiles) -> str:
     text = run.text(CONFIG_YAML)
     if text is None:
         return "<h2>Config</h2>" + _note(f"{CONFIG_YAML} is missing.")
+    text = _relative_paths(text, run.path)
     return f"<h2>Config</h2><details><summary>config.yaml (what ran)</summary><pre>{html.escape(text)}</pre></details>"
+
+
+def _relative_paths(config_text: str, folder: Path) -> str:
+    """config.yaml's absolute paths (data.path, run.log_dir, ...) relative to the run folder: a shared report
+    does not show where its author keeps files (/home/<name>/...)."""
+    import os
+    import re
+
+    def relative(match: re.Match) -> str:
+        key, quote, value = match.group(1), match.group(2), match.group(3)
+        shown = os.path.relpath(value, folder.resolve()) if os.path.isabs(value) else value
+        return f"{key}{quote}{shown}{quote}"
+
+    return re.sub(r"^(\s*(?:path|log_dir|memory_map_dir): )(['\"]?)(/[^'\"\n]*)\2$", relative, config_text,
+                  flags=re.MULTILINE)
 
 
 def build_report(run_path: str | Path) -> str:
     """The report's HTML for a run folder."""
+    import matplotlib
+
     run = RunFiles(Path(run_path))
     predictions = run.csv(PREDICTIONS_TEST_CSV)
-    sections = [section_overview(run), section_metrics(run), section_data(run), section_training(run),
-                section_calibration(run, predictions), section_interpretation(run),
-                section_ensemble(run, predictions), section_config(run)]
+    # names from the data (symbols like $BTC, extra columns) are text, never mathtext: two `$` would break a plot
+    with matplotlib.rc_context({"text.parse_math": False}):
+        sections = [section_overview(run), section_metrics(run), section_data(run), section_training(run),
+                    section_calibration(run, predictions), section_interpretation(run),
+                    section_ensemble(run, predictions), section_config(run)]
     title = f"Enhanced TFT run {run.path.name}"
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>")

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ CONFIG_YAML = "config.yaml"
 METRICS_JSONL = "metrics.jsonl"
 SUMMARY_JSON = "summary.json"
 SCALER_JSON = "scaler.json"
+DATA_JSON = "data.json"                       # fingerprint of the bars the run was trained on
 CHECKPOINTS = "checkpoints"
 IMPORTANCE_CSV = "variable_importance.csv"
 IMPORTANCE_BY_SYMBOL_CSV = "variable_importance_by_symbol.csv"
@@ -39,6 +41,20 @@ PREDICTIONS_TEST_CSV = "predictions_test.csv"
 PREDICTIONS_DEFAULT = "predictions.parquet"   # etft predict without --out
 REPORT_HTML = "report.html"
 LOCK_FILE = ".lock"                           # held by the process that trains in the folder
+
+
+class StorageError(UserError):
+    """A file could not be written (disk full, quota, read-only, file-size limit): the message names the file and
+    the reason; the previous version of the file is intact and no partial file is left."""
+
+    def __init__(self, path: str | Path, err: OSError, what_next: str = ""):
+        self.path, self.reason = Path(path), err.strerror or type(err).__name__
+        super().__init__(f"could not write {str(self.path)!r} ({self.reason}); its previous version, if any, is "
+                         "intact and no partial file was left. Free some space (or set run.log_dir / --out to "
+                         f"another disk) and run the command again{what_next}")
+
+    def with_advice(self, what_next: str) -> "StorageError":
+        return StorageError(self.path, OSError(0, self.reason), what_next)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -74,7 +90,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     folder is never opened. A link at `path` itself is refused (the rename would replace the link, but a
     reader of the old name expected a file)."""
     path = refuse_link(path)
-    handle, name = tempfile.mkstemp(prefix=".tmp.", suffix=f".{path.name}", dir=path.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=".tmp.", suffix=f".{path.name}", dir=path.parent)
+    except OSError as err:
+        raise StorageError(path, err) from None
     os.close(handle)
     tmp = Path(name)   # same ending as `path`: writers that pick a format from it still can
     try:
@@ -83,6 +102,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_folder(path.parent)
+    except OSError as err:   # a full disk, a quota, a read-only remount, a file-size limit: the old file stays
+        raise StorageError(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -102,7 +123,13 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as err:
+            # torch's zip writer reports a short write (a full disk, a file-size limit) as a RuntimeError
+            if "unexpected pos" not in str(err) and "PytorchStreamWriter failed" not in str(err):
+                raise
+            raise OSError(0, "the write stopped short: disk full, quota or file-size limit") from None
 
 
 class CheckpointError(UserError):
@@ -191,7 +218,7 @@ class RunFolder:
     def save_step_checkpoint(self, member: int, state: dict, keep: int) -> None:
         """member_<i>_step_<n>.pt; only the newest `keep` are kept."""
         save_checkpoint(state, self.checkpoints / f"member_{member}_step_{state['global_step']:09d}.pt")
-        for old in self.step_checkpoints(member)[:-keep]:
+        for old in self.step_checkpoints(member)[:-keep]:   # only once the new one is safely written
             old.unlink(missing_ok=True)
 
     def write_text(self, name: str, text: str) -> Path:
@@ -203,15 +230,22 @@ class RunFolder:
         return self.path / name
 
     def write_csv(self, name: str, frame) -> Path:
-        """A pandas DataFrame as CSV, six significant digits."""
+        """A pandas DataFrame as CSV, six significant digits, text cells spreadsheet-safe."""
         with atomic_path(self.path / name) as tmp:
-            frame.to_csv(tmp, index=False, float_format="%.6g")
+            spreadsheet_safe(frame).to_csv(tmp, index=False, float_format="%.6g")
         return self.path / name
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """One JSON line per record: appended (a line at a time), not rewritten."""
-        with open(self.path / METRICS_JSONL, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = refuse_link(self.path / METRICS_JSONL)
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:   # a full disk mid-line: cut the torn line off, so that later lines stay readable
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise StorageError(path, err) from None
 
     # ---------------------------------------------------------------- reads
 
@@ -273,6 +307,29 @@ class RunFolder:
             self._handler = None
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe_text(value):
+    """A text cell that a spreadsheet would run as a formula (=HYPERLINK(...), +cmd|...) gets a leading quote,
+    as OWASP advises; numbers and other text are left as they are."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def spreadsheet_safe(frame):
+    """`frame` with its text cells and column names made safe to open in a spreadsheet (a copy only if needed).
+    Symbols and feature names come from the user's data, and CSV files are opened in Excel."""
+    text_columns = [c for c in frame.columns if frame[c].dtype == object]
+    renamed = {c: _safe_text(c) for c in frame.columns if isinstance(c, str) and c.startswith(FORMULA_STARTS)}
+    risky = [c for c in text_columns if frame[c].map(lambda v: isinstance(v, str) and v.startswith(FORMULA_STARTS)).any()]
+    if not risky and not renamed:
+        return frame
+    frame = frame.copy()
+    for column in risky:
+        frame[column] = frame[column].map(_safe_text)
+    return frame.rename(columns=renamed)
+
+
 def restart_marker_file(log_dir: str | Path, job: str) -> Path:
     """LOG_DIR/.torchrun_<job>: the run folder a torchrun job made, for its restarted workers."""
     return Path(log_dir) / f".torchrun_{job}"
@@ -288,12 +345,25 @@ def walk_forward_file(log_dir: str | Path, first_run: Path) -> Path:
     return Path(log_dir) / f"walk_forward_{first_run.name.removeprefix('training_')}.json"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (a caller that redirects it, a notebook or a
+    test capturing output, gets the lines), not to the stream of the moment logging was set up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_console_logging(level: int = logging.INFO) -> None:
     """One readable line per event on stderr, once per process."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
     if not any(getattr(h, "_etft_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         handler._etft_console = True
         logger.addHandler(handler)

@@ -16,9 +16,9 @@ from pathlib import Path
 from . import config as config_mod
 from . import tasks
 from .config import Config, UserError
-from .runs import (ATTENTION_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV, SCALER_JSON, SUMMARY_JSON,
-                   RunFolder, restart_marker_file, shared_data_folder, walk_forward_file, write_json_atomic,
-                   write_text_atomic)
+from .runs import (ATTENTION_CSV, CONFIG_YAML, DATA_JSON, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV, SCALER_JSON,
+                   SUMMARY_JSON, RunFolder, StorageError, restart_marker_file, shared_data_folder, walk_forward_file,
+                   write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("enhanced_tft.train")
 
@@ -31,6 +31,7 @@ class TrainRequest:
     auto_batch: bool = False
     gpu_memory: str | None = None      # auto-batch budget, e.g. 24GiB; None = the device's memory
     restartable: bool = True           # record the folder for a torchrun restart (not for folds spread over ranks)
+    allow_changed_data: bool = False   # resume although the data's fingerprint changed (its scaling must match)
 
 
 def resume_request(folder: str | Path, overrides: list[str]) -> tuple[Config, TrainRequest]:
@@ -231,11 +232,16 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         elif world.distributed:
             log.info("data-parallel training on %d ranks (%s); each takes its share of every window and split",
                      world.size, "NCCL" if device.type == "cuda" else "gloo")
+        if resuming:
+            _check_data_unchanged(cfg, run, request, world)
+        fingerprint = None if resuming else _fingerprint(cfg, world)
         if world.distributed:   # one copy of the arrays per machine, mapped by its ranks
             from .train.distributed import build_shared_data
             data = build_shared_data(lambda: build_data(cfg), world, _shared_data_folder(cfg, run))
         else:
             data = build_data(cfg)
+        if resuming:   # before anything in the folder is rewritten
+            _check_resumable(cfg, task, data, run, world)
         if request.auto_batch:   # sized from the built data: the model's input sizes are the data's
             sharing = world.size if cfg.train.distribute == "data" else 1   # members: each rank a whole model
             cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory, sharing)
@@ -246,8 +252,9 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         log.info("task %s; effective batch %d = micro-batch %d x %d accumulation steps; precision %s: %s",
                  cfg.task, cfg.train.samples_per_step, cfg.train.batch_size,
                  cfg.train.gradient_accumulation_steps, policy.name, policy.reason)
-        if world.is_main:
+        if world.is_main and not resuming:   # a resume checked that its data gives the saved one
             run.write_json(SCALER_JSON, data.scaler)
+            run.write_json(DATA_JSON, fingerprint)
         training_started = True
         # only rank 0 shows progress bars; the redirect would also drop the other ranks' console filter
         redirect = logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]) if world.is_main else nullcontext()
@@ -266,6 +273,10 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         if world.is_main:
             write_test_outputs(run, data, result)
         return 0, run.path
+    except StorageError as err:
+        if not training_started:
+            raise
+        raise err.with_advice(f"; the run's last checkpoint is intact: etft train --resume {run.path}") from None
     except TrainingInterrupted as stop:
         if world.is_main:
             print(f"etft train: {stop}. Resume with: etft train --resume {run.path}", file=sys.stderr)
@@ -279,6 +290,72 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
             marker = restart_marker(cfg.run.log_dir)
             if marker is not None and request.restartable:
                 marker.unlink(missing_ok=True)
+
+
+def _fingerprint(cfg: Config, world) -> dict | None:
+    """The fingerprint of the data a new run starts with (rank 0 hashes the file; the others need none)."""
+    from .data.fingerprint import data_fingerprint
+    return data_fingerprint(cfg) if world.is_main else None
+
+
+def _on_main(world, check) -> None:
+    """Run `check` on rank 0 only and raise its UserError on every rank (the others wait for the verdict)."""
+    error = None
+    if world.is_main:
+        try:
+            check()
+        except UserError as err:
+            error = (type(err), str(err))
+    error = world.broadcast(error)
+    if error is not None:
+        raise error[0](error[1]) if issubclass(error[0], UserError) else UserError(error[1])
+
+
+def _check_data_unchanged(cfg: Config, run: RunFolder, request: TrainRequest, world) -> None:
+    """A resume trains on the data the run started with: a changed file is refused with the difference, unless
+    --allow-changed-data (then the scaling check after building the data still applies)."""
+    from .data import fingerprint as fp
+
+    def check() -> None:
+        saved_file = run.file(DATA_JSON)
+        if not saved_file.is_file():
+            log.warning("%s has no %s (written by an older version): the data cannot be compared with what the "
+                        "run started with; only its scaling is checked", run.path, DATA_JSON)
+            return
+        saved, now = run.read_json(DATA_JSON), fp.data_fingerprint(cfg)
+        changed = fp.differences(saved, now)
+        if fp.modified_but_same(saved, now):
+            log.info("the data file was modified (%s) but its contents are those the run started with",
+                     now.get("modified"))
+        if changed and not request.allow_changed_data:
+            raise UserError(f"--resume {str(run.path)!r}: the data changed since the run started ({'; '.join(changed)})"
+                            f": resuming would go on training on other data than {fp.describe(saved)}. Restore that "
+                            "file, or add --allow-changed-data to go on with the new one (refused anyway if its "
+                            "fitted scaling differs)")
+        if changed:
+            log.warning("resuming on changed data (--allow-changed-data): %s", "; ".join(changed))
+
+    _on_main(world, check)
+
+
+def _check_resumable(cfg: Config, task, data, run: RunFolder, world) -> None:
+    """The data gives the scaling the run was trained with, and every checkpoint to load fits the config."""
+    from .data.transform import Transform
+    from .model.build import dims_for
+    from .predict import transform_differences
+    from .train.ensemble import verify_resumable
+
+    def check() -> None:
+        saved = Transform.from_dict(run.read_json(SCALER_JSON), str(run.file(SCALER_JSON)))
+        saved.check_against(cfg, str(run.file(SCALER_JSON)))
+        changed = transform_differences(saved, data.transform)
+        if changed:
+            raise UserError(f"--resume {str(run.path)!r}: the data no longer gives the scaling the run was trained "
+                            f"with ({'; '.join(changed)}); resuming would change the inputs mid-run. Restore the "
+                            "data the run started with, or start a new run")
+        verify_resumable(cfg, task, dims_for(saved), run)
+
+    _on_main(world, check)
 
 
 def write_test_outputs(run: RunFolder, data, result) -> None:

@@ -2,6 +2,8 @@
 scaler, the target scaling and the symbols. Saved as scaler.json in the run folder."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -41,7 +43,26 @@ class Transform:
             raise UserError(f"{source} is not a saved transform of this version (missing {', '.join(missing) or '-'}, "
                              f"version {raw.get('version', 1)}, expected {FORMAT_VERSION}): retrain the run with this "
                              "version of Enhanced TFT")
+        problems = _problems(raw)
+        if problems:
+            raise UserError(f"{source} is not a valid saved transform: {'; '.join(problems[:6])}"
+                            f"{f' (and {len(problems) - 6} more)' if len(problems) > 6 else ''}. It is written by "
+                            "training and must not be edited: restore it from the run as trained, or retrain")
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def sha256(self) -> str:
+        """A hash of every fitted value: summary.json keeps it, so that an edited scaler.json is noticed."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def check_against(self, cfg, source: str) -> None:
+        """The transform must belong to this config (config.yaml of the same run)."""
+        pairs = (("task", self.task, cfg.task), ("target", self.target, cfg.data.target),
+                 ("sequence_length", self.sequence_length, cfg.data.sequence_length),
+                 ("horizon", self.horizon, cfg.data.horizon))
+        wrong = [f"{key} {mine!r} here, {theirs!r} in config.yaml" for key, mine, theirs in pairs if mine != theirs]
+        if wrong:
+            raise UserError(f"{source} does not belong to the run's config.yaml ({'; '.join(wrong)}): the two files "
+                            "come from different runs; restore the run's own files, or retrain")
 
     def target_scale(self) -> TargetScale:
         """What turns the model's scaled output back into the raw target's units."""
@@ -55,6 +76,59 @@ class Transform:
             block = observed[lo:lo + chunk_rows]
             block -= mean
             block *= inverse
+
+
+def _problems(raw: dict) -> list[str]:
+    """What is wrong with a saved transform's values (types, ranges, lengths), in words."""
+    from ..config import MAX_HORIZON, MAX_SEQUENCE_LENGTH
+    from ..tasks import names as task_names
+
+    def text_list(key: str, allow_empty: bool = False) -> list | None:
+        value = raw[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            out.append(f"{key} must be a list of non-empty names")
+            return None
+        if not value and not allow_empty:
+            out.append(f"{key} is empty")
+        elif len(set(value)) != len(value):
+            out.append(f"{key} names one entry twice")
+        return value
+
+    def number(key: str, low: float, positive: bool = False) -> None:
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < low \
+                or (positive and value <= 0):
+            out.append(f"{key}={value!r:.40} must be a finite number {'> 0' if positive else f'>= {low:g}'}")
+
+    out: list[str] = []
+    if raw["task"] not in task_names():
+        out.append(f"task={str(raw['task'])[:40]!r} is not one of {', '.join(task_names())}")
+    if raw["target"] not in ("return", "volatility"):
+        out.append(f"target={str(raw['target'])[:40]!r} must be 'return' or 'volatility'")
+    for key, top in (("sequence_length", MAX_SEQUENCE_LENGTH), ("horizon", MAX_HORIZON)):
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not (1 + (key == "sequence_length")) <= value <= top:
+            out.append(f"{key}={value!r:.40} must be an integer in [{1 + (key == 'sequence_length')}, {top}]")
+    features = text_list("features")
+    text_list("known_features")
+    extra = text_list("extra_columns", allow_empty=True)
+    text_list("symbols")
+    if features is not None and extra is not None and not set(extra) <= set(features):
+        out.append("extra_columns must be among features")
+    for key in ("mean", "std"):
+        value = raw[key]
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            out.append(f"{key} must be a list of numbers")
+        elif features is not None and len(value) != len(features):
+            out.append(f"{key} has {len(value)} values for {len(features)} features")
+        elif not np.all(np.isfinite(value)) or (key == "std" and not np.all(np.asarray(value, np.float64) > 0)):
+            out.append(f"{key} must be finite{' and > 0 (a zero std divides by zero)' if key == 'std' else ''}")
+    number("target_mean", -np.inf)
+    number("target_std", 0.0, positive=True)
+    number("dead_zone", 0.0)
+    number("binary_dead_zone", 0.0)
+    return out
 
 
 class RunningMoments:

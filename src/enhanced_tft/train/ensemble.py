@@ -26,7 +26,7 @@ from ..tasks import Task
 from .compile import apply_compile
 from .memory import OutOfMemoryGiveUp, release_memory
 from .precision import PrecisionPolicy
-from .resume import NonFiniteGiveUp
+from .resume import NonFiniteGiveUp, TrainProgress
 from .distributed import SINGLE, World
 from .trainer import FaultHook, Trainer
 
@@ -197,10 +197,62 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
         "device": str(device),
         "data": {"source": cfg.data.source, "target": cfg.data.target, "symbols": len(data.symbols),
                  "samples": {name: len(split) for name, split in data.splits.items()},
-                 "observed_features": data.observed_names, "known_features": data.known_names},
+                 "observed_features": data.observed_names, "known_features": data.known_names,
+                 "transform_sha256": data.transform.sha256()},   # predict refuses an edited scaler.json
         "effective_batch_size": cfg.train.samples_per_step,
         "wall_time_s": wall_time_s,
     }
+
+
+# what Trainer.load_state_dict reads from a resumable checkpoint
+STEP_CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "scheduler", "progress", "order_generator", "rng",
+                        "global_step", "micro_batch_size", "eval_batch_size", "oom_recoveries", "skipped_steps")
+
+
+def expected_shapes(cfg: Config, task: Task, dims) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the weights the config's model has, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_training_model(cfg, task, dims)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def weights_problem(weights: Any, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why saved weights do not fit the config's model (missing, unexpected or misshapen names), or None."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return "its weights are not a mapping of names to tensors"
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misshapen = [f"{k} {tuple(weights[k].shape)} (the config's model: {expected[k]})" for k in expected
+                 if k in weights and tuple(weights[k].shape) != expected[k]]
+    parts = [f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+             for label, names in (("shapes differ", misshapen), ("missing weights", missing),
+                                  ("weights the model lacks", unexpected)) if names]
+    return "; ".join(parts) or None
+
+
+def verify_resumable(cfg: Config, task: Task, dims, run: RunFolder) -> None:
+    """Before a resume rewrites anything: every checkpoint it will load is readable, holds what the trainer
+    reads, and has the weights of the model config.yaml describes; else CheckpointError naming the file."""
+    expected = expected_shapes(cfg, task, dims)
+    for member in range(cfg.train.ensemble_size):
+        if run.result_file(member).is_file():
+            continue   # finished: its result is reused as it is (MemberResult.from_dict checks it)
+        for path, keys in ((run.latest_step_checkpoint(member), STEP_CHECKPOINT_KEYS), (run.best_checkpoint(member), ())):
+            if path is None or not path.is_file():
+                continue
+            state = load_checkpoint(path)
+            absent = [k for k in keys if k not in state]
+            unknown = (sorted(set(state["progress"]) - set(TrainProgress.__dataclass_fields__))
+                       if keys and isinstance(state.get("progress"), dict) else [])
+            problem = (f"it lacks {', '.join(absent)}" if absent else
+                       f"its progress record has unknown fields {', '.join(unknown)}" if unknown else
+                       weights_problem(state["model"] if keys else state, expected))
+            if problem:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r} cannot be resumed with this run's config.yaml ({problem}); nothing "
+                    "was changed in the run folder. It belongs to another run or version: restore the run's own "
+                    "checkpoints, or start a new run")
+            del state
 
 
 def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
