@@ -108,6 +108,17 @@ def test_bad_input_exits_2_with_a_message(args, message, capsys, tmp_path, monke
     assert err.startswith("etft bench: error:") and message in err
 
 
+def test_bench_json_keeps_an_existing_file_unless_overwrite(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    existing = tmp_path / "rows.json"
+    existing.write_text("[] # yesterday's numbers\n")
+    assert main(["bench", "--json", str(existing), "--repeats", "1"]) == 2
+    assert f"--json {str(existing)!r} exists; add --overwrite to replace it" in capsys.readouterr().err
+    assert existing.read_text() == "[] # yesterday's numbers\n"          # refused before any benchmark ran
+    assert main(["bench", "--json", str(tmp_path), "--repeats", "1"]) == 2
+    assert "is a folder; allowed: a file path" in capsys.readouterr().err
+
+
 def test_a_failing_compile_falls_back_to_the_eager_model(small_raw, monkeypatch, caplog):
     import contextlib
 

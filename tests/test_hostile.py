@@ -1,6 +1,7 @@
 """Run folders travel between users: links planted in one are refused on read and on write, a second
 trainer is refused while one holds the folder, and a torn metrics line does not break the report."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -88,3 +89,35 @@ def test_a_torn_last_metrics_line_is_skipped_and_a_damaged_one_named(received_ru
     with pytest.raises(UserError, match="damaged at line 1"):
         RunFolder(received_run).metrics_records()
     json.loads(whole.splitlines()[0])                                      # the fixture's records are whole
+
+
+def test_spreadsheet_formulas_in_symbols_are_quoted_in_csv_output(tmp_path):
+    import pandas as pd
+
+    from enhanced_tft.runs import spreadsheet_safe
+    frame = pd.DataFrame({"symbol": ["=HYPERLINK(\"http://x\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "BTC"],
+                          "value": [-1.0, 2.0, -3.0, 4.0, 5.0], "=evil": ["a", "b", "c", "d", "e"]})
+    safe = spreadsheet_safe(frame)
+    assert safe["symbol"].tolist() == ["'=HYPERLINK(\"http://x\")", "'+cmd|' /C calc'!A0", "'-2+3", "'@SUM(A1)", "BTC"]
+    assert safe["value"].tolist() == [-1.0, 2.0, -3.0, 4.0, 5.0]           # numbers are left as numbers
+    assert list(safe.columns) == ["symbol", "value", "'=evil"]
+    assert frame["symbol"][0].startswith("=")                                # the caller's frame is not changed
+    RunFolder(tmp_path).write_csv("x.csv", frame)
+    assert "'=HYPERLINK" in (tmp_path / "x.csv").read_text() and "\n=" not in (tmp_path / "x.csv").read_text()
+
+
+def test_the_report_shows_dollar_names_as_text_and_no_absolute_paths(received_run):
+    import re
+
+    from enhanced_tft.report import build_report
+    frame = (received_run / "variable_importance_by_symbol.csv")
+    symbols = json.loads((received_run / "scaler.json").read_text())["symbols"]
+    frame.write_text(frame.read_text().replace(symbols[0], "US$_$X"))        # as mathtext: a ValueError
+    config = received_run / "config.yaml"
+    text = re.sub(r"(?m)^  log_dir: .*$", "  log_dir: /home/alice/secret_project/logs", config.read_text())
+    config.write_text(re.sub(r"(?m)^  path: .*$", f"  path: {received_run.resolve().parent}/bars.csv", text))
+    page = build_report(received_run)
+    assert "/home/alice" not in page and str(received_run) not in page
+    assert "log_dir: .../logs" in page                                      # outside the run's log folder
+    assert "  path: ../bars.csv\n" in page                                   # inside it: relative to the run
+    assert page.count("data:image/png;base64,") >= 4

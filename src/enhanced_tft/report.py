@@ -230,14 +230,18 @@ def section_config(run: RunFiles) -> str:
 
 
 def _relative_paths(config_text: str, folder: Path) -> str:
-    """config.yaml's absolute paths (data.path, run.log_dir, ...) relative to the run folder: a shared report
-    does not show where its author keeps files (/home/<name>/...)."""
+    """config.yaml's absolute paths (data.path, run.log_dir, ...) without the author's folders: relative to the
+    folder above the run (the log folder) when inside it, else only the file's name after '.../'. A shared
+    report does not show where its author keeps files (/home/<name>/...)."""
     import os
     import re
 
+    base = folder.resolve().parent
+
     def relative(match: re.Match) -> str:
         key, quote, value = match.group(1), match.group(2), match.group(3)
-        shown = os.path.relpath(value, folder.resolve()) if os.path.isabs(value) else value
+        inside = os.path.commonpath([base, value]) == str(base)
+        shown = os.path.join("..", os.path.relpath(value, base)) if inside else f".../{os.path.basename(value)}"
         return f"{key}{quote}{shown}{quote}"
 
     return re.sub(r"^(\s*(?:path|log_dir|memory_map_dir): )(['\"]?)(/[^'\"\n]*)\2$", relative, config_text,

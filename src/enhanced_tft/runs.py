@@ -319,7 +319,8 @@ def _safe_text(value):
 def spreadsheet_safe(frame):
     """`frame` with its text cells and column names made safe to open in a spreadsheet (a copy only if needed).
     Symbols and feature names come from the user's data, and CSV files are opened in Excel."""
-    text_columns = [c for c in frame.columns if frame[c].dtype == object]
+    from pandas.api.types import is_object_dtype, is_string_dtype
+    text_columns = [c for c in frame.columns if is_object_dtype(frame[c]) or is_string_dtype(frame[c])]
     renamed = {c: _safe_text(c) for c in frame.columns if isinstance(c, str) and c.startswith(FORMULA_STARTS)}
     risky = [c for c in text_columns if frame[c].map(lambda v: isinstance(v, str) and v.startswith(FORMULA_STARTS)).any()]
     if not risky and not renamed:
