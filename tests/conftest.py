@@ -4,9 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Hypothesis: by default (and in CI) the same examples every run, so that a red run is reproducible from its
+# log; HYPOTHESIS_PROFILE=dev tries new examples each time (and remembers failures in .hypothesis/).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # ETFT_TEST_THREADS=1 keeps a test run from oversubscribing a machine that is busy with other work
 torch.set_num_threads(int(os.environ.get("ETFT_TEST_THREADS", min(2, os.cpu_count() or 1))))

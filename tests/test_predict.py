@@ -125,3 +125,46 @@ def test_a_checkpoint_that_would_run_code_is_refused(trained_run: Path, tmp_path
 def test_output_endings(tmp_path: Path):
     with pytest.raises(ValueError, match="allowed endings .parquet, .csv, .csv.gz"):
         TableWriter(tmp_path / "p.xlsx")
+
+
+TASK_COLUMNS = {
+    ("regression", "return"): ["symbol", "timestamp", "actual", "value", "value_spread"],
+    ("regression", "volatility"): ["symbol", "timestamp", "actual", "value", "value_spread"],
+    ("quantile", "return"): ["symbol", "timestamp", "actual", "p10", "p50", "p90", "p10_spread", "p50_spread",
+                             "p90_spread"],
+    ("classification_multiclass", "return"): ["symbol", "timestamp", "actual", "label", "p_down", "p_flat", "p_up",
+                                              "class", "p_down_spread", "p_flat_spread", "p_up_spread"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, target", sorted(TASK_COLUMNS))
+def test_predict_and_evaluate_every_task_and_the_volatility_target(task, target, tmp_path, capsys):
+    """Every task (the binary one above) and the volatility target: evaluate reproduces summary.json to the bit,
+    predict writes the task's columns, and the written values score as the summary says."""
+    assert main(["train", "--test_mode", "--task", task, "--log_dir", str(tmp_path / "logs"), "--set",
+                 f"data.target={target}", "--set", "train.max_steps_per_epoch=4", "--set", "data.num_bars=400",
+                 "--set", "train.epochs=1"]) == 0
+    (run,) = (tmp_path / "logs").glob("training_*")
+    summary = json.loads((run / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["task"] == task and scored["test"] == summary["test"]
+    assert main(["predict", "--run", str(run), "--out", str(tmp_path / "p.parquet")]) == 0
+    frame = pd.read_parquet(tmp_path / "p.parquet")
+    assert list(frame.columns) == TASK_COLUMNS[(task, target)]
+    assert len(frame) == summary["test"]["num_samples"] and frame.actual.notna().all()
+    if target == "volatility":
+        # the outcome column is what the model predicts, the realized volatility: scored as the summary says
+        assert (frame.actual > 0).all() and (frame.value > 0).mean() > 0.95
+        assert (frame.value - frame.actual).abs().mean() == pytest.approx(summary["test"]["mae"], rel=1e-5)
+    if task == "quantile":
+        assert (frame.p10 <= frame.p50).all() and (frame.p50 <= frame.p90).all()
+        inside = ((frame.actual >= frame.p10) & (frame.actual <= frame.p90)).mean()
+        assert inside == pytest.approx(summary["test"]["coverage_p10_p90"], abs=1e-6)
+    if task == "classification_multiclass":
+        probabilities = frame[["p_down", "p_flat", "p_up"]].to_numpy()
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        assert (frame["class"].to_numpy() == probabilities.argmax(axis=1)).all()
+        assert (frame["class"] == frame["label"]).mean() == pytest.approx(summary["test"]["accuracy"], abs=1e-6)
