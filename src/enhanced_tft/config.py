@@ -224,6 +224,10 @@ class TrainConfig(_Section):
     bootstrap: bool = Field(
         False, description="each member trains on a resample with replacement of the training windows, drawn "
                            "with its seed (more diverse members); false: every member sees every window")
+    strong_baseline: bool = Field(
+        True, description="after the model, fit LightGBM on the same features, splits and target (early-stopped "
+                          "on val) and report it beside the model as strong_baseline (pip install "
+                          "'enhanced-tft[baseline]')")
     max_steps_per_epoch: int | None = Field(None, ge=1, le=1_000_000_000, description="cap on optimizer steps per epoch (smoke runs)")
 
     @model_validator(mode="before")
@@ -251,6 +255,15 @@ class TrainConfig(_Section):
         return self.batch_size * self.gradient_accumulation_steps
 
 
+class BacktestConfig(_Section):
+    cost_bps: float = Field(5.0, ge=0.0, le=10_000.0, description="costs in basis points per unit of turnover "
+                            "(a full switch from long to short is 2 units), charged in every backtest")
+    quantile: float = Field(0.2, gt=0.0, le=0.5, description="rank backtest: long the top and short the bottom "
+                            "share of the symbols at each timestamp")
+    periods_per_year: float | None = Field(None, gt=0.0, le=1_000_000.0, description="bars per year, to annualise; "
+                                           "None = from the timestamps (8760 for 24/7 hourly bars, ~252 for trading days)")
+
+
 class RunConfig(_Section):
     log_dir: str = Field("logs", description="run folders go to LOG_DIR/training_<timestamp>")
     test_mode: bool = Field(False, description="the seed's smoke run: small data, small model, 2 epochs")
@@ -263,6 +276,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    backtest: BacktestConfig = Field(default_factory=BacktestConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @field_validator("task")
@@ -420,7 +434,8 @@ def to_yaml(cfg: Config) -> str:
 
 # what may change when a stopped run resumes: nothing that would change what was trained
 SAFE_RESUME_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.log_every_steps", "train.distribute",
-                       "train.checkpoint_every_steps", "train.keep_checkpoints", "train.max_nonfinite_steps")
+                       "train.checkpoint_every_steps", "train.keep_checkpoints", "train.max_nonfinite_steps",
+                       "train.strong_baseline", "backtest.cost_bps", "backtest.quantile", "backtest.periods_per_year")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -2,9 +2,15 @@
 `etft evaluate` afterwards, and one table for the console after both."""
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
 
+from . import tasks
 from .tasks import SPLIT_STATS, Task, TargetScale
+
+log = logging.getLogger(__name__)
 
 
 def mean_of(records: list[dict[str, float]], keys) -> dict[str, float]:
@@ -30,16 +36,69 @@ def score(task: Task, member_predictions: list[torch.Tensor], target: torch.Tens
             "baseline": task.metrics(repeated, target, raw, scale)}
 
 
-def metrics_table(task: Task, test: dict, baseline: dict, rule: str, mean_member: dict | None, title: str) -> str:
-    """The console table: model (or ensemble), mean member when there are several, baseline; then the rule and
-    what the split itself looks like."""
+def metrics_table(task: Task, test: dict, baseline: dict, rule: str, mean_member: dict | None, title: str,
+                  strong: dict | None = None) -> str:
+    """The console table: model (or ensemble), mean member when there are several, LightGBM when fitted, the naive
+    baseline; then the rule and what the split itself looks like."""
     keys = [k for k in test if k not in SPLIT_STATS and k in baseline]
     label = "ensemble" if mean_member else "model"
-    lines = [title, f"  {'metric':<20}{label:>12}" + (f"{'mean member':>14}" if mean_member else "") + f"{'baseline':>12}"]
-    lines += [f"  {k:<20}{test[k]:>12.4f}" + (f"{mean_member[k]:>14.4f}" if mean_member else "") + f"{baseline[k]:>12.4f}"
-              for k in keys]
+    columns = [(label, test, 12)] + ([("mean member", mean_member, 14)] if mean_member else [])
+    columns += ([("LightGBM", strong, 12)] if strong else []) + [("baseline", baseline, 12)]
+    lines = [title, f"  {'metric':<20}" + "".join(f"{name:>{width}}" for name, _, width in columns)]
+    lines += [f"  {k:<20}" + "".join(f"{values[k]:>{width}.4f}" if k in values else f"{'-':>{width}}"
+                                     for _, values, width in columns) for k in keys]
     lines.append(f"baseline: {rule}")
     note = task.split_note(test)
     if note:
         lines.append(f"class balance: {note}")
     return "\n".join(lines)
+
+
+def row_columns(split, chunk_B: torch.Tensor, symbols: np.ndarray, target_known: np.ndarray | None,
+                transform) -> dict[str, np.ndarray]:
+    """Which bar each prediction is made at, and what followed it (NaN where the data ends before the horizon):
+    the future log return, or the realized volatility for data.target=volatility (what the model predicts)."""
+    arrays = split.arrays
+    ends_B = split.sample_ends.index_select(0, chunk_B)
+    rows = {"symbol": symbols[arrays.symbol.index_select(0, ends_B).numpy()]}
+    if arrays.timestamp is not None:
+        rows["timestamp"] = arrays.timestamp.index_select(0, ends_B).numpy().view("datetime64[ns]")
+    known = np.ones(len(ends_B), bool) if target_known is None else target_known[chunk_B.numpy()]
+    if transform.target == "volatility":
+        scale = transform.target_scale()
+        actual = arrays.target.index_select(0, ends_B).numpy().astype(np.float64) * scale.std + scale.mean
+    else:
+        actual = arrays.raw_return.index_select(0, ends_B).numpy()
+    rows["actual"] = np.where(known, actual, np.nan).astype(np.float32)
+    if tasks.for_transform(transform).probabilities:   # classifiers: the class the outcome fell in
+        rows["label"] = np.where(known, arrays.target.index_select(0, ends_B).numpy(), np.nan).astype(np.float32)
+    return rows
+
+
+def prediction_frame(windows, transform, member_predictions: list[torch.Tensor],
+                     target_known: np.ndarray | None = None):
+    """The rows `etft predict` writes (where, what followed, the task's columns, no per-member columns) for
+    predictions already in memory: what the quant metrics read."""
+    import pandas as pd
+    task = tasks.for_transform(transform)
+    symbols = np.asarray(transform.symbols, dtype=object)
+    columns = row_columns(windows, windows.all_indices(), symbols, target_known, transform)
+    columns.update(task.prediction_columns(member_predictions, transform.target_scale(), with_members=False))
+    return pd.DataFrame(columns)
+
+
+def quant_of(cfg, transform, windows, member_predictions: list[torch.Tensor],
+             target_known: np.ndarray | None = None) -> dict | None:
+    """IC, rank IC and backtests of predictions (quant.quant_metrics) with the config's costs; None where they do
+    not apply (a volatility forecast has no direction, a task without a direction score, data without time)."""
+    if transform.target != "return" or windows.arrays.timestamp is None:
+        return None
+    from .quant import quant_metrics
+    frame = prediction_frame(windows, transform, member_predictions, target_known)
+    try:
+        return quant_metrics(frame, transform.task, cost_bps=cfg.backtest.cost_bps,
+                             periods_per_year=cfg.backtest.periods_per_year, horizon=transform.horizon,
+                             quantile=cfg.backtest.quantile)
+    except ValueError as err:   # a task whose outputs give no direction score
+        log.info("quant metrics skipped: %s", err)
+        return None

@@ -24,7 +24,7 @@ from . import tasks
 from .config import Config, UserError
 from .data.transform import Transform
 from .data.windows import WindowSet
-from .evaluation import score
+from .evaluation import row_columns, score
 from .inference import infer
 from .model.build import WeightsMismatch, dims_for, load_model
 from .runs import (CONFIG_YAML, DATA_JSON, PREDICTIONS_TEST_CSV, SCALER_JSON, SUMMARY_JSON, CheckpointError,
@@ -78,27 +78,6 @@ class TableWriter:
             self._handle = None
 
 
-def _row_columns(split: WindowSet, chunk_B: torch.Tensor, symbols: np.ndarray, task: tasks.Task,
-                 target_known: np.ndarray | None, transform: Transform) -> dict[str, np.ndarray]:
-    """Which bar each prediction is made at, and what followed it (NaN where the data ends before the horizon):
-    the future log return, or the realized volatility for data.target=volatility (what the model predicts)."""
-    arrays = split.arrays
-    ends_B = split.sample_ends.index_select(0, chunk_B)
-    rows = {"symbol": symbols[arrays.symbol.index_select(0, ends_B).numpy()]}
-    if arrays.timestamp is not None:
-        rows["timestamp"] = arrays.timestamp.index_select(0, ends_B).numpy().view("datetime64[ns]")
-    known = np.ones(len(ends_B), bool) if target_known is None else target_known[chunk_B.numpy()]
-    if transform.target == "volatility":
-        scale = transform.target_scale()
-        actual = arrays.target.index_select(0, ends_B).numpy().astype(np.float64) * scale.std + scale.mean
-    else:
-        actual = arrays.raw_return.index_select(0, ends_B).numpy()
-    rows["actual"] = np.where(known, actual, np.nan).astype(np.float32)
-    if task.probabilities:   # classifiers: the class the outcome fell in
-        rows["label"] = np.where(known, arrays.target.index_select(0, ends_B).numpy(), np.nan).astype(np.float32)
-    return rows
-
-
 def write_rows(writer: TableWriter, chunks: Iterator[tuple[torch.Tensor, list[torch.Tensor]]], split: WindowSet,
                transform: Transform, target_known: np.ndarray | None = None) -> None:
     """(sample indices (B,), [member prediction]) batches -> rows: where, what followed, the task's columns."""
@@ -106,7 +85,7 @@ def write_rows(writer: TableWriter, chunks: Iterator[tuple[torch.Tensor, list[to
     symbols = np.asarray(transform.symbols, dtype=object)
     for chunk_B, member_predictions in chunks:
         columns = task.prediction_columns(member_predictions, transform.target_scale())
-        writer.write({**_row_columns(split, chunk_B, symbols, task, target_known, transform), **columns})
+        writer.write({**row_columns(split, chunk_B, symbols, target_known, transform), **columns})
 
 
 @dataclass

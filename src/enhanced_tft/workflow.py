@@ -262,11 +262,15 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
             result = train_ensemble(cfg, task, data, device, policy, run, resume=resuming, world=world)
         summary = result.summary
         from .evaluation import metrics_table
+        from .quant import format_quant
         several = summary["ensemble"]["size"] > 1
+        strong = summary.get("strong_baseline", {}).get("test")
+        quant = summary.get("quant")
         log.info("\n".join([
             metrics_table(task, summary["test"], summary["baseline"], summary["baseline"]["rule"],
                           summary["ensemble"]["mean_member"] if several else None,
-                          f"test metrics ({summary['test']['num_samples']} samples):"),
+                          f"test metrics ({summary['test']['num_samples']} samples):", strong),
+            *([format_quant(quant["model"], quant.get("strong_baseline"))] if quant else []),
             f"train speed {summary['samples_per_s']:.0f} samples/s, peak memory "
             f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB, {time.time() - started:.0f} s in all",
             f"run folder: {run.path}"]))

@@ -204,6 +204,38 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
     }
 
 
+STRONG_RULE = "LightGBM on the model's features (recent bars' features, calendar, symbol), early-stopped on val"
+
+
+def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle, members: list[MemberResult]) -> dict:
+    """summary.json's `strong_baseline` (LightGBM fitted on the same features, splits and target) and `quant`
+    (IC, rank IC and backtests of the model and of LightGBM on the test split). Neither stops a trained run:
+    a failure is logged and recorded."""
+    from ..evaluation import quant_of
+    from ..strong_baseline import fit_strong_baseline
+
+    out: dict[str, Any] = {}
+    strong = None
+    if cfg.train.strong_baseline:
+        try:
+            strong = fit_strong_baseline(cfg, task, data, log=log)
+        except UserError as err:   # LightGBM not installed: the message says how to install or turn it off
+            log.warning("strong baseline skipped: %s", err)
+            out["strong_baseline"] = {"skipped": str(err)}
+        except Exception as err:   # a LightGBM failure must not lose the trained model's summary
+            log.exception("strong baseline failed; the model's results are kept")
+            out["strong_baseline"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        if strong is not None:
+            out["strong_baseline"] = {"rule": STRONG_RULE, **strong.to_summary()}
+    test = data.splits["test"]
+    model = quant_of(cfg, data.transform, test, [m.prediction for m in members])
+    if model is not None:
+        out["quant"] = {"model": model}
+        if strong is not None:
+            out["quant"]["strong_baseline"] = quant_of(cfg, data.transform, test, [strong.prediction_test])
+    return out
+
+
 # what Trainer.load_state_dict reads from a resumable checkpoint
 STEP_CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "scheduler", "progress", "order_generator", "rng",
                         "global_step", "micro_batch_size", "eval_batch_size", "oom_recoveries", "skipped_steps")
@@ -282,6 +314,7 @@ def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.devi
         members = [MemberResult.from_dict(state) for _, state in sorted(sum(gathered, []), key=lambda x: x[0])]
     summary = summarize_ensemble(cfg, task, data, device, policy, members, time.time() - started)
     summary["world_size"] = world.size
-    if world.is_main:
+    if world.is_main:   # the other ranks are done: LightGBM may take every CPU
+        summary.update(strong_baseline_and_quant(cfg, task, data, members))
         run.write_json(SUMMARY_JSON, summary)
     return EnsembleResult(summary, members)
