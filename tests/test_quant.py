@@ -271,8 +271,9 @@ def test_quant_metrics_is_plain_json_without_nan():
 
 def test_equity_png_has_the_expected_size(tmp_path):
     result = quant.backtest(_path(), quant.signal_of(_path(), "regression"), cost_bps=10, periods_per_year=252)
-    path = equity_curve_png({"model on $BTC and $ETH": result.strategy.equity, "buy & hold": result.benchmark.equity},
-                            tmp_path / "equity.png")
+    path = tmp_path / "equity.png"   # two `$`: as mathtext this label would be typeset as maths or fail
+    path.write_bytes(equity_curve_png({"model on US$_$X and $ETH": result.strategy.equity,
+                                       "buy & hold": result.benchmark.equity}))
     image = imread(path)
     assert image.shape == (400, 800, 4)
     assert image[..., :3].std() > 0.05   # lines drawn, not a blank canvas

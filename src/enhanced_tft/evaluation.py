@@ -102,3 +102,21 @@ def quant_of(cfg, transform, windows, member_predictions: list[torch.Tensor],
     except ValueError as err:   # a task whose outputs give no direction score
         log.info("quant metrics skipped: %s", err)
         return None
+
+
+def equity_curves(cfg, transform, windows, predictions: dict[str, list[torch.Tensor]]):
+    """Equity of the long/short-by-sign backtest of each named prediction set, net of costs, beside the
+    equal-weight long of the same symbols: one column each, indexed by the timestamp a position is taken at."""
+    import pandas as pd
+
+    from .quant import backtest, signal_of
+    columns = {}
+    for name, members in predictions.items():
+        frame = prediction_frame(windows, transform, members)
+        result = backtest(frame, signal_of(frame, transform.task), mode="sign", cost_bps=cfg.backtest.cost_bps,
+                          periods_per_year=cfg.backtest.periods_per_year, horizon=transform.horizon)
+        columns[name] = result.strategy.equity
+        benchmark = result.benchmark.equity
+    curves = pd.DataFrame({**columns, "equal-weight long": benchmark})
+    curves.index.name = "timestamp"
+    return curves

@@ -14,8 +14,8 @@ import pandas as pd
 from . import tasks
 from .config import UserError
 from .evaluation import mean_of
-from .runs import (ATTENTION_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV, PREDICTIONS_TEST_CSV,
-                   REPORT_HTML, SCALER_JSON, SUMMARY_JSON, RunFolder)
+from .runs import (ATTENTION_CSV, BACKTEST_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV,
+                   PREDICTIONS_TEST_CSV, REPORT_HTML, SCALER_JSON, SUMMARY_JSON, RunFolder)
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +123,64 @@ def section_metrics(run: RunFiles) -> str:
     test, baseline, mean_member = s["test"], s["baseline"], _mean_member(s)
     keys = [k for k in test if k not in tasks.SPLIT_STATS and k in baseline]
     label = "ensemble" if s["ensemble"]["size"] > 1 else "model"
-    header = ["metric", label] + (["mean member"] if mean_member else []) + ["naive baseline"]
-    rows = [[k, test[k]] + ([mean_member[k]] if mean_member else []) + [baseline[k]] for k in keys]
+    strong = s.get("strong_baseline", {}).get("test", {})
+    header = (["metric", label] + (["mean member"] if mean_member else []) + (["LightGBM"] if strong else [])
+              + ["naive baseline"])
+    rows = [[k, test[k]] + ([mean_member[k]] if mean_member else []) + ([strong.get(k, "-")] if strong else [])
+            + [baseline[k]] for k in keys]
     png = plots.metrics_bars([(k, test[k], mean_member.get(k), baseline[k]) for k in keys], label)
     text = f"{test['num_samples']:,} test samples; baseline: {baseline['rule']}."
+    if strong:
+        text += f" Strong baseline: {s['strong_baseline'].get('rule', 'LightGBM')}."
+    elif "strong_baseline" in s:
+        text += f" LightGBM: {s['strong_baseline'].get('skipped') or s['strong_baseline'].get('error')}"
     note = run.task().split_note(test) if run.task else ""
     if note:
         text += f" Test split: {note}."
     return "<h2>Test metrics</h2>" + _note(text) + _table(header, rows) + _img(png, "test metrics")
+
+
+def section_quant(run: RunFiles) -> str:
+    """IC, rank IC and backtests of the model beside LightGBM (summary.json's `quant`) and the equity curves of
+    backtest_test.csv."""
+    quant = run.summary.get("quant")
+    if not quant:
+        return ""
+    from .quant_plots import equity_curve_png
+    sources = [("model", quant["model"])] + ([("LightGBM", quant["strong_baseline"])]
+                                             if quant.get("strong_baseline") else [])
+    ic_rows = []
+    for name, q in sources:
+        cross = q["information_coefficient"]["cross_sectional"]
+        series = q["information_coefficient"]["time_series"]
+        for kind in ("pearson", "rank"):
+            stats = (cross or {}).get(kind) or {}
+            ic_rows.append([f"{name}: {'IC' if kind == 'pearson' else 'rank IC'}", stats.get("mean", "-"),
+                            stats.get("std", "-"), stats.get("icir", "-"), stats.get("share_positive", "-"),
+                            series.get("mean_pearson" if kind == "pearson" else "mean_rank", "-")])
+    header = ["strategy", "total return", "annualised", "volatility", "Sharpe", "max drawdown", "turnover", "hit rate"]
+    keys = ("total_return", "annualised_return", "annualised_volatility", "sharpe", "max_drawdown",
+            "turnover_per_period", "hit_rate")
+    rows = [[f"{name}: {strategy}"] + [r.get(k) if r.get(k) is not None else "-" for k in keys]
+            for name, q in sources for strategy, r in q["backtest"].items() if "skipped" not in r]
+    benchmark = quant["model"].get("benchmark")
+    if benchmark:
+        rows.append(["equal-weight long"] + [benchmark.get(k) if benchmark.get(k) is not None else "-" for k in keys])
+    settings = quant["model"].get("settings", {})
+    out = ("<h2>Signal and backtest (test split)</h2>" + _note(
+        f"Signal: {quant['model']['signal']}. IC per timestamp across symbols (mean, std, ICIR = mean / std, share "
+        "of timestamps with a positive IC); time-series IC: per symbol over time, mean over symbols.")
+        + _table(["", "mean", "std", "ICIR", "positive", "time-series"], ic_rows)
+        + _note(f"Backtests net of {settings.get('cost_bps', '?')} bps per unit of turnover, "
+                f"{settings.get('periods_per_year', 0):,.0f} periods a year, positions held {settings.get('horizon', 1)} "
+                "bar(s); returns are simple. A short test period annualises to large numbers: read the total return.")
+        + _table(header, rows))
+    curves = run.csv(BACKTEST_CSV)
+    if curves is not None and "timestamp" in curves:
+        curves["timestamp"] = pd.to_datetime(curves["timestamp"])
+        series = {c: curves.set_index("timestamp")[c] for c in curves.columns if c != "timestamp"}
+        out += _img(equity_curve_png(series, "long/short by sign, growth of 1 net of costs"), "equity curves")
+    return out
 
 
 def _place(metrics: pd.DataFrame, summary: dict) -> tuple[pd.Series, pd.Series, list[float]]:
@@ -256,7 +306,8 @@ def build_report(run_path: str | Path) -> str:
     predictions = run.csv(PREDICTIONS_TEST_CSV)
     # names from the data (symbols like $BTC, extra columns) are text, never mathtext: two `$` would break a plot
     with matplotlib.rc_context({"text.parse_math": False}):
-        sections = [section_overview(run), section_metrics(run), section_data(run), section_training(run),
+        sections = [section_overview(run), section_metrics(run), section_quant(run), section_data(run),
+                    section_training(run),
                     section_calibration(run, predictions), section_interpretation(run),
                     section_ensemble(run, predictions), section_config(run)]
     title = f"Enhanced TFT run {run.path.name}"

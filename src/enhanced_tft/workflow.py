@@ -16,9 +16,9 @@ from pathlib import Path
 from . import config as config_mod
 from . import tasks
 from .config import Config, UserError
-from .runs import (ATTENTION_CSV, CONFIG_YAML, DATA_JSON, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV, SCALER_JSON,
-                   SUMMARY_JSON, RunFolder, StorageError, restart_marker_file, shared_data_folder, walk_forward_file,
-                   write_json_atomic, write_text_atomic)
+from .runs import (ATTENTION_CSV, BACKTEST_CSV, CONFIG_YAML, DATA_JSON, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV,
+                   SCALER_JSON, SUMMARY_JSON, RunFolder, StorageError, restart_marker_file, shared_data_folder,
+                   walk_forward_file, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("enhanced_tft.train")
 
@@ -374,6 +374,8 @@ def write_test_outputs(run: RunFolder, data, result) -> None:
                           (ATTENTION_CSV, "attention")):
             run.write_csv(name, frames[key])
         write_test_predictions(run, data.splits["test"], data.transform, [m.prediction for m in result.members])
+        if result.curves is not None:
+            run.write_csv(BACKTEST_CSV, result.curves.reset_index())
     except Exception:
         log.exception("interpretation or test predictions failed (the trained run is saved)")
     try:

@@ -56,6 +56,7 @@ class MemberResult:
 class EnsembleResult:
     summary: dict[str, Any]
     members: list[MemberResult]
+    curves: Any = None   # pandas DataFrame of equity curves on the test split (backtest_test.csv), or None
 
 
 def bootstrap_windows(data: DataBundle, seed: int) -> DataBundle:
@@ -207,11 +208,13 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
 STRONG_RULE = "LightGBM on the model's features (recent bars' features, calendar, symbol), early-stopped on val"
 
 
-def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle, members: list[MemberResult]) -> dict:
+def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
+                              members: list[MemberResult]) -> tuple[dict, Any]:
     """summary.json's `strong_baseline` (LightGBM fitted on the same features, splits and target) and `quant`
-    (IC, rank IC and backtests of the model and of LightGBM on the test split). Neither stops a trained run:
-    a failure is logged and recorded."""
-    from ..evaluation import quant_of
+    (IC, rank IC and backtests of the model and of LightGBM on the test split), and the equity curves of the
+    long/short-by-sign backtests (None where quant metrics do not apply). Neither stops a trained run: a
+    failure is logged and recorded."""
+    from ..evaluation import equity_curves, quant_of
     from ..strong_baseline import fit_strong_baseline
 
     out: dict[str, Any] = {}
@@ -228,12 +231,16 @@ def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle, members
         if strong is not None:
             out["strong_baseline"] = {"rule": STRONG_RULE, **strong.to_summary()}
     test = data.splits["test"]
-    model = quant_of(cfg, data.transform, test, [m.prediction for m in members])
-    if model is not None:
-        out["quant"] = {"model": model}
-        if strong is not None:
-            out["quant"]["strong_baseline"] = quant_of(cfg, data.transform, test, [strong.prediction_test])
-    return out
+    predictions = {"model": [m.prediction for m in members]}
+    if strong is not None:
+        predictions["LightGBM"] = [strong.prediction_test]
+    model = quant_of(cfg, data.transform, test, predictions["model"])
+    if model is None:
+        return out, None
+    out["quant"] = {"model": model}
+    if strong is not None:
+        out["quant"]["strong_baseline"] = quant_of(cfg, data.transform, test, predictions["LightGBM"])
+    return out, equity_curves(cfg, data.transform, test, predictions)
 
 
 # what Trainer.load_state_dict reads from a resumable checkpoint
@@ -315,6 +322,8 @@ def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.devi
     summary = summarize_ensemble(cfg, task, data, device, policy, members, time.time() - started)
     summary["world_size"] = world.size
     if world.is_main:   # the other ranks are done: LightGBM may take every CPU
-        summary.update(strong_baseline_and_quant(cfg, task, data, members))
+        extra, curves = strong_baseline_and_quant(cfg, task, data, members)
+        summary.update(extra)
         run.write_json(SUMMARY_JSON, summary)
+        return EnsembleResult(summary, members, curves)
     return EnsembleResult(summary, members)
