@@ -12,6 +12,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from . import config as config_mod
 from . import tasks
@@ -32,6 +33,7 @@ class TrainRequest:
     gpu_memory: str | None = None      # auto-batch budget, e.g. 24GiB; None = the device's memory
     restartable: bool = True           # record the folder for a torchrun restart (not for folds spread over ranks)
     allow_changed_data: bool = False   # resume although the data's fingerprint changed (its scaling must match)
+    epoch_hook: Callable[[dict], None] | None = None   # called with each epoch's record (etft tune reports val loss)
 
 
 def resume_request(folder: str | Path, overrides: list[str]) -> tuple[Config, TrainRequest]:
@@ -259,7 +261,8 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         # only rank 0 shows progress bars; the redirect would also drop the other ranks' console filter
         redirect = logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]) if world.is_main else nullcontext()
         with redirect:
-            result = train_ensemble(cfg, task, data, device, policy, run, resume=resuming, world=world)
+            result = train_ensemble(cfg, task, data, device, policy, run, resume=resuming, world=world,
+                                    epoch_hook=request.epoch_hook)
         summary = result.summary
         from .evaluation import metrics_table
         from .quant import format_quant

@@ -11,7 +11,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,7 +109,8 @@ def _test_pass(trainer: Trainer, num_symbols: int) -> tuple[torch.Tensor, Weight
 
 def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
                  run: RunFolder, member: int, micro_batch_size: int, fault_hook: FaultHook | None = None,
-                 resume: bool = False, world: World = SINGLE, writes: bool | None = None) -> MemberResult:
+                 resume: bool = False, world: World = SINGLE, writes: bool | None = None,
+                 epoch_hook: Callable[[dict], None] | None = None) -> MemberResult:
     """Train member `member` (seed + member), continuing from its newest checkpoint if `resume`, then score it
     on the test split; its result is saved in the run folder (and reused by a later resume). With several
     ranks they train it together, and rank 0 alone writes files (unless `writes` says otherwise)."""
@@ -128,8 +129,14 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
     best_path = run.best_checkpoint(member)
     config_record = cfg.model_dump(mode="json")   # each checkpoint says which config it belongs to
     member_data = bootstrap_windows(data, seed) if cfg.train.bootstrap else data
+
+    def on_epoch_end(record: dict) -> None:   # metrics.jsonl, then the caller's hook (etft tune's pruner)
+        if writes:
+            run.append_metrics(record)
+        if epoch_hook is not None and record["kind"] == "epoch":
+            epoch_hook(record)
     trainer = Trainer(model, member_data, cfg, device, policy, seed=seed, member=member, task=task,
-                      micro_batch_size=micro_batch_size, on_epoch_end=run.append_metrics if writes else None,
+                      micro_batch_size=micro_batch_size, on_epoch_end=on_epoch_end,
                       on_best=(lambda state, epoch: save_checkpoint(state, best_path)) if writes else None,
                       on_checkpoint=(lambda state: run.save_step_checkpoint(
                           member, {**state, "config": config_record}, cfg.train.keep_checkpoints)) if writes else None,
@@ -296,7 +303,7 @@ def verify_resumable(cfg: Config, task: Task, dims, run: RunFolder) -> None:
 
 def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
                    run: RunFolder, fault_hook: FaultHook | None = None, resume: bool = False,
-                   world: World = SINGLE) -> EnsembleResult:
+                   world: World = SINGLE, epoch_hook: Callable[[dict], None] | None = None) -> EnsembleResult:
     """Train `ensemble_size` members (reusing those a stopped run finished), then write summary.json (rank 0).
 
     Under torchrun with train.distribute=members, rank r trains members r, r+N, ... alone on its device and
@@ -314,7 +321,8 @@ def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.devi
             log.info("member %d finished before the interruption: its results are reused", member)
         else:
             members.append(train_member(cfg, task, data, device, policy, run, member, micro_batch_size, fault_hook,
-                                        resume, SINGLE if spread else world, writes=True if spread else None))
+                                        resume, SINGLE if spread else world, writes=True if spread else None,
+                                        epoch_hook=epoch_hook))
         micro_batch_size = members[-1].summary["micro_batch_size"]
     if spread:   # every rank's members, in member order
         gathered = world.gather([(m, r.to_dict()) for m, r in zip(mine, members)])
