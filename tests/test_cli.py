@@ -119,4 +119,15 @@ def test_walk_forward_trains_one_run_per_fold_and_compares_them(tmp_path: Path):
         assert yaml.safe_load((run / "config.yaml").read_text())["data"]["fold"] == fold
     accuracy = [f["test"]["accuracy"] for f in folds["folds"]]
     assert folds["mean"]["accuracy"] == pytest.approx(sum(accuracy) / 2)
-    assert "walk-forward test metrics (2 folds):" in result.stderr
+    # mean and sd over folds of every metric, the model beside LightGBM and the naive rule
+    over = folds["over_folds"]
+    assert over["model"]["accuracy"]["mean"] == pytest.approx(sum(accuracy) / 2)
+    assert over["model"]["accuracy"]["sd"] == pytest.approx(abs(accuracy[0] - accuracy[1]) / 2 ** 0.5)
+    lgbm = [f["strong_baseline"]["auc"] for f in folds["folds"]]
+    assert over["strong_baseline"]["auc"]["mean"] == pytest.approx(sum(lgbm) / 2)
+    assert over["baseline"]["auc"]["mean"] == pytest.approx(0.5)
+    assert set(folds["quant_over_folds"]) == {"model", "strong_baseline"}
+    assert "walk-forward test metrics (2 folds), mean +- sd over folds:" in result.stderr
+    assert "LightGBM          naive baseline" in result.stderr
+    from matplotlib.image import imread
+    assert imread(report.with_suffix(".png")).shape[1] > 600      # a plot beside the JSON

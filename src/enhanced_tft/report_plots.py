@@ -214,3 +214,41 @@ def ensemble_spread(metric: str, member_values: list[float], ensemble_value: flo
     else:
         spread_ax.set_axis_off()
     return to_png(fig)
+
+
+STRONG = "#2ca02c"
+
+
+def walk_forward_figure(summary: dict) -> Figure:
+    """One panel per metric: its value in each fold (x) for the model, LightGBM and the naive baseline, with the
+    mean over folds as a dashed line of the same colour."""
+    from .tasks import SPLIT_STATS
+    folds = summary["folds"]
+    keys = [k for k in summary["over_folds"]["model"] if k not in SPLIT_STATS]   # metrics, not what the split holds
+    sources = [(n, label, color) for n, label, color in (("model", "model", MODEL), ("strong_baseline", "LightGBM", STRONG),
+                                                         ("baseline", "naive baseline", BASELINE))
+               if n in summary["over_folds"]]
+    fig = _figure(3.0 * len(keys) + 0.4, 3.2)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    width = 0.8 / len(sources)
+    x = np.arange(len(folds))
+    field = {"model": "test", "strong_baseline": "strong_baseline", "baseline": "baseline"}
+    for ax, key in zip(axes, keys):
+        shown = []
+        for i, (name, label, color) in enumerate(sources):
+            values = [(f.get(field[name]) or {}).get(key, np.nan) for f in folds]
+            ax.bar(x + (i - (len(sources) - 1) / 2) * width, values, width, color=color, label=label)
+            shown += [v for v in values if v is not None and np.isfinite(v)]
+            mean = summary["over_folds"][name][key]["mean"]
+            if mean is not None:
+                ax.axhline(mean, color=color, ls="--", lw=1)
+        if shown:   # the differences, not the distance from zero
+            low, high = min(shown), max(shown)
+            pad = (high - low) * 0.35 or abs(high) * 0.1 or 0.1
+            ax.set_ylim(max(low - pad, 0.0) if low >= 0 else low - pad, high + pad)
+        ax.set_xticks(x, [f"fold {f['fold']}" for f in folds])
+        ax.set_title(f"{key} ({'lower' if key in LOWER_IS_BETTER else 'higher'} is better)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("walk-forward test metrics per fold (dashed: mean over folds)", fontsize=10)
+    return fig
