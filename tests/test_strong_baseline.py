@@ -216,3 +216,21 @@ def test_the_equity_curves_and_the_report_section_agree_with_the_summary(trained
     section = page[page.index("<h2>Signal and backtest (test split)</h2>"):page.index("<h2>Data</h2>")]
     assert "model: rank IC" in section and "LightGBM: sign" in section and 'alt="equity curves"' in section
     assert "<th>LightGBM</th>" in page[:page.index("<h2>Signal and backtest")]   # beside the model's metrics
+
+
+def test_evaluate_applies_the_saved_boosters_and_reproduces_the_summary(trained_run, capsys):
+    """strong_baseline.json holds LightGBM's text models: `etft evaluate` on the run's own test split scores
+    LightGBM as summary.json did, and its quant metrics match."""
+    import json
+
+    from enhanced_tft.cli import main
+    summary = json.loads((trained_run / "summary.json").read_text())
+    saved = json.loads((trained_run / "strong_baseline.json").read_text())
+    assert saved["lags"] == 5 and saved["boosters"][0].startswith("tree")
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(trained_run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key, value in summary["strong_baseline"]["test"].items():
+        assert result["strong_baseline"][key] == pytest.approx(value, abs=1e-6), key
+    assert result["quant"]["model"]["backtest"]["sign"]["total_return"] == pytest.approx(
+        summary["quant"]["model"]["backtest"]["sign"]["total_return"], abs=1e-9)

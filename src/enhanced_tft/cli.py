@@ -205,7 +205,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(metrics_table(job.run.task, result["test"], result["baseline"],
                         f"{result['baseline']['rule']} (fitted on the run's train split)",
                         result["ensemble"]["mean_member"] if several else None,
-                        f"{what}: {result['test']['num_samples']} samples scored"))
+                        f"{what}: {result['test']['num_samples']} samples scored", result.get("strong_baseline")))
+    if "quant" in result:
+        from .quant import format_quant
+        print(format_quant(result["quant"]["model"], result["quant"].get("strong_baseline")))
     return 0
 
 

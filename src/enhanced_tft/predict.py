@@ -27,8 +27,8 @@ from .data.windows import WindowSet
 from .evaluation import row_columns, score
 from .inference import infer
 from .model.build import WeightsMismatch, dims_for, load_model
-from .runs import (CONFIG_YAML, DATA_JSON, PREDICTIONS_TEST_CSV, SCALER_JSON, SUMMARY_JSON, CheckpointError,
-                   RunFolder, atomic_path, load_checkpoint, spreadsheet_safe)
+from .runs import (CONFIG_YAML, DATA_JSON, PREDICTIONS_TEST_CSV, SCALER_JSON, STRONG_BASELINE_JSON, SUMMARY_JSON,
+                   CheckpointError, RunFolder, atomic_path, load_checkpoint, spreadsheet_safe)
 from .train.precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,36 @@ def evaluate_windows(run: SavedRun, windows: WindowSet, target_known: np.ndarray
     saved = run.summary["baseline"]
     scores = score(task, [m[mask] for m in members], windows.arrays.target.index_select(0, ends),
                    windows.arrays.raw_return.index_select(0, ends), run.transform.target_scale(), saved["output"])
-    return {"task": task.name, "test": scores["test"], "baseline": {"rule": saved["rule"], **scores["baseline"]},
-            "ensemble": {"size": len(members), "members": [{"member": i, "test": m} for i, m in enumerate(scores["members"])],
-                         "mean_member": scores["mean_member"]}}
+    result = {"task": task.name, "test": scores["test"], "baseline": {"rule": saved["rule"], **scores["baseline"]},
+              "ensemble": {"size": len(members), "members": [{"member": i, "test": m}
+                                                             for i, m in enumerate(scores["members"])],
+                           "mean_member": scores["mean_member"]}}
+    strong = _strong_baseline(run, windows)
+    if strong is not None:
+        result["strong_baseline"] = {"rule": run.summary.get("strong_baseline", {}).get("rule", "LightGBM"),
+                                     **task.metrics(strong[mask], windows.arrays.target.index_select(0, ends),
+                                                    windows.arrays.raw_return.index_select(0, ends),
+                                                    run.transform.target_scale())}
+    from .evaluation import quant_of
+    quant = quant_of(run.cfg, run.transform, windows, members, target_known)
+    if quant is not None:
+        result["quant"] = {"model": quant}
+        if strong is not None:
+            result["quant"]["strong_baseline"] = quant_of(run.cfg, run.transform, windows, [strong], target_known)
+    return result
+
+
+def _strong_baseline(run: SavedRun, windows: WindowSet) -> torch.Tensor | None:
+    """The run's LightGBM baseline (strong_baseline.json) on `windows`, or None where the run has none or
+    LightGBM is not installed (said in the log)."""
+    if run.folder.missing(STRONG_BASELINE_JSON):
+        return None
+    from .strong_baseline import predict_saved
+    try:
+        return predict_saved(run.folder.read_json(STRONG_BASELINE_JSON), run.task, windows)
+    except UserError as err:
+        log.warning("strong baseline left out: %s", err)
+        return None
 
 
 @dataclass

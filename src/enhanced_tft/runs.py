@@ -38,6 +38,7 @@ IMPORTANCE_CSV = "variable_importance.csv"
 IMPORTANCE_BY_SYMBOL_CSV = "variable_importance_by_symbol.csv"
 ATTENTION_CSV = "attention_by_lag.csv"
 PREDICTIONS_TEST_CSV = "predictions_test.csv"
+STRONG_BASELINE_JSON = "strong_baseline.json"  # LightGBM's boosters (text format), for etft evaluate
 BACKTEST_CSV = "backtest_test.csv"            # equity curves of the sign backtests on the test split
 PREDICTIONS_DEFAULT = "predictions.parquet"   # etft predict without --out
 REPORT_HTML = "report.html"

@@ -170,6 +170,12 @@ class StrongBaseline:
     fit_seconds: float
     importances: list[tuple[str, float]]   # (feature, share of the total gain), largest first, top 20
     settings: dict[str, Any] = field(default_factory=dict)
+    boosters: list[str] = field(default_factory=list, repr=False)   # LightGBM's text model of each booster
+
+    def saved(self) -> dict[str, Any]:
+        """What strong_baseline.json keeps so that `etft evaluate` can apply the same boosters to other data."""
+        return {"task": self.task, "lags": self.settings["lags"], "feature_names": self.feature_names,
+                "boosters": self.boosters, "lightgbm": self.settings.get("lightgbm")}
 
     @property
     def num_features(self) -> int:
@@ -284,6 +290,7 @@ def fit_strong_baseline(cfg: Config, task: tasks.Task, data: DataBundle, lags: i
         prediction_test=prediction_test, metrics=split_metrics["test"], val_metrics=split_metrics["val"],
         best_iterations=[int(b.best_iteration) for b in boosters], feature_names=names, num_train_rows=len(train),
         num_train_rows_available=len(train_all), fit_seconds=time.perf_counter() - started, importances=importances,
+        boosters=[b.model_to_string(num_iteration=b.best_iteration) for b in boosters],
         settings={**asdict(settings), "lags": lags, "min_data_in_leaf": shared["min_data_in_leaf"],
                   "num_threads": shared["num_threads"], "seed": seed,
                   "objectives": [p["objective"] for p in params], "lightgbm": lightgbm.__version__})
@@ -291,3 +298,23 @@ def fit_strong_baseline(cfg: Config, task: tasks.Task, data: DataBundle, lags: i
              result.num_features, result.num_train_rows, result.best_iteration, result.fit_seconds,
              "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.metrics.items()))
     return result
+
+
+def predict_saved(saved: dict[str, Any], task: tasks.Task, windows: WindowSet) -> torch.Tensor:
+    """The saved boosters (StrongBaseline.saved) applied to `windows`: predictions as task.metrics takes them.
+    LightGBM's text format is parsed, never unpickled; a file whose features do not fit is refused."""
+    lightgbm = _import_lightgbm()
+    lags = saved.get("lags")
+    if not isinstance(lags, int) or not 1 <= lags <= windows.sequence_length or not saved.get("boosters"):
+        raise UserError(f"the saved strong baseline does not fit this run (lags={lags!r}, "
+                        f"{len(saved.get('boosters') or [])} booster(s)); retrain with train.strong_baseline=true")
+    try:
+        boosters = [lightgbm.Booster(model_str=text) for text in saved["boosters"]]
+    except lightgbm.basic.LightGBMError as err:
+        raise UserError(f"the saved strong baseline cannot be read ({str(err)[:200]})") from None
+    arrays = windows.arrays
+    width = arrays.observed.shape[1] * lags + 2 * arrays.known.shape[1] + 1
+    if any(b.num_feature() != width for b in boosters) or len(saved.get("feature_names", [])) != width:
+        raise UserError(f"the saved strong baseline expects {boosters[0].num_feature()} features, this data gives "
+                        f"{width}; it does not belong to this run")
+    return task.predict(torch.from_numpy(_outputs_by_block(boosters, windows, lags)))

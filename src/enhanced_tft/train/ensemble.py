@@ -21,7 +21,7 @@ from ..data.windows import WindowSet
 from ..evaluation import baseline_output, score
 from ..interpret import WeightSums
 from ..model.build import build_training_model, dims_for
-from ..runs import SUMMARY_JSON, CheckpointError, RunFolder, load_checkpoint, save_checkpoint
+from ..runs import STRONG_BASELINE_JSON, SUMMARY_JSON, CheckpointError, RunFolder, load_checkpoint, save_checkpoint
 from ..tasks import Task
 from .compile import apply_compile
 from .memory import OutOfMemoryGiveUp, release_memory
@@ -216,11 +216,11 @@ STRONG_RULE = "LightGBM on the model's features (recent bars' features, calendar
 
 
 def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
-                              members: list[MemberResult]) -> tuple[dict, Any]:
+                              members: list[MemberResult]) -> tuple[dict, Any, Any]:
     """summary.json's `strong_baseline` (LightGBM fitted on the same features, splits and target) and `quant`
     (IC, rank IC and backtests of the model and of LightGBM on the test split), and the equity curves of the
-    long/short-by-sign backtests (None where quant metrics do not apply). Neither stops a trained run: a
-    failure is logged and recorded."""
+    long/short-by-sign backtests (None where quant metrics do not apply), and the fitted baseline (or None).
+    Neither stops a trained run: a failure is logged and recorded."""
     from ..evaluation import equity_curves, quant_of
     from ..strong_baseline import fit_strong_baseline
 
@@ -243,11 +243,11 @@ def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
         predictions["LightGBM"] = [strong.prediction_test]
     model = quant_of(cfg, data.transform, test, predictions["model"])
     if model is None:
-        return out, None
+        return out, None, strong
     out["quant"] = {"model": model}
     if strong is not None:
         out["quant"]["strong_baseline"] = quant_of(cfg, data.transform, test, predictions["LightGBM"])
-    return out, equity_curves(cfg, data.transform, test, predictions)
+    return out, equity_curves(cfg, data.transform, test, predictions), strong
 
 
 # what Trainer.load_state_dict reads from a resumable checkpoint
@@ -330,8 +330,10 @@ def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.devi
     summary = summarize_ensemble(cfg, task, data, device, policy, members, time.time() - started)
     summary["world_size"] = world.size
     if world.is_main:   # the other ranks are done: LightGBM may take every CPU
-        extra, curves = strong_baseline_and_quant(cfg, task, data, members)
+        extra, curves, strong = strong_baseline_and_quant(cfg, task, data, members)
         summary.update(extra)
+        if strong is not None:
+            run.write_json(STRONG_BASELINE_JSON, strong.saved())
         run.write_json(SUMMARY_JSON, summary)
         return EnsembleResult(summary, members, curves)
     return EnsembleResult(summary, members)
