@@ -238,7 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"etft {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        import torch
 
         from .train.distributed import RankLost
         from .train.memory import OutOfMemoryGiveUp
@@ -246,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, RankLost):   # not a bug here: the rank that failed says why
             print(f"etft {args.command}: error: {err}", file=sys.stderr)
             return 1
-        if isinstance(err, torch.OutOfMemoryError):   # outside a step (moving the model, say): no recovery there
+        from .train.memory import is_out_of_memory
+        if is_out_of_memory(err):   # outside a step (moving the model, building data, say): no recovery there
             err = OutOfMemoryGiveUp(f"out of memory outside a training step ({str(err).splitlines()[0]}); "
                                     "`etft plan` shows what fits; lower model.d_model or model.ff_dim")
         if isinstance(err, (OutOfMemoryGiveUp, NonFiniteGiveUp)):

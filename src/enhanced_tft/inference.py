@@ -9,7 +9,6 @@ Legend: B chunk, M models, O head outputs.
 """
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -19,7 +18,7 @@ import torch
 from .data.windows import WindowSet
 from .model.tft import EnhancedTFT, TFTOutput
 from .tasks import Task
-from .train.memory import OutOfMemoryGiveUp
+from .train.memory import OutOfMemoryGiveUp, is_out_of_memory, release_after_oom
 from .train.precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
@@ -58,9 +57,7 @@ def forward_chunk(models: list[EnhancedTFT], task: Task, split: WindowSet, chunk
 
 def halve_after_oom(size: int, device: torch.device, what: str) -> int:
     """Free what a failed chunk held and return half its size; at one sample, give up."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_after_oom(device)
     if size <= 1:
         raise OutOfMemoryGiveUp(f"out of memory in {what} even at one sample per batch; `etft plan` shows what "
                                 "fits; lower model.d_model or model.ff_dim, or predict on a larger device")
@@ -87,8 +84,10 @@ def infer(models: list[EnhancedTFT], task: Task, split: WindowSet, device: torch
             if before_chunk:
                 before_chunk(chunk_index, chunk)
             result = forward_chunk(models, task, split, chunk, device, policy, with_loss, with_weights)
-        except torch.OutOfMemoryError:
-            pass   # leave the except block first so that the traceback's tensors are freed
+        except Exception as err:   # a CUDA OOM, or the CPU allocator's failure under a ulimit
+            if not is_out_of_memory(err):
+                raise
+            # leave the except block first so that the traceback's tensors are freed
         else:
             yield result
             position += chunk.numel()

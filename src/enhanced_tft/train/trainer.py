@@ -7,7 +7,6 @@ it never opens a file: checkpoints and metrics leave through the `on_checkpoint`
 """
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -22,8 +21,10 @@ from ..config import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..inference import InferredChunk, infer
+from ..model.build import dims_for
 from ..model.tft import EnhancedTFT
-from .memory import MemoryMonitor, OutOfMemoryGiveUp, give_up_message
+from .memory import (MemoryMonitor, OutOfMemoryGiveUp, give_up_message, is_out_of_memory, release_after_oom,
+                     warn_if_step_exceeds_memory)
 from .optim import continue_schedule, lr_lambda, make_optimizer
 from .precision import PrecisionPolicy
 from .distributed import SINGLE, World
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("observed", "known", "symbol", "target")
 
-# fault_hook(phase, step, micro_index, indices) runs before each micro-batch's forward ("train") and each
-# evaluation chunk ("val", "test"); raising torch.OutOfMemoryError there is handled like a real OOM.
+# fault_hook(phase, step, micro_index, indices) runs before each micro-batch's forward ("train") and each evaluation
+# chunk ("val", "test"); an out-of-memory error raised there (memory.is_out_of_memory) is handled like a real one.
 FaultHook = Callable[[str, int, int, torch.Tensor], None]
 
 
@@ -131,9 +132,7 @@ class Trainer:
     def _shrink_after_oom(self, phase: str, size_attr: str) -> int:
         """Free what the failed attempt held, then halve the batch size named by `size_attr`; return it."""
         self.optimizer.zero_grad(set_to_none=True)   # the interrupted window's partial gradients
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_after_oom(self.device)
         old = getattr(self, size_attr)
         if old <= 1:
             raise OutOfMemoryGiveUp(give_up_message(self.cfg, phase))
@@ -157,7 +156,9 @@ class Trainer:
             out_of_memory = False
             try:
                 total = self.accumulate(split, window)
-            except torch.OutOfMemoryError:
+            except Exception as err:   # a CUDA OOM, or the CPU allocator's failure under a ulimit
+                if not is_out_of_memory(err):
+                    raise
                 out_of_memory = True   # leave the except block first so that the traceback's tensors are freed
             out_of_memory, self.stop_agreed = self.world.agree(out_of_memory, STOP.is_set())
             if not out_of_memory:
@@ -165,40 +166,53 @@ class Trainer:
                 return self.world.sum_(total)
             self._shrink_after_oom("train", "micro_batch_size")
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, loss: torch.Tensor | None = None) -> None:
+        """Clip, step, schedule; `loss` (the window's sum) tells fp16 loss-scale calibration from a NaN/inf loss."""
         try:
-            self._optimizer_step()
-        except torch.OutOfMemoryError:
+            self._optimizer_step(loss)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
             # a half-applied step cannot be redone exactly: stop cleanly instead of training on a torn state
             raise OutOfMemoryGiveUp(
                 "out of memory in the optimizer step (AdamW state and temporaries): the parameters, gradients and "
                 "optimizer state alone do not fit. Lower model.d_model, model.ff_dim or model.num_transformer_blocks; "
                 "`etft plan` shows the parameter, gradient and optimizer bytes.") from None
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, loss: torch.Tensor | None) -> None:
         self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
+        calibrating = False
         if self.scaler.is_enabled():
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             finite = self.scaler.get_scale() >= scale_before   # a lowered scale means inf/NaN: step skipped
+            # GradScaler starts high and halves on overflow until the scaled gradients fit fp16: while the scale
+            # still amplifies (> 1), an overflow at a finite loss is that calibration, not a diverging run
+            calibrating = not finite and scale_before > 1 and loss is not None and bool(torch.isfinite(loss))
         else:
             finite = bool(torch.isfinite(norm))   # one host sync per optimizer step, not per micro-batch
             if finite:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self._count_nonfinite(finite)
+        self._count_nonfinite(finite, calibrating)
 
-    def _count_nonfinite(self, finite: bool) -> None:
+    def _count_nonfinite(self, finite: bool, calibrating: bool) -> None:
+        """Count a skipped step; only NaN/inf losses and gradients (not fp16 loss-scale calibration) can end the run."""
         p = self.progress
         if finite:
             p.nonfinite_in_a_row = 0
             return
+        self.skipped_steps += 1
+        if calibrating:
+            log.info("member %d step %d: fp16 gradients overflowed at a finite loss, step skipped; loss scale now %g "
+                     "(calibration, not counted toward train.max_nonfinite_steps)", self.member, self.global_step,
+                     self.scaler.get_scale())
+            return
         p.nonfinite_in_a_row += 1
         p.nonfinite_steps += 1
-        self.skipped_steps += 1
         log.warning("member %d step %d: NaN/inf loss or gradient, step skipped (%d in a row, %d in all)%s",
                     self.member, self.global_step, p.nonfinite_in_a_row, p.nonfinite_steps,
                     f"; fp16 loss scale now {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "")
@@ -231,7 +245,7 @@ class Trainer:
         for step in bar:
             window = order[step * self.effective_batch_size:(step + 1) * self.effective_batch_size]
             step_loss = self.train_window(split, window)
-            self.optimizer_step()
+            self.optimizer_step(step_loss)
             self.global_step += 1
             loss_sum += step_loss
             window_loss += step_loss
@@ -301,6 +315,8 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train until the last epoch or early stopping; resumes from `progress` if it was restored."""
         train, p = self.cfg.train, self.progress
+        if self.device.type == "cpu" and self.world.is_main:   # where a cgroup limit kills instead of failing
+            warn_if_step_exceeds_memory(self.cfg, dims_for(self.data.transform), self.micro_batch_size, self.policy.name)
         while p.epoch <= train.epochs:
             epoch = p.epoch
             self.monitor.start_epoch()
