@@ -238,7 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"etft {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-
         from .train.distributed import RankLost
         from .train.memory import OutOfMemoryGiveUp
         from .train.resume import NonFiniteGiveUp
