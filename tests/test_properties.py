@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from enhanced_tft.config import Config, ConfigError, build_config, load_config
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.data.synthetic import generate_bars
+from enhanced_tft.yaml_io import load_yaml_text
 
 KEYS = ["model.d_model", "model.num_heads", "model.dropout_rate", "model.ff_dim", "data.sequence_length",
         "data.horizon", "data.val_fraction", "data.test_fraction", "train.batch_size", "train.epochs",
@@ -26,7 +27,7 @@ def _one_paragraph(message: str) -> None:
 @settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4))
 def test_any_config_value_is_accepted_or_named_in_the_error(assignments):
-    overrides = [f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}" for key, value in assignments.items()]
+    overrides = [f"{key}={override_text(key, value)}" for key, value in assignments.items()]
     try:
         cfg = load_config(None, overrides)
     except ConfigError as err:
@@ -35,6 +36,17 @@ def test_any_config_value_is_accepted_or_named_in_the_error(assignments):
     else:
         assert isinstance(cfg, Config)
         assert cfg.model.d_model % cfg.model.num_heads == 0 and 0 <= cfg.model.dropout_rate < 1
+        applied = cfg.model_dump()
+        for key, value in assignments.items():   # every accepted override is in the config, as given
+            node = applied
+            for part in key.split("."):
+                node = node[part]
+            assert node == load_yaml_text(override_text(key, value)), key
+
+
+def override_text(key: str, value) -> str:
+    """The text after `=` in the override the test passes for `value`."""
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 CORRUPTIONS = ["nan_close", "negative_price", "duplicate_bar", "drop_column", "text_in_number", "bad_timestamp",
@@ -110,6 +122,47 @@ def test_any_corrupted_csv_loads_or_fails_with_one_clear_message(tmp_path_factor
         split = data.splits["train"]
         assert len(split) > 0 and np.isfinite(split.arrays.observed.numpy()).all()
         assert np.isfinite(split.arrays.raw_return[split.sample_ends].numpy()).all()
+
+
+# what one corruption must lead to, under data.duplicates / data.missing = error / error and keep_last / drop:
+# None = the file loads; text = the one message's telling part
+OUTCOMES = {
+    "nan_close": ("have an empty, NaN, inf or non-numeric value in a used column (per column: close 1)", None),
+    "negative_price": ("have a price <= 0 or a negative volume", "have a price <= 0 or a negative volume"),
+    "duplicate_bar": ("1 duplicate bars (same symbol and timestamp as a later row)", None),
+    "drop_column": ("lacks column(s) {column}", "lacks column(s) {column}"),
+    "text_in_number": ("have an empty, NaN, inf or non-numeric value in a used column (per column: {column} 1)", None),
+    "bad_timestamp": ("1 of 600 timestamps could not be parsed, the first 'yesterday'",
+                      "1 of 600 timestamps could not be parsed, the first 'yesterday'"),
+    "shuffle": (None, None),
+    "inf_volume": ("have an empty, NaN, inf or non-numeric value in a used column (per column: volume 1)", None),
+    "zero_volume": (None, None),
+    "empty": ("could not be read as CSV", "could not be read as CSV"),
+    "header_only": ("has a header (timestamp, symbol, open, high, low, close, volume) but no rows of bars",
+                    "has a header (timestamp, symbol, open, high, low, close, volume) but no rows of bars"),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(sorted(OUTCOMES)), row=st.integers(0, 599),
+       column=st.sampled_from(["open", "high", "low", "close", "volume"]), strict=st.booleans())
+def test_each_corruption_has_its_own_outcome(tmp_path_factory, clean_frame, kind, row, column, strict):
+    path = tmp_path_factory.mktemp("csv") / "bars.csv"
+    path.write_text(_corrupt(clean_frame, kind, row, column))
+    expected = OUTCOMES[kind][0 if strict else 1]
+    if kind == "negative_price" and column == "volume" and clean_frame.loc[row % 600, "volume"] == 0:
+        expected = None   # -0.0 is not negative: a volume of zero stays allowed
+    raw = {"data": {"source": "file", "path": str(path), "sequence_length": 16,
+                    "duplicates": "error" if strict else "keep_last", "missing": "error" if strict else "drop"}}
+    if expected is None:
+        data = build_data(build_config(raw))
+        kept = sum(len(data.splits[s]) for s in ("train", "val", "test"))
+        assert kept > 0.8 * (600 - 2 * 31 - 3 * 16)   # both symbols are there, nearly every window with them
+    else:
+        with pytest.raises(ValueError) as caught:
+            build_data(build_config(raw))
+        assert expected.format(column=column) in str(caught.value)
+        _one_paragraph(str(caught.value))
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
