@@ -9,7 +9,7 @@ import torch
 from enhanced_tft.config import ConfigError, build_config
 from enhanced_tft.data import features
 from enhanced_tft.data.pipeline import build_data, build_prediction_data, split_bounds
-from enhanced_tft.data.sources import _gaps
+from enhanced_tft.data.bar_checks import _gaps
 from enhanced_tft.data.synthetic import generate_bars
 from enhanced_tft.data.transform import RunningMoments, Transform
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from enhanced_tft.config import build_config, load_config
-from enhanced_tft.data import sources
+from enhanced_tft.data import reader
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.data.sources import OUTPUT, load_file_bars
 
@@ -241,7 +241,7 @@ def test_chunks_give_the_frame_of_one_read(tmp_path, monkeypatch):
     settings = [{"extra_columns": "all", "missing": "drop"},
                 {"symbol": "BBB", "extra_columns": ["signal"], "missing": "drop"}]
     whole = [_load(path, **data) for data in settings]
-    monkeypatch.setattr(sources, "CSV_CHUNK_ROWS", 7)
+    monkeypatch.setattr(reader, "CSV_CHUNK_ROWS", 7)
     for data, expected in zip(settings, whole):
         pd.testing.assert_frame_equal(_load(path, **data), expected, check_exact=True)
     assert list(whole[0].columns) == [*OUTPUT, "signal"] and len(whole[0]) == 119
@@ -250,7 +250,7 @@ def test_chunks_give_the_frame_of_one_read(tmp_path, monkeypatch):
 
 
 def test_a_bad_value_in_the_third_chunk_is_named_at_its_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "CSV_CHUNK_ROWS", 10)
+    monkeypatch.setattr(reader, "CSV_CHUNK_ROWS", 10)
     frame = _bars().astype({"close": object})
     frame.loc[25, "close"] = "12,5"                                   # data row 26: the 3rd chunk (rows 21-30)
     path = tmp_path / "bad.csv"
@@ -261,7 +261,7 @@ def test_a_bad_value_in_the_third_chunk_is_named_at_its_row(tmp_path, monkeypatc
 
 
 def test_the_timestamp_format_is_inferred_once_for_the_whole_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "CSV_CHUNK_ROWS", 10)
+    monkeypatch.setattr(reader, "CSV_CHUNK_ROWS", 10)
     frame = _bars()
     later = pd.to_datetime(frame["timestamp"].iloc[30:40]).dt.strftime("%m/%d/%Y %H:%M")
     frame.loc[30:39, "timestamp"] = later.to_numpy()                   # the 4th chunk in another format

@@ -120,25 +120,38 @@ def test_adjust_column_removes_the_split_jumps():
     assert len(adjusted) == len(raw) == 12154
 
 
-def test_fb_is_too_short_for_60_bars_error_or_skip(caplog):
+def test_fb_listed_in_2012_is_left_out_by_the_shared_cut_dates_and_the_run_goes_on(caplog):
     cfg = _file_cfg(_need(STOCKS), sequence_length=60, adjust_column="adj_close")
+    with caplog.at_level(logging.WARNING, logger="enhanced_tft"):
+        bundle = build_data(cfg)
+    assert bundle.symbols == ["AAPL", "GOOG", "IBM", "MSFT"]
+    assert "left out symbol 'FB': no training window before 2009-04-06 14:24:00 (its 196 bars start at 2012-05-18" \
+        in caplog.text
+    assert len(bundle.splits["test"]) == 1716
+
+
+def test_fb_is_too_short_for_60_bars_error_or_skip_with_per_symbol_splits(caplog):
+    cfg = _file_cfg(_need(STOCKS), sequence_length=60, adjust_column="adj_close", split="per_symbol")
     bars = load_bars(cfg)
     with pytest.raises(ValueError, match=r"symbol 'FB' has 196 bars: after 31 warm-up bars, sequence_length=60.*"
                                          r"val 0, test 0.*data.too_short=skip"):
         build_data(cfg, bars)
-    skip = _file_cfg(STOCKS, sequence_length=60, adjust_column="adj_close", too_short="skip")
+    skip = _file_cfg(STOCKS, sequence_length=60, adjust_column="adj_close", too_short="skip", split="per_symbol")
     with caplog.at_level(logging.WARNING, logger="enhanced_tft"):
         bundle = build_data(skip, bars)
     assert bundle.symbols == ["AAPL", "GOOG", "IBM", "MSFT"]
     assert "skipped symbol 'FB' has 196 bars" in caplog.text
-    assert "skipped 1 of 5 symbols as too short" in caplog.text
+    assert "left out 1 of 5 symbols, too short (data.too_short=skip)" in caplog.text
     assert len(bundle.splits["test"]) > 1000
 
 
 def test_every_symbol_too_short_is_a_clear_error(small_csv):
-    cfg = _file_cfg(small_csv, sequence_length=100, too_short="skip")
+    cfg = _file_cfg(small_csv, sequence_length=100, too_short="skip", split="per_symbol")
     with pytest.raises(ValueError, match=r"every symbol is too short and was skipped \(AAPL, IBM\)"):
         build_data(cfg)
+    with pytest.raises(ValueError, match=r"no symbol has a window in the val or test split \(val from .* for every "
+                                         r"symbol; sequence_length=100, horizon=1\)"):
+        build_data(_file_cfg(small_csv, sequence_length=100, too_short="skip"))
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
@@ -195,11 +208,13 @@ def test_cli_trains_on_the_stock_file(tmp_path):
     assert result.returncode == 0, result.stderr
     (run,) = sorted((tmp_path / "logs").glob("training_*"))
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["task"] == "classification_binary" and summary["test"]["num_samples"] == 375
+    assert summary["task"] == "classification_binary" and summary["test"]["num_samples"] == 412
     assert 0.0 <= summary["test"]["accuracy"] <= 1.0
     log = (run / "training.log").read_text()
     assert "loaded 12154 bars of 5 symbol(s)" in log and "training on 4: AAPL, GOOG, IBM, MSFT" in log
-    assert "samples: train 10788, val 375, test 375 (val_fraction=0.04, test_fraction=0.04; sequence_length 24" in log
+    assert "left out symbol 'FB': no training window before 2012-02-15 03:50:24" in log   # one cut for all
+    assert ("samples: train 10698, val 428, test 412 (val from 2012-02-15 03:50:24, test from 2012-08-23 01:55:12 for "
+            "every symbol; sequence_length 24") in log
     saved = (run / "config.yaml").read_text()
     assert "source: file" in saved and str(STOCKS) in saved
 

@@ -1,5 +1,5 @@
 """`etft` command line: parsing and dispatch. The work is in workflow.py (train), predict.py (predict,
-evaluate), report.py, plan_report.py and bench.py.
+evaluate), report.py, plan_report.py, bench.py and tune.py (etft tune).
 
 Exit codes: 0 done; 2 bad input (UserError: its message, no traceback); 3 training could not go on (out of
 memory at one sample, NaN/inf steps in a row); 130 / 143 stopped by SIGINT / SIGTERM with a checkpoint;
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     from .bench_cli import add_bench_parser
     add_bench_parser(commands)
+    from .tune_cli import add_tune_parser
+    add_tune_parser(commands)
     return parser
 
 
@@ -227,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from .bench_cli import cmd_bench
         command = cmd_bench
+    elif args.command == "tune":
+        from .tune_cli import cmd_tune
+        command = cmd_tune
     else:
         command = COMMANDS[args.command]
     try:

@@ -2,6 +2,8 @@
 
 Precedence: CLI overrides (`--set section.key=value`, `--task`, ...) > YAML file > defaults.
 Every user error raises ConfigError (a ValueError) naming the key, the value and what is allowed.
+The error types and their messages live in config_errors, the overrides and resume rules in config_overrides;
+both are re-exported here, so `enhanced_tft.config` stays the one place to import from.
 """
 from __future__ import annotations
 
@@ -12,8 +14,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import tasks
+from .config_errors import ConfigError, UserError, _format_errors, _quoted
+from .config_overrides import SAFE_RESUME_CHANGES, apply_override, resume_changes
 from .yaml_io import dump_yaml
 from .yaml_io import load_yaml_text as _load
+
+__all__ = ["FILE_COLUMNS", "MAX_SEQUENCE_LENGTH", "MAX_HORIZON", "MAX_BATCH", "MAX_LAG", "UserError", "ConfigError",
+           "DataConfig", "ModelConfig", "TrainConfig", "BacktestConfig", "RunConfig", "Config", "build_config",
+           "load_yaml", "apply_override", "load_config", "load_run_config", "EARLIER_DEFAULTS", "update",
+           "apply_test_mode", "to_yaml", "SAFE_RESUME_CHANGES", "resume_config"]
 
 FILE_COLUMNS = ("timestamp", "symbol", "open", "high", "low", "close", "volume", "adj_close")
 # upper bounds: a typo (an extra zero or three) is refused before anything is allocated
@@ -21,18 +30,6 @@ MAX_SEQUENCE_LENGTH = 100_000
 MAX_HORIZON = 100_000
 MAX_BATCH = 1 << 24
 MAX_LAG = 1_000_000
-
-
-class UserError(ValueError):
-    """Bad input the user must change (config, flags, files, checkpoints): `etft` prints the message and exits 2.
-
-    Any other exception is an internal error: it keeps its traceback (exit 1). A ValueError subclass so that
-    code catching ValueError around input parsing keeps working.
-    """
-
-
-class ConfigError(UserError):
-    """A config value the user must change; the message names key, value and what is allowed."""
 
 
 class _Section(BaseModel):
@@ -85,6 +82,11 @@ class DataConfig(_Section):
     val_start: str | None = Field(None, description="first date of validation (e.g. 2011-01-01); with test_start "
                                                    "it replaces the fractions")
     test_start: str | None = Field(None, description="first date of the test split; needs val_start")
+    split: Literal["time", "per_symbol"] = Field(
+        "time", description="how val_fraction and test_fraction cut the data: time = one set of cut dates for every "
+                            "symbol, fractions of the pooled time span (no symbol trains on a period another is "
+                            "tested on; a symbol without a training window is left out with a warning); per_symbol "
+                            "= fractions of each symbol's own bars")
     walk_forward_folds: int = Field(0, ge=0, le=100, description="walk-forward validation: train this many runs, fold k "
                                     "testing on the k-th of the last test blocks with all bars before it for train "
                                     "and val (0 = one split)")
@@ -113,7 +115,7 @@ class DataConfig(_Section):
         try:
             codecs.lookup(value)
         except LookupError:
-            raise ValueError(f"unknown text encoding; allowed: a Python codec name such as utf-8, latin-1, cp1252, "
+            raise ValueError("unknown text encoding; allowed: a Python codec name such as utf-8, latin-1, cp1252, "
                              "utf-16") from None
         return value
 
@@ -293,59 +295,6 @@ class Config(_Section):
         return self
 
 
-def _clean_loc(loc: tuple) -> str:
-    """Drop pydantic's union-member tags (bool, literal[...], int) so that the key reads as in YAML."""
-    parts: list[str] = []
-    cls: type[BaseModel] | None = Config
-    for part in loc:
-        if isinstance(part, int):
-            parts.append(str(part))
-            continue
-        if cls is not None and part in cls.model_fields:
-            parts.append(part)
-            annotation = cls.model_fields[part].annotation
-            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        elif cls is not None:     # an unknown key
-            parts.append(part)
-            cls = None
-    return ".".join(parts) or "(top level)"
-
-
-def _quoted(value: Any, limit: int = 120) -> str:
-    """repr of a rejected value, cut to `limit` characters: a message never repeats a huge input in full."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _format_errors(err: ValidationError) -> str:
-    merged: dict[str, list[str]] = {}
-    for item in err.errors():
-        loc = _clean_loc(item["loc"])
-        msg = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            parent = _section_of(item["loc"][:-1])
-            allowed = ", ".join(sorted(parent.model_fields)) if parent else ""
-            key = f"{loc}: unknown key"
-            msg = f"allowed keys here: {allowed}"
-        else:
-            # a section-level check (input is the whole section) names its keys in the message itself
-            shown = "input" in item and not isinstance(item["input"], dict)
-            key = f"{loc}={_quoted(item['input'])}" if shown else loc
-        merged.setdefault(key, []).append(msg)
-    lines = [f"{key}: {'; or '.join(msgs)}" for key, msgs in merged.items()]
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _section_of(loc: tuple) -> type[BaseModel] | None:
-    cls: type[BaseModel] = Config
-    for part in loc:
-        field = cls.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        cls = field.annotation
-    return cls
-
-
 def build_config(raw: dict[str, Any]) -> Config:
     """Validate a plain dict into a Config, or raise ConfigError listing every bad key."""
     if not isinstance(raw, dict):
@@ -353,7 +302,7 @@ def build_config(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+        raise ConfigError(_format_errors(err, Config)) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -371,25 +320,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one `section.key=value` override in place; the value is parsed as YAML (64, 0.1, true, [1, 2])."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {assignment!r} must look like section.key=value, e.g. model.d_model=64")
-    parts = key.strip().split(".")
-    try:
-        value = _load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 test_mode: bool = False) -> Config:
     """Defaults, then the YAML file, then --test_mode's sizes, then each `section.key=value` override."""
@@ -398,6 +328,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = apply_test_mode(build_config(raw)).model_dump(mode="json")
     for assignment in overrides or []:
         apply_override(raw, assignment)
+    return build_config(raw)
+
+
+# defaults that changed: a run folder's config.yaml written before the key existed ran with the old value
+EARLIER_DEFAULTS = {("data", "split"): "per_symbol"}
+
+
+def load_run_config(path: str | Path) -> Config:
+    """A run folder's config.yaml, with the values its version used for keys added since (EARLIER_DEFAULTS):
+    resuming or predicting an older run rebuilds the data it was trained on."""
+    raw = load_yaml(path)
+    for (section, key), value in EARLIER_DEFAULTS.items():
+        if isinstance(raw.get(section, {}), dict) and key not in raw.get(section, {}):
+            raw.setdefault(section, {})[key] = value
     return build_config(raw)
 
 
@@ -432,22 +376,6 @@ def to_yaml(cfg: Config) -> str:
     return dump_yaml(cfg.model_dump(mode="json"))
 
 
-# what may change when a stopped run resumes: nothing that would change what was trained
-SAFE_RESUME_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.log_every_steps", "train.distribute",
-                       "train.checkpoint_every_steps", "train.keep_checkpoints", "train.max_nonfinite_steps",
-                       "train.strong_baseline", "backtest.cost_bps", "backtest.quantile", "backtest.periods_per_year")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "columns":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def resume_config(saved: Config, overrides: list[str]) -> tuple[Config, list[str]]:
     """A stopped run's config with `overrides` applied, and the keys they changed; refuses any change outside
     SAFE_RESUME_CHANGES, listing each with its old and new value."""
@@ -455,11 +383,4 @@ def resume_config(saved: Config, overrides: list[str]) -> tuple[Config, list[str
     for assignment in overrides:
         apply_override(raw, assignment)
     cfg = build_config(raw)
-    before, after = _flatten(saved.model_dump(mode="json")), _flatten(cfg.model_dump(mode="json"))
-    changed = [k for k in after if before.get(k) != after[k]]
-    unsafe = [k for k in changed if k not in SAFE_RESUME_CHANGES]
-    if unsafe:
-        listing = "; ".join(f"{k}: {before.get(k)!r} -> {after[k]!r}" for k in unsafe)
-        raise ConfigError(f"--resume: the config differs from the run's in a way that would change what was "
-                          f"trained ({listing}); allowed changes: {', '.join(SAFE_RESUME_CHANGES)}")
-    return cfg, changed
+    return cfg, resume_changes(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))

@@ -113,7 +113,7 @@ class SavedRun:
                             f"it first with: etft train --resume {folder.path}")
         source = str(folder.file(SCALER_JSON))
         transform = Transform.from_dict(folder.read_json(SCALER_JSON), source)
-        cfg = config_mod.load_config(folder.file(CONFIG_YAML))
+        cfg = config_mod.load_run_config(folder.file(CONFIG_YAML))
         transform.check_against(cfg, source)
         trained = summary.get("data", {}).get("transform_sha256")   # absent in runs of older versions
         if trained is not None and trained != transform.sha256():

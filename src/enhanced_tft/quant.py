@@ -248,7 +248,7 @@ def backtest(frame: pd.DataFrame, signal: pd.Series, mode: str = "sign", cost_bp
     weights = (_sign_weights(signal_wide, long_only) if mode == "sign"
                else _rank_weights(signal_wide, quantile, long_only))
     per_year = bars_per_year / horizon
-    settings = {"mode": mode, "long_only": bool(long_only), "quantile": float(quantile) if mode == "rank" else None,
+    settings = {"mode": mode, "long_only": bool(long_only), "rank_share": float(quantile) if mode == "rank" else None,
                 "cost_bps": float(cost_bps), "horizon": int(horizon), "bars_per_year": float(bars_per_year),
                 "periods_per_year": float(per_year),
                 "periods_per_year_source": "inferred" if periods_per_year is None else "given",
@@ -288,11 +288,11 @@ def quant_metrics(frame: pd.DataFrame, task_name: str, cost_bps: float = 0.0, pe
         result = backtest(frame, signal, cost_bps=cost_bps, periods_per_year=periods_per_year, horizon=horizon,
                           quantile=quantile, **options)
         runs[name] = {"mode": result.settings["mode"], "long_only": result.settings["long_only"],
-                      "quantile": result.settings["quantile"], **result.strategy.stats}
+                      "rank_share": result.settings["rank_share"], **result.strategy.stats}
         out.setdefault("benchmark", {"rule": "equal-weight long of the same symbols, rebalanced each period",
                                      **result.benchmark.stats})
         out.setdefault("settings", {k: v for k, v in result.settings.items()
-                                    if k not in ("mode", "long_only", "quantile")})
+                                    if k not in ("mode", "long_only", "rank_share")})
     out["backtest"] = runs
     return out
 

@@ -280,7 +280,7 @@ def section_config(run: RunFiles) -> str:
 
 
 def _relative_paths(config_text: str, folder: Path) -> str:
-    """config.yaml's absolute paths (data.path, run.log_dir, ...) without the author's folders: relative to the
+    """The run config's absolute paths (data.path, run.log_dir, ...) without the author's folders: relative to the
     folder above the run (the log folder) when inside it, else only the file's name after '.../'. A shared
     report does not show where its author keeps files (/home/<name>/...)."""
     import os

@@ -42,7 +42,7 @@ def resume_request(folder: str | Path, overrides: list[str]) -> tuple[Config, Tr
     if not run.is_run_folder():
         raise UserError(f"--resume {str(run.path)!r} is not a run folder: it needs {CONFIG_YAML} and checkpoints/ "
                         "(a folder like logs/training_20261128_101500)")
-    cfg, changed = config_mod.resume_config(config_mod.load_config(run.file(CONFIG_YAML)), overrides)
+    cfg, changed = config_mod.resume_config(config_mod.load_run_config(run.file(CONFIG_YAML)), overrides)
     return cfg, TrainRequest(resume_folder=run.path, changed=tuple(changed))
 
 
@@ -66,7 +66,7 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
         if request.resume_folder is None:
             restarted = _resume_after_restart(cfg, request, world)
             if restarted is not request:   # continue what the first attempt trained, with its own config
-                cfg = config_mod.load_config(RunFolder(restarted.resume_folder).file(CONFIG_YAML))
+                cfg = config_mod.load_run_config(RunFolder(restarted.resume_folder).file(CONFIG_YAML))
             request = restarted
         try:
             if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:

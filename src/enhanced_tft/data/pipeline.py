@@ -47,10 +47,13 @@ class DataBundle:
 
 
 class BarSource:
-    """Bars one symbol at a time, with each symbol's row count known before any is read (to size the arrays)."""
+    """Bars one symbol at a time, with each symbol's row count known before any is read (to size the arrays), and
+    the pooled timeline's first and last timestamp where known (for cut dates shared by every symbol)."""
 
-    def __init__(self, lengths: dict[str, int], frames: Iterator[tuple[str, pd.DataFrame]], extra_columns: list[str]):
+    def __init__(self, lengths: dict[str, int], frames: Iterator[tuple[str, pd.DataFrame]], extra_columns: list[str],
+                 time_range: tuple[np.datetime64, np.datetime64] | None = None):
         self.lengths, self._frames, self.extra_columns = lengths, frames, extra_columns
+        self.time_range = time_range
 
     def frames(self) -> Iterator[tuple[str, pd.DataFrame]]:
         return self._frames
@@ -60,7 +63,9 @@ class BarSource:
         groups = bars.groupby("symbol", sort=True)
         extra = [c for c in bars.columns if c not in ("timestamp", "symbol", "open", "high", "low", "close", "volume")]
         lengths = {str(k): int(v) for k, v in groups.size().items()}
-        return cls(lengths, ((str(s), f.sort_values("timestamp")) for s, f in groups), extra)
+        stamps = bars["timestamp"]
+        time_range = (stamps.min().to_datetime64(), stamps.max().to_datetime64()) if len(bars) else None
+        return cls(lengths, ((str(s), f.sort_values("timestamp")) for s, f in groups), extra, time_range)
 
 
 def bar_source(cfg: Config, bars: pd.DataFrame | None = None) -> BarSource:
@@ -83,10 +88,54 @@ def load_bars(cfg: Config) -> pd.DataFrame:
     return pd.concat([frame for _, frame in bar_source(cfg).frames()], ignore_index=True)
 
 
-def split_bounds(num_rows: int, data: DataConfig, timestamps: np.ndarray | None = None) -> dict[str, tuple[int, int]]:
-    """Row ranges [lo, hi) of each split within one series, with the purge gap between them: by fractions, or
-    by dates (data.val_start, data.test_start) when those are set."""
+@dataclass(frozen=True)
+class TimeCuts:
+    """Cut times shared by every symbol (data.split=time): val from `val_start`, test from `test_start`, and
+    nothing from `end` on (a walk-forward fold before the last; None = to the end of the data)."""
+    val_start: np.datetime64
+    test_start: np.datetime64
+    end: np.datetime64 | None = None
+
+    def describe(self) -> str:
+        text = f"val from {pd.Timestamp(self.val_start)}, test from {pd.Timestamp(self.test_start)}"
+        return text + (f" to {pd.Timestamp(self.end)}" if self.end is not None else "")
+
+
+def time_cuts(data: DataConfig, time_range: tuple[np.datetime64, np.datetime64] | None) -> TimeCuts | None:
+    """data.split=time: the fractions become fractions of the pooled time span (one set of cut dates for every
+    symbol, so that no symbol trains on a period another is tested on). None where cuts stay per series: explicit
+    dates (split_bounds applies them), data.split=per_symbol, or a source whose time span is not known before
+    reading it (the synthetic symbols share one timeline, so their per-series cuts are shared cuts anyway)."""
+    if data.split != "time" or data.val_start is not None or time_range is None:
+        return None
+    first, last = time_range
+    span = last - first
+    if span <= np.timedelta64(0, "ns"):
+        return None
+
+    def at(share: float) -> np.datetime64:   # to the second: a cut date a person can read and type
+        exact = first + (span * share).astype("timedelta64[ns]")
+        return (exact + np.timedelta64(500, "ms")).astype("datetime64[s]").astype("datetime64[ns]")
+
+    if data.walk_forward_folds:
+        fold = data.walk_forward_folds - 1 if data.fold is None else data.fold
+        later = data.walk_forward_folds - 1 - fold                             # test blocks after this fold's
+        end_share = 1.0 - later * data.test_fraction
+        return TimeCuts(at(end_share - data.test_fraction - data.val_fraction), at(end_share - data.test_fraction),
+                        at(end_share) if later else None)
+    return TimeCuts(at(1.0 - data.val_fraction - data.test_fraction), at(1.0 - data.test_fraction))
+
+
+def split_bounds(num_rows: int, data: DataConfig, timestamps: np.ndarray | None = None,
+                 cuts: TimeCuts | None = None) -> dict[str, tuple[int, int]]:
+    """Row ranges [lo, hi) of each split within one series, with the purge gap between them: by cut times shared
+    by every series (`cuts`), by dates (data.val_start, data.test_start) when those are set, or by fractions of
+    the series' own rows."""
     gap = data.effective_purge_gap
+    if cuts is not None:
+        train_end, val_end = (int(np.searchsorted(timestamps, t, side="left")) for t in (cuts.val_start, cuts.test_start))
+        end = num_rows if cuts.end is None else int(np.searchsorted(timestamps, cuts.end, side="left"))
+        return {"train": (0, train_end), "val": (train_end + gap, val_end), "test": (val_end + gap, end)}
     if data.walk_forward_folds:
         # fold k ends where its test block ends: the last fold is the plain split, each earlier one a block earlier
         test_rows, val_rows = int(num_rows * data.test_fraction), int(num_rows * data.val_fraction)
@@ -151,12 +200,20 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
     ends: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     symbols: list[str] = []
     skipped: list[str] = []
+    cuts = time_cuts(data, source.time_range)
+    rule = cuts.describe() + " for every symbol" if cuts else _split_rule(data)
     for symbol, frame in source.frames():
         rows = _series_rows(frame, data, source.extra_columns, warmup)
         n = len(rows["observed"])
-        bounds = split_bounds(n, data, rows["timestamp"])
+        bounds = split_bounds(n, data, rows["timestamp"], cuts)
         per_split = {s: sample_ends_in(lo, hi, data.sequence_length, data.horizon) for s, (lo, hi) in bounds.items()}
-        if any(len(v) == 0 for v in per_split.values()):
+        if cuts is not None and len(per_split["train"]) == 0:
+            # shared cut dates: a symbol listed after the train period has nothing to learn from; the others go on
+            log.warning("left out symbol %r: no training window before %s (its %d bars start at %s)", symbol,
+                        pd.Timestamp(cuts.val_start), len(frame), frame["timestamp"].iloc[0] if len(frame) else "-")
+            skipped.append(symbol)
+            continue
+        if cuts is None and any(len(v) == 0 for v in per_split.values()):
             _too_short(symbol, len(frame), warmup, per_split, data)
             skipped.append(symbol)
             continue
@@ -169,17 +226,23 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
     if not symbols:
         raise UserError(
             f"every symbol is too short and was skipped ({', '.join(skipped) or 'no bars'}): with sequence_length="
-            f"{data.sequence_length}, horizon={data.horizon} and {warmup} warm-up bars, a split ({_split_rule(data)}) "
+            f"{data.sequence_length}, horizon={data.horizon} and {warmup} warm-up bars, a split ({rule}) "
             "holds no window in any of them; give more bars or lower data.sequence_length")
     if skipped:
-        log.warning("skipped %d of %d symbols as too short (data.too_short=skip): %s; training on %d: %s",
-                    len(skipped), len(skipped) + len(symbols), ", ".join(skipped), len(symbols), ", ".join(symbols))
+        why = "no training window before the shared cut" if cuts else "too short (data.too_short=skip)"
+        log.warning("left out %d of %d symbols, %s: %s; training on %d: %s", len(skipped),
+                    len(skipped) + len(symbols), why, ", ".join(skipped), len(symbols), ", ".join(symbols))
     log.info("features: %d observed (%d passed through from the data) + %d known per bar; dropped the first %d bars "
              "of each of %d series as feature warm-up", len(names), len(source.extra_columns),
              len(features.KNOWN_FEATURES), warmup, len(symbols))
 
     arrays = buffer.finish()
     split_ends = {s: np.concatenate(ends[s]) for s in SPLITS}
+    empty = [s for s in SPLITS if len(split_ends[s]) == 0]
+    if empty:
+        raise UserError(f"no symbol has a window in the {' or '.join(empty)} split ({rule}; sequence_length="
+                        f"{data.sequence_length}, horizon={data.horizon}): give more bars, lower "
+                        "data.sequence_length, or change val_fraction / test_fraction")
     train_target = buffer.forward_target[split_ends["train"]].astype(np.float64)
     train_abs_return = np.abs(buffer.forward_return[split_ends["train"]].astype(np.float64))
     volatility = data.target == "volatility"
@@ -198,7 +261,7 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
         split_ends = _leave_out_dead_zone(split_ends, buffer.forward_return, transform.binary_dead_zone, data)
     splits = {s: WindowSet(arrays, split_ends[s], data.sequence_length, data.horizon) for s in SPLITS}
     log.info("samples: train %d, val %d, test %d (%s; sequence_length %d, horizon %d, purge gap %d)",
-             len(splits["train"]), len(splits["val"]), len(splits["test"]), _split_rule(data), data.sequence_length,
+             len(splits["train"]), len(splits["val"]), len(splits["test"]), rule, data.sequence_length,
              data.horizon, data.effective_purge_gap)
     return DataBundle(splits=splits, transform=transform)
 

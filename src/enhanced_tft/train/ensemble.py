@@ -217,7 +217,7 @@ STRONG_RULE = "LightGBM on the model's features (recent bars' features, calendar
 
 def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
                               members: list[MemberResult]) -> tuple[dict, Any, Any]:
-    """summary.json's `strong_baseline` (LightGBM fitted on the same features, splits and target) and `quant`
+    """The summary's `strong_baseline` (LightGBM fitted on the same features, splits and target) and `quant`
     (IC, rank IC and backtests of the model and of LightGBM on the test split), and the equity curves of the
     long/short-by-sign backtests (None where quant metrics do not apply), and the fitted baseline (or None).
     Neither stops a trained run: a failure is logged and recorded."""
