@@ -68,3 +68,17 @@ def training_model(cfg, data):
     from enhanced_tft.model.build import dims_for
     from enhanced_tft.model.build import build_training_model
     return build_training_model(cfg, tasks.for_config(cfg), dims_for(data.transform))
+
+
+def pytest_collection_modifyitems(items):
+    """`cli` marks every test that runs the real command line (in this process or a subprocess): the marker
+    follows what the test does instead of a list that could go stale."""
+    import inspect
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function else ""
+        except (OSError, TypeError):
+            source = ""
+        if any(call in source for call in ("run_cli(", "main([", "_etft(", "_limited(")):
+            item.add_marker(pytest.mark.cli)

@@ -68,6 +68,7 @@ def test_observed_feature_count_is_set_through_the_pipelines_extra_inputs(small_
         with_observed_features(cfg, 3)
 
 
+@pytest.mark.slow
 def test_json_rows_have_the_keys_and_sane_values(tiny_yaml, tmp_path, capsys):
     out = tmp_path / "rows.json"
     code = main(["bench", "--config", str(tiny_yaml), "--num_features", "13", "20", "--precision", "fp32", "bf16",

@@ -41,6 +41,7 @@ def _check_run_folder(run: Path, task: str, members: int) -> dict:
     return summary
 
 
+@pytest.mark.slow
 def test_seed_entry_point_test_mode(tmp_path: Path):
     result = run_cli([str(REPO / "train_universal_transformer_v2.py"), "--test_mode", "--task",
                       "classification_binary", "--log_dir", str(tmp_path / "logs")], cwd=tmp_path)
@@ -53,6 +54,7 @@ def test_seed_entry_point_test_mode(tmp_path: Path):
     assert config["run"]["test_mode"] is True and config["train"]["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_seed_entry_point_defaults_to_logs_in_the_working_folder(tmp_path: Path):
     result = run_cli([str(REPO / "train_universal_transformer_v2.py"), "--test_mode", "--task", "regression",
                       "--set", "train.epochs=1"], cwd=tmp_path)
@@ -61,6 +63,7 @@ def test_seed_entry_point_defaults_to_logs_in_the_working_folder(tmp_path: Path)
     assert {"mae", "rmse"} <= summary["test"].keys() and summary["baseline"]["rule"] == "zero return"
 
 
+@pytest.mark.slow
 def test_etft_ensemble_reports_members_and_the_ensemble(tmp_path: Path):
     result = run_cli(["-m", "enhanced_tft.cli", "train", "--test_mode", "--task", "quantile", "--ensemble_size", "3",
                       "--set", "train.epochs=1", "--log_dir", str(tmp_path)], cwd=tmp_path)
@@ -103,6 +106,7 @@ def test_two_run_folders_in_the_same_second_differ(tmp_path: Path):
     assert first.path.name.startswith("training_") and second.path.name.startswith(first.path.name[:24])
 
 
+@pytest.mark.slow
 def test_walk_forward_trains_one_run_per_fold_and_compares_them(tmp_path: Path):
     result = run_cli(["-m", "enhanced_tft.cli", "train", "--test_mode", "--set", "data.walk_forward_folds=2",
                       "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--log_dir", str(tmp_path)],

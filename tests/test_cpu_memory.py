@@ -269,6 +269,7 @@ def test_no_warning_when_the_step_fits_and_none_when_the_plan_fails(small_raw, m
 # mapped memory + HEADROOM set when Trainer.fit starts, and lifted (the soft limit only) when it returns.
 LIMITED_FIT = """
 import os, resource, sys
+import torchmetrics.functional.classification   # the metrics' lazy import maps matplotlib: not under the limit
 from enhanced_tft.cli import main
 from enhanced_tft.train import trainer
 
@@ -289,6 +290,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/statm are Linux's")
 def test_a_real_address_space_limit_is_survived_by_halving(tmp_path):
     """Sequence length 96: a step needs about 0.93 MiB a sample (the plan), so 1024 samples cannot run in 600 MiB
@@ -354,3 +356,15 @@ def test_large_effective_batches(linear_plan, effective, budget, expected):
     assert linear_plan(effective, budget).micro_batch_size == expected
     if budget <= 2**21:
         assert _old_divisor(effective, budget) == expected
+
+
+@pytest.mark.parametrize("config, micro, features", [(None, 1, 13), (None, 64, 13), (None, 512, 200),
+                                                     ("seed_original.yaml", 16, 13), ("seed_original.yaml", 1024, 64)])
+def test_four_times_the_rough_estimate_covers_the_plan(config, micro, features):
+    """The quick screen before the warning's trace: skipping the trace must never hide a step that does not fit."""
+    from enhanced_tft.config import load_config
+    from enhanced_tft.model.tft import ModelDims
+    cfg = load_config(REPO / "configs" / config if config else None)
+    dims = ModelDims(features, 4, 5, cfg.data.horizon)
+    planned = planner._trace(cfg, dims, micro, "fp32", "none").peak_bytes
+    assert planned <= 4 * memory.rough_step_bytes(cfg, dims, micro) <= max(40 * planned, 2**31)   # not wildly above

@@ -12,13 +12,15 @@ import torch
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow   # trainings in subprocesses: minutes, not seconds
+
 # dropout 0 and fp32: the same windows must give the same weights, whatever the number of ranks
 DDP_YAML = """
 seed: 7
 data: {num_symbols: 2, num_bars: 700, sequence_length: 16}
 model: {d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 32, variable_hidden_size: 4, dropout_rate: 0.0}
 train: {batch_size: 16, gradient_accumulation_steps: 4, epochs: 2, log_every_steps: 4, checkpoint_every_steps: 5,
-        mixed_precision: fp32, early_stopping_patience: 5}
+        mixed_precision: fp32, early_stopping_patience: 5, strong_baseline: false}
 """
 
 

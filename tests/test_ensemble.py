@@ -22,6 +22,7 @@ def test_bootstrap_resamples_train_windows_only_and_copies_no_data(small_raw):
     assert data.splits["train"] is train                                              # the bundle is not changed
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_five_scores_at_least_as_well_as_the_mean_member(tmp_path):
     """Planted-signal data (the best possible direction accuracy is 0.600); five tiny members, one epoch each.
 

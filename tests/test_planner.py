@@ -91,6 +91,7 @@ def test_bad_memory_sizes_say_what_is_allowed(text):
         parse_bytes(text)
 
 
+@pytest.mark.slow
 def test_plan_cli_json_for_the_seed_original_on_24gib(tmp_path):
     result = run_cli(["-m", "enhanced_tft.cli", "plan", "--config", str(REPO / "configs" / "seed_original.yaml"),
                       "--gpu-memory", "24GiB", "--num-features", "64", "--json"], cwd=tmp_path)
@@ -105,6 +106,7 @@ def test_plan_cli_json_for_the_seed_original_on_24gib(tmp_path):
     assert plan["micro_batch_size"] == 128 and plan["gradient_accumulation_steps"] == 1
 
 
+@pytest.mark.slow
 def test_plan_table_and_errors(tmp_path):
     result = run_cli(["-m", "enhanced_tft.cli", "plan", "--set", "train.batch_size=8"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr

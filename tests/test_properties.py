@@ -168,6 +168,7 @@ def test_each_corruption_has_its_own_outcome(tmp_path_factory, clean_frame, kind
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(CORRUPTIONS), row=st.integers(0, 599),
        column=st.sampled_from(["open", "high", "low", "close", "volume"]))
+@pytest.mark.slow
 def test_the_cli_trains_or_exits_2_on_any_corrupted_csv(tmp_path_factory, clean_frame, kind, row, column):
     """End to end through the real command, bounded by a timeout: exit 0 with a summary, or 2 with one message."""
     import json

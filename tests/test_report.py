@@ -11,7 +11,7 @@ from conftest import run_cli
 from enhanced_tft.tasks import BinaryClassification, TargetScale
 
 FIGURES = ("test metrics", "learning curves", "memory over time", "calibration", "variable importance",
-           "variable importance by symbol", "attention by lag", "ensemble spread")
+           "variable importance by symbol", "attention by lag", "ensemble spread", "equity curves")
 
 
 def test_training_writes_a_report_with_the_key_numbers(trained_run: Path):

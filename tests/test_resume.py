@@ -140,7 +140,8 @@ def test_rotation_keeps_the_newest(tmp_path):
 
 CLI_SETTINGS = ["--set", "data.num_symbols=3", "--set", "data.num_bars=1500", "--set", "data.sequence_length=24",
                 "--set", "model.d_model=32", "--set", "model.num_transformer_blocks=1", "--set", "model.ff_dim=64",
-                "--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "train.checkpoint_every_steps=5"]
+                "--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "train.checkpoint_every_steps=5",
+                "--set", "train.strong_baseline=false"]   # LightGBM has its own tests
 
 
 def _start(tmp_path, log_dir):
@@ -172,6 +173,7 @@ def _final(run):
     return load_checkpoint(run / "checkpoints" / "member_0_best.pt"), json.loads((run / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     import signal
 
@@ -198,6 +200,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert summary["test"][key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     import signal
 
@@ -216,6 +219,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert summary["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model_and_a_malicious_checkpoint(tmp_path):
     from conftest import run_cli
     result = run_cli(["-m", "enhanced_tft.cli", "train", "--log_dir", str(tmp_path), *CLI_SETTINGS,

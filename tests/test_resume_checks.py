@@ -18,14 +18,17 @@ import torch
 from conftest import REPO, run_cli
 from enhanced_tft.cli import main
 from enhanced_tft.data.synthetic import generate_bars
+from enhanced_tft.config import UserError
+from enhanced_tft.predict import SavedRun
 from enhanced_tft.runs import load_checkpoint, save_checkpoint
 
-pytestmark = pytest.mark.cli
+pytestmark = [pytest.mark.cli, pytest.mark.slow]
 
 SETTINGS = ["--set", "seed=7", "--set", "data.sequence_length=16", "--set", "model.d_model=16",
             "--set", "model.num_heads=2", "--set", "model.num_transformer_blocks=1", "--set", "model.ff_dim=32",
             "--set", "model.variable_hidden_size=4", "--set", "train.batch_size=32", "--set", "train.epochs=1",
-            "--set", "train.max_steps_per_epoch=6", "--set", "train.checkpoint_every_steps=3"]
+            "--set", "train.max_steps_per_epoch=6", "--set", "train.checkpoint_every_steps=3",
+            "--set", "train.strong_baseline=false"]   # LightGBM has its own tests
 
 
 def _digests(run: Path) -> dict[str, str]:
@@ -133,13 +136,23 @@ def test_a_checkpoint_of_another_model_size_is_refused_before_anything_is_rewrit
 ])
 def test_a_hand_edited_scaler_json_is_refused_by_predict(file_run, tmp_path, capsys, edit, message):
     run = tmp_path / "run"
-    shutil.copytree(file_run, run)
+    shutil.copytree(file_run, run, ignore=shutil.ignore_patterns("checkpoints", "*.csv", "report.html"))
     scaler = json.loads((run / "scaler.json").read_text())
     edit(scaler)
     (run / "scaler.json").write_text(json.dumps(scaler))
+    with pytest.raises(UserError) as refused:   # what `etft predict` and `evaluate` open first
+        SavedRun.open(run)
+    assert message in str(refused.value)
+
+
+def test_predict_refuses_an_edited_scaler_json_with_exit_2_and_writes_nothing(file_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(file_run, run)
+    scaler = json.loads((run / "scaler.json").read_text())
+    (run / "scaler.json").write_text(json.dumps({**scaler, "std": [0.0] + scaler["std"][1:]}))
     assert main(["predict", "--run", str(run), "--out", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert "std must be finite and > 0" in err and "Traceback" not in err
     assert not (tmp_path / "p.csv").exists()
 
 
@@ -179,7 +192,8 @@ def test_a_full_disk_in_predict_keeps_the_previous_file_and_leaves_no_partial_on
 
 def test_a_full_disk_while_training_stops_with_how_to_resume_and_the_resume_finishes(tmp_path):
     # the logs and small JSON files fit under 60 kB; a checkpoint of this model does not
-    result = _limited(["train", "--test_mode", "--log_dir", str(tmp_path / "logs")], tmp_path, 60_000)
+    result = _limited(["train", "--log_dir", str(tmp_path / "logs"), "--set", "data.num_symbols=2",
+                       "--set", "data.num_bars=700", *SETTINGS], tmp_path, 60_000)
     assert result.returncode == 2, result.stderr
     # the kernel gives a short write, then EFBIG; torch's zip writer notices the short write first
     assert re.search(r"could not write '.*member_0_(best|step_\d+)\.pt' \((File too large|the write stopped short: "

@@ -199,6 +199,7 @@ def test_cli_bad_file_exits_2_with_the_message(small_csv, tmp_path, kind):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_trains_on_the_stock_file(tmp_path):
     result = run_cli(["-m", "enhanced_tft.cli", "train", "--data", str(_need(STOCKS)), "--test_mode",
                       "--set", "data.adjust_column=adj_close", "--set", "data.too_short=skip",

@@ -57,6 +57,7 @@ def down_move_task():
     tasks.REGISTRY.pop(DownMove.name)
 
 
+@pytest.mark.slow
 def test_a_registered_task_trains_predicts_evaluates_and_reports(down_move_task, tmp_path, capsys, monkeypatch):
     """train, predict, evaluate and report on a task class defined in this test, no package file changed."""
     monkeypatch.chdir(tmp_path)

@@ -70,6 +70,7 @@ def test_every_task_trains_and_its_loss_falls(task, small_raw):
     assert result.optimizer_steps == result.epochs_run * trainer.steps_per_epoch
 
 
+@pytest.mark.slow
 def test_binary_classifier_beats_the_majority_rate_on_planted_signal():
     raw = {"task": "classification_binary", "seed": 3,
            "data": {"num_symbols": 5, "num_bars": 1500, "sequence_length": 24},

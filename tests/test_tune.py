@@ -19,6 +19,8 @@ from enhanced_tft.tune import (BEST_CONFIG_YAML, TRIALS_CSV, TUNE_REPORT_HTML, l
                                trial_config)
 from enhanced_tft.tune_cli import DEFAULT_SPACE, main
 
+pytestmark = pytest.mark.slow   # trainings in subprocesses: minutes, not seconds
+
 # two symbols x 600 bars, d_model 8-16, one block, 2 epochs of 2 steps, no LightGBM: a trial takes seconds
 TINY_YAML = """
 seed: 7

@@ -291,7 +291,8 @@ def _relative_paths(config_text: str, folder: Path) -> str:
     def relative(match: re.Match) -> str:
         key, quote, value = match.group(1), match.group(2), match.group(3)
         inside = os.path.commonpath([base, value]) == str(base)
-        shown = os.path.join("..", os.path.relpath(value, base)) if inside else f".../{os.path.basename(value)}"
+        below = os.path.relpath(value, base)
+        shown = (".." if below == "." else os.path.join("..", below)) if inside else f".../{os.path.basename(value)}"
         return f"{key}{quote}{shown}{quote}"
 
     return re.sub(r"^(\s*(?:path|log_dir|memory_map_dir): )(['\"]?)(/[^'\"\n]*)\2$", relative, config_text,

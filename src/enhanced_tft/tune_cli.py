@@ -269,23 +269,9 @@ def importance_png(importances: dict[str, float]) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m enhanced_tft.tune_cli ARGS` = `etft tune ARGS`."""
-    from .runs import setup_console_logging
-    from .threads import tune_host_allocator
-    tune_host_allocator()
-    parser = argparse.ArgumentParser(prog="etft")
-    add_tune_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["tune", *(sys.argv[1:] if argv is None else argv)])
-    setup_console_logging()
-    try:
-        return cmd_tune(args)
-    except UserError as err:
-        print(f"etft tune: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("etft tune: interrupted; trials.csv, best_config.yaml and tune_report.html hold the best so far",
-              file=sys.stderr)
-        return 130
+    """`python -m enhanced_tft.tune_cli ARGS` = `etft tune ARGS`, with etft's error handling and exit codes."""
+    from .cli import main as etft_main
+    return etft_main(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

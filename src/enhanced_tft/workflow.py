@@ -302,7 +302,6 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
                      world.size, "NCCL" if device.type == "cuda" else "gloo")
         if resuming:
             _check_data_unchanged(cfg, run, request, world)
-        fingerprint = None if resuming else _fingerprint(cfg, world)
         if world.distributed:   # one copy of the arrays per machine, mapped by its ranks
             from .train.distributed import build_shared_data
             data = build_shared_data(lambda: build_data(cfg), world, _shared_data_folder(cfg, run))
@@ -310,6 +309,7 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
             data = build_data(cfg)
         if resuming:   # before anything in the folder is rewritten
             _check_resumable(cfg, task, data, run, world)
+        fingerprint = None if resuming else _fingerprint(cfg, world)   # after the data: a bad file says why first
         if request.auto_batch:   # sized from the built data: the model's input sizes are the data's
             sharing = world.size if cfg.train.distribute == "data" else 1   # members: each rank a whole model
             cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory, sharing)
