@@ -20,6 +20,7 @@ def fold_record(fold: int, run_path: Path) -> dict:
     if quant:
         record["quant"] = {name: {"rank_ic": ((q["information_coefficient"]["cross_sectional"] or {}).get("rank")
                                               or {}).get("mean"),
+                                  "time_series_rank_ic": q["information_coefficient"]["time_series"].get("mean_rank"),
                                   "sharpe_sign": q["backtest"]["sign"].get("sharpe"),
                                   "total_return_sign": q["backtest"]["sign"].get("total_return")}
                            for name, q in quant.items() if q}
@@ -66,7 +67,16 @@ def format_walk_forward(summary: dict) -> str:
         lines.append(f"  {key:<20}" + "".join(f"{c['mean']:>14.4f} +- {c['sd']:<6.4f}" if c["mean"] is not None
                                               else f"{'-':>24}" for c in cells))
     for name, stats in summary["quant_over_folds"].items():
-        lines.append(f"  {labels[name]}: rank IC {stats['rank_ic']['mean'] or 0:+.4f} +- {stats['rank_ic']['sd'] or 0:.4f}, "
-                     f"Sharpe (sign, net) {stats['sharpe_sign']['mean'] or 0:+.2f} +- {stats['sharpe_sign']['sd'] or 0:.2f}")
+        parts = [_shown("rank IC across symbols", stats["rank_ic"], "+.4f", "n/a with one symbol"),
+                 _shown("rank IC over time", stats.get("time_series_rank_ic"), "+.4f", "n/a"),
+                 _shown("Sharpe (sign, net of costs)", stats["sharpe_sign"], "+.2f", "n/a")]
+        lines.append(f"  {labels[name]}: " + ", ".join(parts))
     lines.append("  per fold: " + "; ".join(f"fold {r['fold']} {r['run']}" for r in folds))
     return "\n".join(lines)
+
+
+def _shown(label: str, stats: dict | None, spec: str, missing: str) -> str:
+    """`label mean +- sd`, or why there is none (a cross-sectional IC of one symbol is undefined, not zero)."""
+    if not stats or stats["mean"] is None:
+        return f"{label} {missing}"
+    return f"{label} {format(stats['mean'], spec)} +- {format(stats['sd'], spec.lstrip('+'))}"
