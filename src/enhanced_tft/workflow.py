@@ -319,7 +319,11 @@ def _on_main(world, check) -> None:
             error = (type(err), str(err))
     error = world.broadcast(error)
     if error is not None:
-        raise error[0](error[1]) if issubclass(error[0], UserError) else UserError(error[1])
+        try:   # the same class on every rank where it takes a message alone (CheckpointError, ConfigError, ...)
+            refusal = error[0](error[1])
+        except TypeError:
+            refusal = UserError(error[1])
+        raise refusal
 
 
 def _check_data_unchanged(cfg: Config, run: RunFolder, request: TrainRequest, world) -> None:
