@@ -161,14 +161,12 @@ def check_own_data(run: SavedRun, allow_changed: bool) -> None:
 
     if run.folder.missing(DATA_JSON):
         return   # a run of an older version: the transform comparison below still applies
-    saved = run.folder.read_json(DATA_JSON)
-    changed = fp.differences(saved, fp.data_fingerprint(run.cfg))
-    if changed and not allow_changed:
-        raise UserError(f"the run's data changed since training ({'; '.join(changed)}): its splits are no longer "
-                        f"those of {fp.describe(saved)}. Restore that file, predict the new one with --data PATH, "
-                        "or add --allow-changed-data (refused anyway if its fitted scaling differs)")
-    if changed:
-        log.warning("predicting the run's changed data (--allow-changed-data): %s", "; ".join(changed))
+    fp.check_unchanged(
+        run.folder.read_json(DATA_JSON), run.cfg, allow_changed,
+        lambda changed, was: (f"the run's data changed since training ({changed}): its splits are no longer those of "
+                              f"{was}. Restore that file, predict the new one with --data PATH, or add "
+                              "--allow-changed-data (refused anyway if its fitted scaling differs)"),
+        "predicting the run's changed data")
 
 
 def prediction_windows(run: SavedRun, data_path: str | None, split: str, read_overrides: dict,

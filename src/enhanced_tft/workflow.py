@@ -337,18 +337,13 @@ def _check_data_unchanged(cfg: Config, run: RunFolder, request: TrainRequest, wo
             log.warning("%s has no %s (written by an older version): the data cannot be compared with what the "
                         "run started with; only its scaling is checked", run.path, DATA_JSON)
             return
-        saved, now = run.read_json(DATA_JSON), fp.data_fingerprint(cfg)
-        changed = fp.differences(saved, now)
-        if fp.modified_but_same(saved, now):
-            log.info("the data file was modified (%s) but its contents are those the run started with",
-                     now.get("modified"))
-        if changed and not request.allow_changed_data:
-            raise UserError(f"--resume {str(run.path)!r}: the data changed since the run started ({'; '.join(changed)})"
-                            f": resuming would go on training on other data than {fp.describe(saved)}. Restore that "
-                            "file, or add --allow-changed-data to go on with the new one (refused anyway if its "
-                            "fitted scaling differs)")
-        if changed:
-            log.warning("resuming on changed data (--allow-changed-data): %s", "; ".join(changed))
+        fp.check_unchanged(
+            run.read_json(DATA_JSON), cfg, request.allow_changed_data,
+            lambda changed, was: (f"--resume {str(run.path)!r}: the data changed since the run started ({changed}): "
+                                  f"resuming would go on training on other data than {was}. Restore that file, or add "
+                                  "--allow-changed-data to go on with the new one (refused anyway if its fitted "
+                                  "scaling differs)"),
+            "resuming on changed data")
 
     _on_main(world, check)
 

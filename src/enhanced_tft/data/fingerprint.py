@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from ..config import Config, UserError
+
+log = logging.getLogger(__name__)
 
 HASH_BLOCK = 1 << 20
 SYNTHETIC_KEYS = ("num_symbols", "num_bars", "bar_minutes", "num_extra_features")
@@ -77,3 +81,18 @@ def describe(fingerprint: dict) -> str:
 def modified_but_same(saved: dict, now: dict) -> bool:
     """Same contents under a new modification time (touched, copied back): worth a note, not a refusal."""
     return saved.get("sha256") == now.get("sha256") and saved.get("modified") != now.get("modified")
+
+
+def check_unchanged(saved: dict, cfg: Config, allow_changed: bool, refusal: Callable[[str, str], str],
+                    going_on: str) -> None:
+    """The data `cfg` reads now against the fingerprint saved at training (resume, predict of the run's own data):
+    the same contents go on (a new modification time alone is logged); a change is refused with
+    `refusal(the differences, what the data was)` unless `allow_changed`, and then logged after `going_on`."""
+    now = data_fingerprint(cfg)
+    changed = differences(saved, now)
+    if modified_but_same(saved, now):
+        log.info("the data file was modified (%s) but its contents are those the run started with", now.get("modified"))
+    if changed and not allow_changed:
+        raise UserError(refusal("; ".join(changed), describe(saved)))
+    if changed:
+        log.warning("%s (--allow-changed-data): %s", going_on, "; ".join(changed))
