@@ -64,7 +64,8 @@ class DataConfig(_Section):
         [], description="file: other numeric columns passed through as observed inputs (names in the file), "
                         "or 'all' for every numeric column not used above")
     fill_gaps: int = Field(0, ge=0, le=100_000, description="fill a gap of up to this many missing bars (on the series' usual "
-                                                "step) with flat bars at the last close and zero volume; 0 = never")
+                                                "step and own calendar: weekends and market holidays are not gaps) "
+                                                "with flat bars at the last close and zero volume; 0 = never")
     num_symbols: int = Field(5, ge=1, le=100_000, description="synthetic: number of symbols (series)")
     num_bars: int = Field(2500, ge=10, le=100_000_000, description="synthetic: bars per symbol")
     bar_minutes: int = Field(60, ge=1, le=525_600, description="synthetic: minutes per bar (calendar features)")

@@ -1,8 +1,9 @@
 """The checks and policies applied to the bars once the whole file is read, in the order load_file_bars runs them.
 
 Symbols, missing values (data.missing), positive prices, duplicate bars (data.duplicates), the order of the rows,
-and gaps (data.fill_gaps). A problem stops the run with a UserError naming the count, the first row (`_Where`) and
-the key that changes it; a policy that drops or fills rows logs what it did with its count.
+and gaps (data.fill_gaps: bars missing from the series' own calendar, calendar.py). A problem stops the run with a
+UserError naming the count, the first row (`_Where`) and the key that changes it; a policy that drops or fills rows
+logs what it did with its count.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import UserError
+from .calendar import infer_calendar
 from .column_plan import PRICES
 from .reader import _Where
 
@@ -105,24 +107,31 @@ def _sort(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _gaps(frame: pd.DataFrame, fill_limit: int) -> pd.DataFrame:
-    """Report steps longer than a symbol's usual (median) step; fill those of up to `fill_limit` missing bars
-    with flat bars (open = high = low = close = the last close, volume 0, extra columns carried forward)."""
-    step = frame.groupby("symbol", sort=False)["timestamp"].diff()
+    """Report bars missing from the series' own calendar (calendar.py: weekends and market holidays are not gaps):
+    steps longer than a symbol's usual (median) step on that calendar, within the symbol's own first..last bar.
+    Fill those of up to `fill_limit` missing bars with flat bars on the calendar's trading days (open = high = low =
+    close = the last close, volume 0, extra columns carried forward)."""
+    real_step = frame.groupby("symbol", sort=False)["timestamp"].diff()
+    calendar = infer_calendar(frame["timestamp"], frame["symbol"], real_step.median())
+    clock = pd.Series(calendar.trading_time(frame["timestamp"].to_numpy()), index=frame.index)
+    step = clock.groupby(frame["symbol"], sort=False).diff()
     usual = step.groupby(frame["symbol"], sort=False).transform("median")
     missing = (step / usual).round().fillna(1).astype(np.int64).to_numpy() - 1     # bars missing before each row
     gaps = missing > 0
     if not gaps.any():
+        log.info("calendar: %s; no gaps", calendar.describe())
         return frame
     largest = frame.loc[gaps].assign(missing=missing[gaps]).nlargest(3, "missing")
     shown = ", ".join(f"{r.symbol} {r.missing} bars before {r.timestamp}" for r in largest.itertuples())
     fill = gaps & (missing <= fill_limit)
-    log.info("%d gaps (steps longer than the symbol's usual step, %d missing bars in all); the largest: %s; %s",
-             int(gaps.sum()), int(missing[gaps].sum()), shown,
+    log.info("calendar: %s; %d gaps (steps longer than the symbol's usual step, %d missing bars in all) in %d "
+             "symbol(s); the largest: %s; %s", calendar.describe(), int(gaps.sum()), int(missing[gaps].sum()),
+             frame.loc[gaps, "symbol"].nunique(), shown,
              f"filled the {int(fill.sum())} of at most {fill_limit} missing bars with {int(missing[fill].sum())} flat "
              "bars (data.fill_gaps)" if fill_limit else "left as they are (data.fill_gaps=N fills gaps of up to N bars)")
     if not fill.any():
         return frame
-    # each filled row i brings missing[i] new bars before it: copies of the row before, stepped forward in time
+    # each filled row i brings missing[i] new bars before it: copies of the row before, stepped forward on the clock
     inserts = np.where(fill, missing, 0)
     source = np.repeat(np.arange(len(frame)), inserts + 1)
     rank = np.arange(len(source)) - np.repeat(np.cumsum(inserts + 1) - (inserts + 1), inserts + 1)  # 0 .. inserts[i]
@@ -130,8 +139,9 @@ def _gaps(frame: pd.DataFrame, fill_limit: int) -> pd.DataFrame:
     previous = np.where(is_new, source - 1, source)
     out = frame.iloc[previous].reset_index(drop=True)
     new_rows = np.flatnonzero(is_new)
-    out.loc[new_rows, "timestamp"] = (out["timestamp"].to_numpy()[new_rows]
-                                      + (rank[new_rows] + 1) * usual.to_numpy()[source[new_rows]])
+    new_clock = (clock.to_numpy()[previous[new_rows]]
+                 + (rank[new_rows] + 1) * usual.to_numpy()[source[new_rows]])
+    out.loc[new_rows, "timestamp"] = calendar.timestamps(new_clock)
     for column in PRICES:
         out.loc[new_rows, column] = out["close"].to_numpy()[new_rows]
     out.loc[new_rows, "volume"] = 0.0

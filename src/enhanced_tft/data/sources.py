@@ -7,7 +7,8 @@ Policies (data.duplicates, data.missing) may drop rows instead; what they drop i
 `example_config(data)` points data.source=sp500 / nasdaq at the example bars of the `arch` package.
 
 The steps live in their own modules: column_plan (which columns are read, data.columns and data.extra_columns),
-reader (the file read chunk by chunk, in bounded memory) and bar_checks (the checks and policies on the rows).
+reader (the file read chunk by chunk, in bounded memory), bar_checks (the checks and policies on the rows) and
+calendar (the trading days inferred from the bars, on which gaps are counted).
 """
 from __future__ import annotations
 
