@@ -38,10 +38,11 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "file", "sp500", "nasdaq"] = Field(
+    source: Literal["synthetic", "file", "sp500", "nasdaq", "frame"] = Field(
         "synthetic", description="where bars come from: the embedded generator, data.path (etft train --data PATH), "
-                                 "or the daily S&P 500 / NASDAQ index bars 1999-2018 shipped in the `arch` package "
-                                 "(pip install 'enhanced-tft[examples]')")
+                                 "the daily S&P 500 / NASDAQ index bars 1999-2018 shipped in the `arch` package "
+                                 "(pip install 'enhanced-tft[examples]'), or frame: a pandas DataFrame given to "
+                                 "enhanced_tft.api.train(config, data=frame)")
     path: str | None = Field(None, description="file: OHLCV bars as CSV, gzip CSV (.gz) or Parquet")
     columns: dict[str, str] = Field(
         {}, description="file: our column name -> the file's (timestamp, symbol, open, high, low, close, volume, "
@@ -294,6 +295,12 @@ class Config(_Section):
         if problem:
             raise ValueError(problem)
         return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+             test_mode: bool = False) -> "Config":
+        """Defaults, then the YAML file at `path`, then `overrides` ("section.key=value"), as `etft train` builds it."""
+        return load_config(path, list(overrides), test_mode)
 
 
 def build_config(raw: dict[str, Any]) -> Config:

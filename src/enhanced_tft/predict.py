@@ -155,8 +155,9 @@ def transform_differences(saved: Transform, rebuilt: Transform) -> list[str]:
     return out
 
 
-def check_own_data(run: SavedRun, allow_changed: bool) -> None:
-    """The run's own data is still what it was trained on (data.json's fingerprint), or the user says go on."""
+def check_own_data(run: SavedRun, allow_changed: bool, bars=None) -> None:
+    """The run's own data is still what it was trained on (data.json's fingerprint), or the user says go on.
+    `bars`: the checked bars of the DataFrame a data.source=frame run was trained on, given again."""
     from .data import fingerprint as fp
 
     if run.folder.missing(DATA_JSON):
@@ -166,27 +167,35 @@ def check_own_data(run: SavedRun, allow_changed: bool) -> None:
         lambda changed, was: (f"the run's data changed since training ({changed}): its splits are no longer those of "
                               f"{was}. Restore that file, predict the new one with --data PATH, or add "
                               "--allow-changed-data (refused anyway if its fitted scaling differs)"),
-        "predicting the run's changed data")
+        "predicting the run's changed data", bars)
 
 
-def prediction_windows(run: SavedRun, data_path: str | None, split: str, read_overrides: dict,
-                       allow_changed_data: bool = False) -> tuple[WindowSet, np.ndarray | None]:
-    """The windows to predict: every bar of a new file (run's transform applied), or a split of the run's own data."""
+def prediction_windows(run: SavedRun, data_path, split: str, read_overrides: dict,
+                       allow_changed_data: bool = False, own_bars=None) -> tuple[WindowSet, np.ndarray | None]:
+    """The windows to predict: every bar of new data (a file's path or a pandas DataFrame; the run's transform
+    applied), or a split of the run's own data (`own_bars`: a data.source=frame run's DataFrame, checked, again)."""
+    import pandas as pd
+
     from .data.pipeline import build_data, build_prediction_data
+    from .data.sources import load_frame_bars
 
     if data_path is None:
         if read_overrides:
             raise UserError("--set data.* applies to --data PATH only; without --data the run's own data is used")
-        check_own_data(run, allow_changed_data)
-        data = build_data(run.cfg)
+        check_own_data(run, allow_changed_data, own_bars)
+        data = build_data(run.cfg, own_bars)
         changed = transform_differences(run.transform, data.transform)
         if changed:
             raise UserError("the run's own data no longer gives the transform it was trained with (" + "; ".join(
                 changed) + "): has the data file changed? Predict it with --data PATH instead")
         return data.splits[split], None
-    path = os.path.abspath(os.path.expanduser(data_path))
-    cfg = config_mod.update(run.cfg, data={"source": "file", "path": path, **read_overrides})
-    prediction = build_prediction_data(cfg, run.transform)
+    if isinstance(data_path, pd.DataFrame):
+        cfg = config_mod.update(run.cfg, data={"source": "frame", "path": None, **read_overrides})
+        prediction = build_prediction_data(cfg, run.transform, load_frame_bars(data_path, cfg.data))
+    else:
+        path = os.path.abspath(os.path.expanduser(data_path))
+        cfg = config_mod.update(run.cfg, data={"source": "file", "path": path, **read_overrides})
+        prediction = build_prediction_data(cfg, run.transform)
     return prediction.windows, prediction.target_known
 
 
@@ -207,6 +216,31 @@ def predict_to_file(run: SavedRun, windows: WindowSet, target_known: np.ndarray 
         finally:
             writer.close()
     return writer.rows
+
+
+class FrameWriter:
+    """TableWriter's interface, into a pandas DataFrame in memory (the Python API's Run.predict)."""
+
+    def __init__(self):
+        self.parts: list = []
+        self.rows = 0
+
+    def write(self, columns: dict[str, np.ndarray]) -> None:
+        import pandas as pd
+        self.parts.append(pd.DataFrame(columns))
+        self.rows += len(self.parts[-1])
+
+    def frame(self):
+        import pandas as pd
+        return pd.concat(self.parts, ignore_index=True) if self.parts else pd.DataFrame()
+
+
+def predict_frame(job: "PredictionJob"):
+    """Every window's predictions as a DataFrame, the columns `etft predict` writes."""
+    writer = FrameWriter()
+    write_rows(writer, _member_chunks(job.run.load_models(job.device), job.run.task, job.windows, job.device,
+                                      job.policy, job.batch_size), job.windows, job.run.transform, job.target_known)
+    return writer.frame()
 
 
 def write_test_predictions(folder: RunFolder, windows: WindowSet, transform: Transform,
@@ -303,18 +337,27 @@ def read_overrides(assignments: list[str]) -> dict:
 def open_prediction(run_path: str, data_path: str | None, split: str, overrides: list[str], batch_size: int | None,
                     device_name: str, allow_changed_data: bool = False) -> PredictionJob:
     """The saved run, the windows to predict, and the device and precision the run evaluated with."""
+    read = read_overrides(overrides)
+    return prediction_job(SavedRun.open(run_path), data_path, split, read, batch_size, device_name,
+                          allow_changed_data)
+
+
+def prediction_job(run: SavedRun, data, split: str, read: dict, batch_size: int | None, device_name: str,
+                   allow_changed_data: bool = False, own_bars=None) -> PredictionJob:
+    """`run`'s windows of `data` (a path, a DataFrame, or None: the run's own `split`) on the device asked for."""
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size={batch_size}; allowed: an integer >= 1")
-    read = read_overrides(overrides)
+    if split not in ("train", "val", "test"):
+        raise UserError(f"split={split!r}; allowed: train, val, test")
     from .threads import configure_threads
     from .train.precision import resolve_device, resolve_precision
 
     configure_threads()   # the CPUs this process may use, as in training
-    run = SavedRun.open(run_path)
     device = resolve_device(device_name)
     policy = resolve_precision(run.cfg.train.mixed_precision, device)
-    windows, target_known = prediction_windows(run, data_path, split, read, allow_changed_data)
-    what = data_path or f"the {split} split of the run's data"
+    windows, target_known = prediction_windows(run, data, split, read, allow_changed_data, own_bars)
+    what = (f"the {split} split of the run's data" if data is None else
+            str(data) if isinstance(data, (str, os.PathLike)) else "the DataFrame")
     log.info("%s: %d windows of %d symbol(s); %d member(s) on %s, %s", what, len(windows), len(run.transform.symbols),
              run.cfg.train.ensemble_size, device, policy.name)
     # the run's evaluation chunk by default: the same chunks give the same numbers to the bit

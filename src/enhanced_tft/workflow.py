@@ -35,6 +35,7 @@ class TrainRequest:
     restartable: bool = True           # record the folder for a torchrun restart (not for folds spread over ranks)
     allow_changed_data: bool = False   # resume although the data's fingerprint changed (its scaling must match)
     epoch_hook: Callable[[dict], None] | None = None   # called with each epoch's record (etft tune reports val loss)
+    bars: object | None = None         # data.source=frame: the checked bars (sources.load_frame_bars) of a DataFrame
 
 
 def resume_request(folder: str | Path, overrides: list[str]) -> tuple[Config, TrainRequest]:
@@ -242,12 +243,12 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
             _check_data_unchanged(cfg, run, request, world)
         if world.distributed:   # one copy of the arrays per machine, mapped by its ranks
             from .train.distributed import build_shared_data
-            data = build_shared_data(lambda: build_data(cfg), world, _shared_data_folder(cfg, run))
+            data = build_shared_data(lambda: build_data(cfg, request.bars), world, _shared_data_folder(cfg, run))
         else:
-            data = build_data(cfg)
+            data = build_data(cfg, request.bars)
         if resuming:   # before anything in the folder is rewritten
             _check_resumable(cfg, task, data, run, world)
-        fingerprint = None if resuming else _fingerprint(cfg, world)   # after the data: a bad file says why first
+        fingerprint = None if resuming else _fingerprint(cfg, world, request.bars)   # after the data: bad data says why
         if request.auto_batch:   # sized from the built data: the model's input sizes are the data's
             sharing = world.size if cfg.train.distribute == "data" else 1   # members: each rank a whole model
             cfg, note = auto_batch(cfg, data.transform, device, request.gpu_memory, sharing)
@@ -303,10 +304,10 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
                 marker.unlink(missing_ok=True)
 
 
-def _fingerprint(cfg: Config, world) -> dict | None:
+def _fingerprint(cfg: Config, world, bars) -> dict | None:
     """The fingerprint of the data a new run starts with (rank 0 hashes the file; the others need none)."""
     from .data.fingerprint import data_fingerprint
-    return data_fingerprint(cfg) if world.is_main else None
+    return data_fingerprint(cfg, bars) if world.is_main else None
 
 
 def _on_main(world, check) -> None:
@@ -343,7 +344,7 @@ def _check_data_unchanged(cfg: Config, run: RunFolder, request: TrainRequest, wo
                                   f"resuming would go on training on other data than {was}. Restore that file, or add "
                                   "--allow-changed-data to go on with the new one (refused anyway if its fitted "
                                   "scaling differs)"),
-            "resuming on changed data")
+            "resuming on changed data", request.bars)
 
     _on_main(world, check)
 

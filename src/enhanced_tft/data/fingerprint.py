@@ -28,9 +28,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(cfg: Config) -> dict:
-    """The fingerprint of `cfg.data`'s bars (a file's size, mtime and content hash; the generator's settings)."""
+def frame_sha256(bars) -> str:
+    """SHA-256 of a DataFrame's columns and values (pandas' row hashes, index left out)."""
+    import pandas as pd
+    digest = hashlib.sha256(json.dumps([str(c) for c in bars.columns]).encode())
+    digest.update(pd.util.hash_pandas_object(bars, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(cfg: Config, bars=None) -> dict:
+    """The fingerprint of `cfg.data`'s bars (a file's size, mtime and content hash; the generator's settings;
+    the checked bars of a DataFrame, `bars`, given to the Python API)."""
     data = cfg.data
+    if data.source == "frame":
+        if bars is None:
+            raise UserError("this run was trained on a pandas DataFrame (data.source=frame), which only Python can "
+                            "give again: enhanced_tft.api.Run.open(RUN, data=frame), or api.resume(RUN, data=frame)")
+        return {"source": "frame", "rows": len(bars), "symbols": int(bars["symbol"].nunique()),
+                "sha256": frame_sha256(bars)}
     if data.source == "synthetic":
         settings = {"seed": cfg.seed, **{key: getattr(data, key) for key in SYNTHETIC_KEYS}}
         text = json.dumps(settings, sort_keys=True)
@@ -63,7 +78,7 @@ def differences(saved: dict, now: dict) -> list[str]:
         before, after = saved.get("settings", {}), now.get("settings", {})
         out += [f"{key} {before.get(key)!r} at training, {after.get(key)!r} now"
                 for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
-    for key, label in (("size", "size in bytes"), ("modified", "modified")):
+    for key, label in (("size", "size in bytes"), ("modified", "modified"), ("rows", "bars")):
         if key in saved and saved.get(key) != now.get(key):
             out.append(f"{label} {saved[key]} at training, {now.get(key)} now")
     out.append(f"contents differ (SHA-256 {str(saved.get('sha256'))[:12]}... at training, "
@@ -72,6 +87,8 @@ def differences(saved: dict, now: dict) -> list[str]:
 
 
 def describe(fingerprint: dict) -> str:
+    if fingerprint.get("source") == "frame":
+        return f"the DataFrame it was trained on ({fingerprint.get('rows')} bars of {fingerprint.get('symbols')} symbol(s))"
     if fingerprint.get("source") == "synthetic":
         return "the synthetic data (" + ", ".join(f"{k} {v}" for k, v in fingerprint["settings"].items()) + ")"
     return (f"data file {fingerprint.get('path')!r} ({fingerprint.get('size')} bytes, modified "
@@ -84,11 +101,11 @@ def modified_but_same(saved: dict, now: dict) -> bool:
 
 
 def check_unchanged(saved: dict, cfg: Config, allow_changed: bool, refusal: Callable[[str, str], str],
-                    going_on: str) -> None:
+                    going_on: str, bars=None) -> None:
     """The data `cfg` reads now against the fingerprint saved at training (resume, predict of the run's own data):
     the same contents go on (a new modification time alone is logged); a change is refused with
     `refusal(the differences, what the data was)` unless `allow_changed`, and then logged after `going_on`."""
-    now = data_fingerprint(cfg)
+    now = data_fingerprint(cfg, bars)
     changed = differences(saved, now)
     if modified_but_same(saved, now):
         log.info("the data file was modified (%s) but its contents are those the run started with", now.get("modified"))

@@ -73,6 +73,9 @@ def bar_source(cfg: Config, bars: pd.DataFrame | None = None) -> BarSource:
     data = cfg.data
     if bars is not None:
         return BarSource.from_frame(bars)
+    if data.source == "frame":
+        raise UserError("data.source=frame: the bars are a pandas DataFrame given in Python "
+                        "(enhanced_tft.api.train(config, data=frame)); from the command line use --data PATH")
     if data.source != "synthetic":
         from .sources import example_config, load_file_bars
         return BarSource.from_frame(load_file_bars(data if data.source == "file" else example_config(data)))

@@ -1,6 +1,6 @@
 """Bars from the user's own OHLCV export: CSV, gzip CSV or Parquet, checked row by row; the public entry points.
 
-`load_file_bars(data)` returns the long format the pipeline takes (timestamp, symbol, open, high, low,
+`load_file_bars(data)` (and `load_frame_bars(frame, data)` for a DataFrame) returns the long format the pipeline takes (timestamp, symbol, open, high, low,
 close, volume), sorted by symbol then time. Every problem a file can have stops the run with a UserError
 of one paragraph: what is wrong, where (columns, counts, the first row), and the key that changes it.
 Policies (data.duplicates, data.missing) may drop rows instead; what they drop is logged with its count.
@@ -34,8 +34,24 @@ def load_file_bars(data: DataConfig) -> pd.DataFrame:
         raise UserError(f"data file {str(path)!r} does not exist (data.path); allowed: a CSV, gzip CSV (.csv.gz) "
                          "or Parquet file of bars")
     chunks, is_csv = _read_table(path, data)
-    where = _Where(path, is_csv, data.skip_rows)
-    name = f"data file {str(path)!r}"
+    return _checked_bars(chunks, _Where(path, is_csv, data.skip_rows), f"data file {str(path)!r}", data, str(path))
+
+
+def load_frame_bars(bars: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
+    """A pandas DataFrame of bars (the Python API's `data=`), mapped and checked as a file's rows are; row
+    numbers in messages are positions in the frame (a DatetimeIndex or a named index is a column)."""
+    if not isinstance(bars, pd.DataFrame):
+        raise UserError(f"data must be a pandas DataFrame of bars or the path of a CSV/Parquet file, not "
+                        f"{type(bars).__name__}")
+    if data.skip_rows:
+        raise UserError(f"data.skip_rows={data.skip_rows} applies to CSV files only; set data.skip_rows=0 for a "
+                        "DataFrame")
+    frame = bars if isinstance(bars.index, pd.RangeIndex) else bars.reset_index()
+    return _checked_bars(iter([frame.copy(deep=False)]), _Where(None, False, 0), "the DataFrame", data,
+                         "the DataFrame")
+
+
+def _checked_bars(chunks, where: _Where, name: str, data: DataConfig, origin: str) -> pd.DataFrame:
     table = _Table(data, name)
     for chunk in chunks:
         table.add(chunk)
@@ -54,7 +70,7 @@ def load_file_bars(data: DataConfig) -> pd.DataFrame:
     frame = _handle_duplicates(frame, data.duplicates, name, where)
     frame = _sort(frame)
     frame = _gaps(frame, data.fill_gaps)
-    log.info("loaded %d bars of %d symbol(s) from %s: %s", len(frame), frame["symbol"].nunique(), path,
+    log.info("loaded %d bars of %d symbol(s) from %s: %s", len(frame), frame["symbol"].nunique(), origin,
              ", ".join(f"{s} {n}" for s, n in frame.groupby("symbol", sort=True).size().items()))
     extras = [c for c in frame.columns if c not in OUTPUT and c != "adj_close"]
     return frame[[*OUTPUT, *extras]].reset_index(drop=True)
