@@ -107,7 +107,9 @@ def resume(run: str | os.PathLike, data=None, *, overrides: Sequence[str] = (),
 
 
 def _run(cfg: Config, request, bars) -> "Run":
+    from .tracking import require
     from .workflow import train_run
+    require(cfg.run.tracking)   # a missing MLflow/TensorBoard answers before any data or training
     _console()
     code, path = train_run(cfg, request)
     if code != 0:   # stopped by a signal (Ctrl-C in a notebook): the checkpoints are kept

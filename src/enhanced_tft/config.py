@@ -271,6 +271,10 @@ class BacktestConfig(_Section):
 class RunConfig(_Section):
     log_dir: str = Field("logs", description="run folders go to LOG_DIR/training_<timestamp>")
     test_mode: bool = Field(False, description="the seed's smoke run: small data, small model, 2 epochs")
+    tracking: list[Literal["mlflow", "tensorboard"]] = Field([], description="also record each run in MLflow and/or "
+                                                       "TensorBoard (pip install \"enhanced-tft[tracking]\")")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite:///LOG_DIR/mlflow.db, artifacts in LOG_DIR/mlartifacts")
+    mlflow_experiment: str = Field("enhanced_tft", min_length=1, description="MLflow experiment of the runs (created if missing)")
 
 
 class Config(_Section):

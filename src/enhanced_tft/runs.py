@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .config import UserError
 
@@ -41,8 +41,13 @@ PREDICTIONS_TEST_CSV = "predictions_test.csv"
 STRONG_BASELINE_JSON = "strong_baseline.json"  # LightGBM's boosters (text format), for etft evaluate
 BACKTEST_CSV = "backtest_test.csv"            # equity curves of the sign backtests on the test split
 PREDICTIONS_DEFAULT = "predictions.parquet"   # etft predict without --out
+ONNX_EXPORT = "onnx"                          # etft export without --out: the members as ONNX (export.py)
+MANIFEST_JSON = "manifest.json"               # in an export folder: its files, their SHA-256, what it predicts
 REPORT_HTML = "report.html"
 LOCK_FILE = ".lock"                           # held by the process that trains in the folder
+TRACKING_JSON = "tracking.json"               # run.tracking: the MLflow run ids a resume continues
+TENSORBOARD_DIR = "tensorboard"               # run.tracking: TensorBoard event files
+MLFLOW_DB, MLFLOW_ARTIFACTS = "mlflow.db", "mlartifacts"   # LOG_DIR/: the default MLflow store
 
 
 class StorageError(UserError):
@@ -157,6 +162,7 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._handler: logging.Handler | None = None
+        self.on_metrics: Callable[[dict], None] | None = None   # told of each appended record (run.tracking)
 
     @classmethod
     def create(cls, log_dir: str | Path) -> "RunFolder":
@@ -248,6 +254,8 @@ class RunFolder:
             with contextlib.suppress(OSError):
                 os.truncate(path, size)
             raise StorageError(path, err) from None
+        if self.on_metrics is not None:
+            self.on_metrics(record)
 
     # ---------------------------------------------------------------- reads
 

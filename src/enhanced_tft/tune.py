@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ValidationError
 
-from . import config as config_mod
+from . import config as config_mod, tracking
 from .config import Config, ConfigError, UserError
 from .yaml_io import load_yaml_text
 
@@ -304,6 +304,7 @@ class Objective:
         self.console = console            # context manager that quiets the trainings' console lines
         self.stop_code = 0                # 130 / 143: a signal stopped a trial; start no other
         self.input_failures = 0
+        self.tracking: tracking.Group | None = None   # the study's parent run while run_study runs
 
     def __call__(self, trial: optuna.Trial) -> float:
         trials = trial.study.get_trials(deepcopy=False)
@@ -338,7 +339,8 @@ class Objective:
         trial.set_user_attr("run", str(folder.resolve()))   # the run folder inside, once it exists
         try:
             with self.console() if self.console else nullcontext():
-                code, path = train_run(run_cfg, TrainRequest(epoch_hook=partial(report_epoch, trial)))
+                code, path = train_run(run_cfg, TrainRequest(epoch_hook=partial(report_epoch, trial)),
+                                       group=self.tracking)
         except (UserError, OutOfMemoryGiveUp, NonFiniteGiveUp, torch.OutOfMemoryError) as err:
             message = " ".join(str(err).split())[:500]
             trial.set_user_attr("note", message)
@@ -378,17 +380,20 @@ def run_study(study: optuna.Study, objective: Objective, timeout_s: float | None
               on_trial: Callable[[optuna.Study, FrozenTrial], None]) -> None:
     """Trials until the study holds --trials of them, the timeout passed, or a signal stopped one."""
     started = time.monotonic()
-    while not objective.stop_code:
-        optuna.storages.fail_stale_trials(study)   # a killed process's trial: FAIL, and queued again
-        trials = study.get_trials(deepcopy=False)
-        queued = any(t.state == TrialState.WAITING for t in trials)   # retries and enqueued trials always run
-        if len(counted(trials)) >= objective.num_trials and not queued:
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            log.info("study %r holds its %d trials%s", study.study_name, objective.num_trials,
-                     f" ({running} still running elsewhere; a stopped process's trial is failed and queued again "
-                     "after 2 heartbeats without news)" if running else "")
-            return
-        if timeout_s is not None and time.monotonic() - started >= timeout_s:
-            log.info("--timeout %g s reached: no further trial started", timeout_s)
-            return
-        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[on_trial])
+    # in MLflow (run.tracking) the study is a parent run, each trial a nested run named after its folder
+    with tracking.open_group(objective.base, f"study_{study.study_name}", lambda c: Path(c.run.log_dir).name) as group:
+        objective.tracking = group
+        while not objective.stop_code:
+            optuna.storages.fail_stale_trials(study)   # a killed process's trial: FAIL, and queued again
+            trials = study.get_trials(deepcopy=False)
+            queued = any(t.state == TrialState.WAITING for t in trials)   # retries and enqueued trials always run
+            if len(counted(trials)) >= objective.num_trials and not queued:
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                log.info("study %r holds its %d trials%s", study.study_name, objective.num_trials,
+                         f" ({running} still running elsewhere; a stopped process's trial is failed and queued again "
+                         "after 2 heartbeats without news)" if running else "")
+                return
+            if timeout_s is not None and time.monotonic() - started >= timeout_s:
+                log.info("--timeout %g s reached: no further trial started", timeout_s)
+                return
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[on_trial])

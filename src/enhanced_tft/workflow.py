@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as config_mod
-from . import tasks
+from . import tasks, tracking
 from .config import Config, UserError
 from .runs import (ATTENTION_CSV, BACKTEST_CSV, CONFIG_YAML, DATA_JSON, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV,
                    SCALER_JSON, RunFolder, StorageError, atomic_path, restart_marker_file, shared_data_folder,
@@ -55,6 +55,7 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
     (train/distributed.py) and rank 0 writes the one run folder.
     """
     request = request or TrainRequest()
+    tracking.require(cfg.run.tracking)   # a missing library answers before any data or training
     from .train.distributed import RankFilter, RankLost, close_world, init_world
     from .train.precision import resolve_device
 
@@ -72,7 +73,8 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
             request = restarted
         try:
             if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:
-                code = walk_forward(cfg, request, world)
+                with tracking.open_group(cfg, "walk_forward", tracking.fold_name) as group:   # folds: nested runs
+                    code = group.ended(walk_forward(cfg, request, world, group))
             else:
                 code = train_run(cfg, request, world)[0]
         except RuntimeError as err:
@@ -125,7 +127,7 @@ def restart_marker(log_dir: str | Path) -> Path | None:
     return restart_marker_file(log_dir, job) if job else None
 
 
-def walk_forward(cfg: Config, request: TrainRequest, world) -> int:
+def walk_forward(cfg: Config, request: TrainRequest, world, group: tracking.Group | None = None) -> int:
     """One run folder per fold, then the folds' test metrics side by side (and walk_forward_<time>.json).
 
     Under torchrun the ranks train each fold together, or with train.distribute=members rank r trains folds
@@ -139,7 +141,7 @@ def walk_forward(cfg: Config, request: TrainRequest, world) -> int:
         log.info("walk-forward fold %d of %d", fold, folds)
         # a fold is not resumed after a torchrun restart: the restart would train the last fold in its folder
         code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}), replace(request, restartable=False),
-                                   SINGLE if spread else world)
+                                   SINGLE if spread else world, group)
         if code != 0:
             break
         if world.is_main or spread:
@@ -162,6 +164,7 @@ def walk_forward(cfg: Config, request: TrainRequest, world) -> int:
         lines.append(f"written to {out} and {plot.name}")
     except ImportError as err:
         lines.append(f"written to {out} (no plot: {err})")
+    tracking.log_walk_forward(group, summary, out)
     log.info("\n".join(lines))
     return 0
 
@@ -192,8 +195,8 @@ def _shared_data_folder(cfg: Config, run: RunFolder) -> Path:
     return shared_data_folder(cfg.data.memory_map_dir or tempfile.gettempdir(), run.path.name, cfg.data.fold)
 
 
-def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path]:
-    """Train one run (or continue `request.resume_folder`); return the exit code and the run folder."""
+def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Group | None = None) -> tuple[int, Path]:
+    """Train one run (or continue `request.resume_folder`) in tracking `group`; return the exit code and run folder."""
     from .train.distributed import SINGLE
     world = world or SINGLE
     resuming = request.resume_folder is not None
@@ -262,6 +265,7 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
         if world.is_main and not resuming:   # a resume checked that its data gives the saved one
             run.write_json(SCALER_JSON, data.scaler)
             run.write_json(DATA_JSON, fingerprint)
+        tracker = held.enter_context(tracking.open_run(cfg, run, group, resuming))   # closed before the lock
         training_started = True
         # only rank 0 shows progress bars; the redirect would also drop the other ranks' console filter
         redirect = logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]) if world.is_main else nullcontext()
@@ -284,6 +288,7 @@ def train_run(cfg: Config, request: TrainRequest, world=None) -> tuple[int, Path
             f"run folder: {run.path}"]))
         if world.is_main:
             write_test_outputs(run, data, result)
+        tracker.finish(result.summary)   # after the test outputs: the folder's files go too
         return 0, run.path
     except StorageError as err:
         if not training_started:
