@@ -58,6 +58,13 @@ def test_a_notebook_trains_predicts_and_evaluates_a_dataframe_writing_only_the_r
     assert predicted["p_up"].between(0, 1).all()
     assert _files(tmp_path) == after_training
 
+    # served by ONNX Runtime from the run's export (RUN/onnx): the same rows, within 1e-4
+    assert run.export() == folder / "onnx"
+    served = run.predict(new_bars, engine="onnx")
+    assert list(served.columns) == list(predicted.columns) and (served["timestamp"] == predicted["timestamp"]).all()
+    assert np.abs(served["p_up"].to_numpy() - predicted["p_up"].to_numpy()).max() < 1e-4
+    assert all(name.startswith(f"logs/{folder.name}/") for name in _files(tmp_path) - before)
+
     importance = run.importance()
     assert importance.equals(pd.read_csv(folder / "variable_importance.csv"))
     for _, group in importance.groupby("selection"):

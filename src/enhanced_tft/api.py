@@ -46,17 +46,8 @@ def _config(config: Config | str | os.PathLike | None, overrides: Sequence[str])
 
 def _with_data(cfg: Config, data) -> tuple[Config, Any]:
     """The config reading `data` (a file's path, or a DataFrame checked here as a file's rows are: the bars)."""
-    import pandas as pd
-    if data is None:
-        return cfg, None
-    if isinstance(data, pd.DataFrame):
-        cfg = config_mod.update(cfg, data={"source": "frame", "path": None})
-        from .data.sources import load_frame_bars
-        return cfg, load_frame_bars(data, cfg.data)
-    if isinstance(data, (str, os.PathLike)):
-        return config_mod.update(cfg, data={"source": "file", "path": os.path.abspath(os.path.expanduser(data))}), None
-    raise UserError(f"data must be a pandas DataFrame of bars or the path of a CSV/Parquet file, not "
-                    f"{type(data).__name__}")
+    from .prediction_io import new_data_config
+    return (cfg, None) if data is None else new_data_config(cfg, data, {})
 
 
 def _console() -> None:
@@ -172,12 +163,13 @@ class Run:
                               allow_changed_data, self._bars)
 
     def predict(self, data=None, *, split: str = "test", read: dict | None = None, batch_size: int | None = None,
-                device: str = "auto", allow_changed_data: bool = False) -> "pd.DataFrame":
+                device: str = "auto", engine: str = "torch", allow_changed_data: bool = False) -> "pd.DataFrame":
         """Predictions with the columns `etft predict` writes: for every bar of `data` (a DataFrame or a path)
         that has a full window, or for the run's own `split` when `data` is None. `read`: data.* keys that say
-        how to read the new data (columns, timestamp_format, ...)."""
+        how to read the new data (columns, timestamp_format, ...). `engine="onnx"`: the run's export (export())
+        by ONNX Runtime on the CPU."""
         from .predict import predict_frame
-        return predict_frame(self._job(data, split, read, batch_size, device, allow_changed_data))
+        return predict_frame(self._job(data, split, read, batch_size, device, allow_changed_data), engine)
 
     def evaluate(self, data=None, *, split: str = "test", read: dict | None = None, batch_size: int | None = None,
                  device: str = "auto", allow_changed_data: bool = False) -> dict:
@@ -202,6 +194,12 @@ class Run:
     def attention_by_lag(self) -> "pd.DataFrame":
         """Attention of the last query over the lags of the window, per block, on the test split."""
         return self._csv(ATTENTION_CSV)
+
+    def export(self, out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+        """`etft export`: each member as ONNX, the transform and a manifest, in RUN/onnx (or `out`); the folder
+        `enhanced_tft.serve.OnnxModel.open` serves without torch."""
+        from .export import export_run
+        return Path(export_run(self.path, out, overwrite))
 
     def report(self) -> Path:
         """(Re)write the run's report.html and return its path."""

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prediction_arguments(predict)
     predict.add_argument("--out", metavar="FILE", help="output .parquet, .csv or .csv.gz (default: RUN_DIR/predictions.parquet)")
     predict.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    predict.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                         help="torch (default), or onnx: the run's ONNX export (etft export) by ONNX Runtime on the CPU")
+    export = commands.add_parser("export", help="a finished run's members as ONNX files, with its transform and a "
+                                 "manifest (SHA-256 of each file), for serving without torch")
+    export.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run folder (logs/training_...)")
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="the file format (default: onnx)")
+    export.add_argument("--out", metavar="DIR", help="the export folder (default: RUN_DIR/onnx)")
+    export.add_argument("--overwrite", action="store_true", help="replace an export in --out (default: refuse)")
     evaluate = commands.add_parser("evaluate", help="score a saved run on other data or a split, against the naive baselines")
     _add_prediction_arguments(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -188,7 +196,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
     job = _prediction_inputs(args)
     started = time.time()
-    rows = predict_to_file(job.run, job.windows, job.target_known, out, job.device, job.policy, job.batch_size)
+    rows = predict_to_file(job.run, job.windows, job.target_known, out, job.device, job.policy, job.batch_size,
+                           args.engine)
     log.info("wrote %d predictions to %s in %.1f s", rows, out, time.time() - started)
     print(out)
     return 0
@@ -214,8 +223,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+    print(export_run(args.run, args.out, args.overwrite))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "plan": cmd_plan, "report": cmd_report, "predict": cmd_predict,
-            "evaluate": cmd_evaluate}
+            "evaluate": cmd_evaluate, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from . import tasks
-from .tasks import SPLIT_STATS, Task, TargetScale
+from .tasks import SPLIT_STATS, Task, TargetScale, ensemble_mean, member_stack
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ def score(task: Task, member_predictions: list[torch.Tensor], target: torch.Tens
     """Metrics of each member, of the ensemble (mean of member predictions), of the mean member and of the
     baseline's constant output, all on the same samples."""
     members = [task.metrics(p, target, raw, scale) for p in member_predictions]
-    ensemble = task.metrics(torch.stack(member_predictions).mean(dim=0), target, raw, scale)
+    ensemble = task.metrics(torch.from_numpy(ensemble_mean(member_stack(member_predictions))), target, raw, scale)
     constant = torch.tensor(baseline, dtype=torch.float32)
     repeated = constant.expand(len(target), *constant.shape).clone()
     return {"test": ensemble, "members": members, "mean_member": mean_of(members, ensemble),
@@ -54,36 +53,15 @@ def metrics_table(task: Task, test: dict, baseline: dict, rule: str, mean_member
     return "\n".join(lines)
 
 
-def row_columns(split, chunk_B: torch.Tensor, symbols: np.ndarray, target_known: np.ndarray | None,
-                transform) -> dict[str, np.ndarray]:
-    """Which bar each prediction is made at, and what followed it (NaN where the data ends before the horizon):
-    the future log return, or the realized volatility for data.target=volatility (what the model predicts)."""
-    arrays = split.arrays
-    ends_B = split.sample_ends.index_select(0, chunk_B)
-    rows = {"symbol": symbols[arrays.symbol.index_select(0, ends_B).numpy()]}
-    if arrays.timestamp is not None:
-        rows["timestamp"] = arrays.timestamp.index_select(0, ends_B).numpy().view("datetime64[ns]")
-    known = np.ones(len(ends_B), bool) if target_known is None else target_known[chunk_B.numpy()]
-    if transform.target == "volatility":
-        scale = transform.target_scale()
-        actual = arrays.target.index_select(0, ends_B).numpy().astype(np.float64) * scale.std + scale.mean
-    else:
-        actual = arrays.raw_return.index_select(0, ends_B).numpy()
-    rows["actual"] = np.where(known, actual, np.nan).astype(np.float32)
-    if tasks.for_transform(transform).probabilities:   # classifiers: the class the outcome fell in
-        rows["label"] = np.where(known, arrays.target.index_select(0, ends_B).numpy(), np.nan).astype(np.float32)
-    return rows
-
-
 def prediction_frame(windows, transform, member_predictions: list[torch.Tensor],
                      target_known: np.ndarray | None = None):
     """The rows `etft predict` writes (where, what followed, the task's columns, no per-member columns) for
     predictions already in memory: what the quant metrics read."""
     import pandas as pd
-    task = tasks.for_transform(transform)
-    symbols = np.asarray(transform.symbols, dtype=object)
-    columns = row_columns(windows, windows.all_indices(), symbols, target_known, transform)
-    columns.update(task.prediction_columns(member_predictions, transform.target_scale(), with_members=False))
+
+    from .prediction_io import table_batches
+    (columns,) = table_batches(windows.arrays.rows(), windows.sample_ends.numpy(), target_known, transform,
+                               [(windows.all_indices(), member_predictions)], with_members=False)
     return pd.DataFrame(columns)
 
 

@@ -24,18 +24,16 @@ from . import tasks
 from .config import Config, UserError
 from .data.transform import Transform
 from .data.windows import WindowSet
-from .evaluation import row_columns, score
+from .evaluation import score
 from .inference import infer
 from .model.build import WeightsMismatch, dims_for, load_model
+from .prediction_io import READ_KEYS, new_data_config, table_batches
 from .runs import (CONFIG_YAML, DATA_JSON, PREDICTIONS_TEST_CSV, SCALER_JSON, STRONG_BASELINE_JSON, SUMMARY_JSON,
                    CheckpointError, RunFolder, atomic_path, load_checkpoint, spreadsheet_safe)
 from .train.precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
 
-# data.* keys a user may change to read a new file; the others would change the features the model was trained on
-READ_KEYS = ("columns", "encoding", "timestamp_format", "skip_rows", "symbol", "duplicates", "missing", "too_short",
-             "adjust_column", "fill_gaps", "memory_map_dir")
 
 
 class TableWriter:
@@ -81,11 +79,8 @@ class TableWriter:
 def write_rows(writer: TableWriter, chunks: Iterator[tuple[torch.Tensor, list[torch.Tensor]]], split: WindowSet,
                transform: Transform, target_known: np.ndarray | None = None) -> None:
     """(sample indices (B,), [member prediction]) batches -> rows: where, what followed, the task's columns."""
-    task = tasks.for_transform(transform)
-    symbols = np.asarray(transform.symbols, dtype=object)
-    for chunk_B, member_predictions in chunks:
-        columns = task.prediction_columns(member_predictions, transform.target_scale())
-        writer.write({**row_columns(split, chunk_B, symbols, target_known, transform), **columns})
+    for columns in table_batches(split.arrays.rows(), split.sample_ends.numpy(), target_known, transform, chunks):
+        writer.write(columns)
 
 
 @dataclass
@@ -174,10 +169,7 @@ def prediction_windows(run: SavedRun, data_path, split: str, read_overrides: dic
                        allow_changed_data: bool = False, own_bars=None) -> tuple[WindowSet, np.ndarray | None]:
     """The windows to predict: every bar of new data (a file's path or a pandas DataFrame; the run's transform
     applied), or a split of the run's own data (`own_bars`: a data.source=frame run's DataFrame, checked, again)."""
-    import pandas as pd
-
     from .data.pipeline import build_data, build_prediction_data
-    from .data.sources import load_frame_bars
 
     if data_path is None:
         if read_overrides:
@@ -189,13 +181,8 @@ def prediction_windows(run: SavedRun, data_path, split: str, read_overrides: dic
             raise UserError("the run's own data no longer gives the transform it was trained with (" + "; ".join(
                 changed) + "): has the data file changed? Predict it with --data PATH instead")
         return data.splits[split], None
-    if isinstance(data_path, pd.DataFrame):
-        cfg = config_mod.update(run.cfg, data={"source": "frame", "path": None, **read_overrides})
-        prediction = build_prediction_data(cfg, run.transform, load_frame_bars(data_path, cfg.data))
-    else:
-        path = os.path.abspath(os.path.expanduser(data_path))
-        cfg = config_mod.update(run.cfg, data={"source": "file", "path": path, **read_overrides})
-        prediction = build_prediction_data(cfg, run.transform)
+    cfg, bars = new_data_config(run.cfg, data_path, read_overrides)
+    prediction = build_prediction_data(cfg, run.transform, bars)
     return prediction.windows, prediction.target_known
 
 
@@ -204,15 +191,31 @@ def _member_chunks(models, task, windows, device, policy, batch_size):
         yield chunk.indices, chunk.predictions
 
 
+ENGINES = ("torch", "onnx")
+
+
+def member_chunks(run: SavedRun, windows: WindowSet, device: torch.device, policy: PrecisionPolicy, batch_size: int,
+                  engine: str = "torch"):
+    """(sample indices (B,), [member prediction]) batches of `windows` through the run's members: in torch, or as
+    its ONNX export (RUN/onnx, by ONNX Runtime on the CPU). The rows written from them are the same code either way."""
+    if engine == "onnx":
+        from .export import open_for_run
+        if device.type != "cpu":
+            log.warning("--engine onnx runs on the CPU (ONNX Runtime's CPU provider); the device applies to torch")
+        return open_for_run(run).member_chunks(windows.arrays.rows(), windows.sample_ends.numpy(), batch_size)
+    if engine != "torch":
+        raise UserError(f"engine={engine!r}; allowed: {', '.join(ENGINES)}")
+    return _member_chunks(run.load_models(device), run.task, windows, device, policy, batch_size)
+
+
 def predict_to_file(run: SavedRun, windows: WindowSet, target_known: np.ndarray | None, out: Path,
-                    device: torch.device, policy: PrecisionPolicy, batch_size: int) -> int:
+                    device: torch.device, policy: PrecisionPolicy, batch_size: int, engine: str = "torch") -> int:
     """Stream every window's predictions to `out` (written whole: a crash leaves no half file); returns the rows."""
-    models = run.load_models(device)
+    chunks = member_chunks(run, windows, device, policy, batch_size, engine)
     with atomic_path(out) as tmp:
         writer = TableWriter(tmp)
         try:
-            write_rows(writer, _member_chunks(models, run.task, windows, device, policy, batch_size), windows,
-                       run.transform, target_known)
+            write_rows(writer, chunks, windows, run.transform, target_known)
         finally:
             writer.close()
     return writer.rows
@@ -235,11 +238,11 @@ class FrameWriter:
         return pd.concat(self.parts, ignore_index=True) if self.parts else pd.DataFrame()
 
 
-def predict_frame(job: "PredictionJob"):
-    """Every window's predictions as a DataFrame, the columns `etft predict` writes."""
+def predict_frame(job: "PredictionJob", engine: str = "torch"):
+    """Every window's predictions as a DataFrame, the columns `etft predict` writes (`engine`: torch or onnx)."""
     writer = FrameWriter()
-    write_rows(writer, _member_chunks(job.run.load_models(job.device), job.run.task, job.windows, job.device,
-                                      job.policy, job.batch_size), job.windows, job.run.transform, job.target_known)
+    write_rows(writer, member_chunks(job.run, job.windows, job.device, job.policy, job.batch_size, engine),
+               job.windows, job.run.transform, job.target_known)
     return writer.frame()
 
 

@@ -72,8 +72,8 @@ class Task:
     def baseline_rule(self) -> str:
         raise NotImplementedError
 
-    def hard_class(self, mean_BO: torch.Tensor) -> torch.Tensor | None:
-        """The predicted class per sample (classifiers), else None."""
+    def hard_class(self, mean_BO: np.ndarray) -> np.ndarray | None:
+        """The predicted class per sample (classifiers), else None; `mean_BO` is the ensemble mean (numpy)."""
         return None
 
     def split_note(self, metrics: dict) -> str:
@@ -98,32 +98,45 @@ class Task:
                     f"not {cls.name!r}; set it to 0")
         return None
 
-    def prediction_columns(self, member_predictions_MB: list[torch.Tensor], scale: TargetScale,
+    def prediction_columns(self, member_predictions_MB: list, scale: TargetScale,
                            with_members: bool = True) -> dict[str, np.ndarray]:
         """Columns of one batch: ensemble mean per output, the class, the members' spread (std), each member.
 
-        Probabilities stay probabilities; values are in the raw target's units (output x train std + train mean).
+        Members' predictions as `predict` gives them, CPU tensors or numpy arrays alike (the ONNX engine's): numpy
+        does the rest, so that both engines' tables come from this one function. Probabilities stay probabilities;
+        values are in the raw target's units (output x train std + train mean).
         """
-        import torch
-        stacked_MBO = torch.stack(member_predictions_MB).float()
-        if stacked_MBO.dim() == 2:
-            stacked_MBO = stacked_MBO.unsqueeze(-1)
-        mean_BO = stacked_MBO.mean(dim=0)
-        spread_BO = stacked_MBO.std(dim=0, unbiased=False)   # 0 for a single member
-        factor, shift = (1.0, 0.0) if self.probabilities else (scale.std, scale.mean)
+        stacked_MBO = member_stack(member_predictions_MB)
+        if stacked_MBO.ndim == 2:
+            stacked_MBO = stacked_MBO[:, :, None]
+        mean_BO = ensemble_mean(stacked_MBO)
+        spread_BO = stacked_MBO.std(axis=0)   # population std: 0 for a single member
+        # Python floats: numpy keeps float32 (a numpy float64 would promote the columns)
+        factor, shift = (1.0, 0.0) if self.probabilities else (float(scale.std), float(scale.mean))
         columns: dict[str, np.ndarray] = {}
         for j, name in enumerate(self.columns):
-            columns[name] = (mean_BO[:, j] * factor + shift).numpy()   # the order of `metrics`: same float32 result
+            columns[name] = mean_BO[:, j] * factor + shift   # the order of `metrics`: same float32 result
         hard = self.hard_class(mean_BO)
         if hard is not None:
-            columns["class"] = hard.to(torch.int8).numpy()
+            columns["class"] = np.asarray(hard).astype(np.int8)
         for j, name in enumerate(self.columns):
-            columns[f"{name}_spread"] = (spread_BO[:, j] * factor).numpy()
+            columns[f"{name}_spread"] = spread_BO[:, j] * factor
         if with_members and len(member_predictions_MB) > 1:
             for m in range(stacked_MBO.shape[0]):
                 for j, name in enumerate(self.columns):
-                    columns[f"member_{m}_{name}"] = (stacked_MBO[m, :, j] * factor + shift).numpy()
+                    columns[f"member_{m}_{name}"] = stacked_MBO[m, :, j] * factor + shift
         return columns
+
+
+def member_stack(member_predictions_M: list) -> np.ndarray:
+    """Members' predictions, each (B,) or (B, O) as CPU tensors or numpy arrays -> (M, B) or (M, B, O) float32."""
+    return np.stack([np.asarray(p, dtype=np.float32) for p in member_predictions_M])
+
+
+def ensemble_mean(stacked_M: np.ndarray) -> np.ndarray:
+    """The ensemble's prediction, the members' mean over the first axis in float32: the one mean that both the
+    metrics (evaluation.score) and the written columns (prediction_columns) take, so they agree to the bit."""
+    return stacked_M.mean(axis=0, dtype=np.float32)
 
 
 def _recall_and_auc(hard, labels, num_classes: int, scores) -> tuple[float, float]:
@@ -211,7 +224,7 @@ class MulticlassClassification(Task):
         return "class frequencies of the train split"
 
     def hard_class(self, mean_BO):
-        return mean_BO.argmax(dim=1)
+        return mean_BO.argmax(axis=1)
 
     def data_notes(self, transform):
         return [("flat class: |log return| at most", f"{transform['dead_zone']:.6f}")] if "dead_zone" in transform else []

@@ -3,17 +3,22 @@
 With a folder (data.memory_map_dir) the feature array lives in a memory-mapped file there: the OS pages in
 the rows a batch touches and can drop them again, so the data may be larger than RAM. The file is unlinked
 as soon as it is mapped: it takes disk space while the run lasts and is never left behind.
+
+torch is imported only where the arrays become tensors (`finish`): the ONNX serving path fills a buffer too.
 """
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .windows import SeriesArrays
+from .rows import RowArrays
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .windows import SeriesArrays
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class SeriesBuffer:
         self.timestamp = np.zeros(rows, "datetime64[ns]")
         self.symbol = np.zeros(rows, np.int64)
         self.size = 0
-        self._arrays: SeriesArrays | None = None
+        self._arrays: "SeriesArrays | None" = None
 
     def append(self, rows: dict[str, np.ndarray], symbol_id: int) -> int:
         """Copy one series in; return the row offset it starts at."""
@@ -58,16 +63,26 @@ class SeriesBuffer:
         self.size = end
         return offset
 
-    def finish(self) -> SeriesArrays:
-        """Trim to the rows filled (views, no copy) and wrap them as tensors sharing the same memory."""
+    def trim(self) -> None:
+        """Cut the arrays to the rows filled (views, no copy)."""
         n = self.size
         for name in ("observed", "known", "forward_return", "forward_target", "timestamp", "symbol"):
             setattr(self, name, getattr(self, name)[:n])
-        self._arrays = SeriesArrays(
-            observed=torch.from_numpy(self.observed), known=torch.from_numpy(self.known),
-            target=torch.zeros(n), raw_return=torch.from_numpy(np.nan_to_num(self.forward_target)),
-            symbol=torch.from_numpy(self.symbol), timestamp=torch.from_numpy(self.timestamp.view(np.int64)))
+
+    def rows(self, target: np.ndarray) -> RowArrays:
+        """The trimmed arrays as numpy rows, with the task's `target` per row."""
+        return RowArrays(observed=self.observed, known=self.known,
+                         target=np.ascontiguousarray(target, dtype=np.float32),
+                         raw_return=np.nan_to_num(self.forward_target), symbol=self.symbol,
+                         timestamp=self.timestamp.view(np.int64))
+
+    def finish(self) -> "SeriesArrays":
+        """Trim to the rows filled and wrap them as tensors sharing the same memory (targets set later)."""
+        from .windows import SeriesArrays
+        self.trim()
+        self._arrays = SeriesArrays.from_rows(self.rows(np.zeros(self.size, np.float32)))
         return self._arrays
 
     def set_target(self, target: np.ndarray) -> None:
+        import torch
         self._arrays.target = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))

@@ -3,12 +3,14 @@
 Memory: each output array is allocated once at its final size (in RAM, or in a memory-mapped file with
 data.memory_map_dir) and filled symbol by symbol; statistics and scaling go by blocks of rows. The peak is
 the output arrays plus one symbol's bars and features: never a second copy of the whole feature array.
+
+torch is imported only where arrays become window sets: `prediction_rows` is the ONNX serving path's reader too.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pandas as pd
@@ -17,8 +19,11 @@ from .. import tasks
 from ..config import Config, DataConfig, UserError
 from . import features
 from .arrays import SeriesBuffer
+from .rows import RowArrays
 from .transform import RunningMoments, Transform
-from .windows import WindowSet
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .windows import WindowSet
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +244,7 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
              "of each of %d series as feature warm-up", len(names), len(source.extra_columns),
              len(features.KNOWN_FEATURES), warmup, len(symbols))
 
+    from .windows import WindowSet
     arrays = buffer.finish()
     split_ends = {s: np.concatenate(ends[s]) for s in SPLITS}
     empty = [s for s in SPLITS if len(split_ends[s]) == 0]
@@ -311,7 +317,24 @@ class PredictionData:
         return self.windows.arrays.timestamp.index_select(0, self.windows.sample_ends).numpy().view("datetime64[ns]")
 
 
+@dataclass
+class PredictionRows:
+    """PredictionData's numpy content, before any tensor: what the torch-free ONNX serving path reads."""
+    rows: RowArrays
+    sample_ends: np.ndarray    # (num samples,) int64: the row of each sample's last bar
+    target_known: np.ndarray   # (num samples,) bool: the bar `horizon` ahead is in the data (False at the end)
+
+
 def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame | None = None) -> PredictionData:
+    """Samples ending at every bar that has a full window, scaled with the run's transform (prediction_rows)."""
+    from .windows import SeriesArrays, WindowSet
+    found = prediction_rows(cfg, transform, bars)
+    windows = WindowSet(SeriesArrays.from_rows(found.rows), found.sample_ends, transform.sequence_length,
+                        transform.horizon)
+    return PredictionData(windows, found.target_known, transform)
+
+
+def prediction_rows(cfg: Config, transform: Transform, bars: pd.DataFrame | None = None) -> PredictionRows:
     """Samples ending at every bar that has a full window, scaled with the run's transform. The calendar inputs
     of the `horizon` bars after the last one are extrapolated with the symbol's usual (median) bar step."""
     data = cfg.data
@@ -348,12 +371,10 @@ def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame 
         known_target.append(symbol_ends <= n - 1 - horizon)
     if not ends:
         raise UserError("no symbol has enough bars for one prediction")
-    arrays = buffer.finish()
+    buffer.trim()
     transform.scale(buffer.observed)
-    buffer.set_target(make_targets(tasks.for_transform(transform), buffer.forward_target, buffer.forward_return,
-                                   transform))
-    windows = WindowSet(arrays, np.concatenate(ends), length, horizon)
-    return PredictionData(windows, np.concatenate(known_target), transform)
+    target = make_targets(tasks.for_transform(transform), buffer.forward_target, buffer.forward_return, transform)
+    return PredictionRows(buffer.rows(target), np.concatenate(ends), np.concatenate(known_target))
 
 
 def _with_future_rows(rows: dict[str, np.ndarray], horizon: int) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 A sample is the row `end` of its last observed bar: observed inputs are rows end-T+1 .. end, known
 inputs rows end-T+1 .. end+H (the H bars ahead are known in advance: calendar), the target sits at row
 `end`. Nothing is copied per sample: `window(i)` returns views, and `batch(idx)` gathers a whole batch
-with one index_select per input kind.
+with one numpy take per input kind (data/rows.py: the same gather as the torch-free serving path).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .rows import RowArrays, gather_windows
 
 
 @dataclass
@@ -24,6 +26,19 @@ class SeriesArrays:
     symbol: torch.Tensor       # (N,) int64: series id
     timestamp: torch.Tensor | None = None   # (N,) int64: the bar's time, ns since 1970 (UTC)
 
+    @classmethod
+    def from_rows(cls, rows: RowArrays) -> "SeriesArrays":
+        """Tensors over the numpy rows (no copy)."""
+        return cls(observed=torch.from_numpy(rows.observed), known=torch.from_numpy(rows.known),
+                   target=torch.from_numpy(rows.target), raw_return=torch.from_numpy(rows.raw_return),
+                   symbol=torch.from_numpy(rows.symbol),
+                   timestamp=None if rows.timestamp is None else torch.from_numpy(rows.timestamp))
+
+    def rows(self) -> RowArrays:
+        """The same arrays as numpy views (no copy): what the torch-free code reads."""
+        return RowArrays(self.observed.numpy(), self.known.numpy(), self.target.numpy(), self.raw_return.numpy(),
+                         self.symbol.numpy(), None if self.timestamp is None else self.timestamp.numpy())
+
 
 class WindowSet:
     """One split's samples; yields batches of window tensors."""
@@ -34,8 +49,6 @@ class WindowSet:
         self.sequence_length = sequence_length
         self.horizon = horizon
         self._ends_np = self.sample_ends.numpy()
-        self._past_offsets_np = np.arange(-sequence_length + 1, 1)              # (T,)
-        self._known_offsets_np = np.arange(-sequence_length + 1, horizon + 1)  # (T+H,)
 
     def __len__(self) -> int:
         return int(self.sample_ends.numel())
@@ -49,18 +62,16 @@ class WindowSet:
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather samples `indices` (B,) into a batch dict of tensors.
 
-        The gather runs in numpy (np.take): plain single-threaded copies. torch's index_select would wake its
-        thread pool for a copy of about 1 MB, which costs ten times the copy itself when the cores are busy
-        with the model. The results are tensors over the new numpy arrays (no further copy).
+        The gather runs in numpy (rows.gather_windows, which says why); the results are tensors over the new
+        numpy arrays (no further copy).
         """
         ends = self._ends_np[indices.numpy()]                                  # (B,)
-        past_rows = (ends[:, None] + self._past_offsets_np).reshape(-1)       # (B*T,)
-        known_rows = (ends[:, None] + self._known_offsets_np).reshape(-1)     # (B*(T+H),)
         a = self.arrays
+        observed, known = gather_windows(a.observed.numpy(), a.known.numpy(), ends, self.sequence_length, self.horizon)
         take = lambda tensor, rows: torch.from_numpy(np.take(tensor.numpy(), rows, axis=0))
         return {
-            "observed": take(a.observed, past_rows).view(len(ends), self.sequence_length, -1),
-            "known": take(a.known, known_rows).view(len(ends), self.sequence_length + self.horizon, -1),
+            "observed": torch.from_numpy(observed),
+            "known": torch.from_numpy(known),
             "symbol": take(a.symbol, ends),
             "target": take(a.target, ends),
             "raw_return": take(a.raw_return, ends),
