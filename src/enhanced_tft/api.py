@@ -146,6 +146,11 @@ class Run:
         return self._saved.summary
 
     @property
+    def task(self):
+        """The task object (tasks.py): its prediction columns, metrics and naive baseline."""
+        return self._saved.task
+
+    @property
     def symbols(self) -> list[str]:
         return list(self._saved.transform.symbols)
 

@@ -159,11 +159,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--nproc-per-node={args.num_devices}; allowed: an integer >= 1")
     if args.num_devices > 1 and not args.gpu_memory:
         raise UserError("--nproc-per-node shares the effective batch for a budget fit; add --gpu-memory SIZE")
-    from .plan_report import format_plan, plan_dims
-    from .train.planner import parse_bytes, plan
-    budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    result = plan(cfg, plan_dims(cfg, args.num_features), budget, args.num_devices)
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    from .api import plan
+    result = plan(cfg, args.gpu_memory, num_features=args.num_features, num_devices=args.num_devices)
+    print(json.dumps(result.details, indent=2) if args.json else result)
     return 0
 
 
@@ -177,12 +175,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- predict, evaluate
 
-def _prediction_inputs(args: argparse.Namespace):
-    from .predict import open_prediction
+def _check_changed_data_flag(args: argparse.Namespace) -> None:
     if args.allow_changed_data and args.data:
         raise UserError("--allow-changed-data applies to the run's own data (no --data); --data PATH is new data anyway")
-    return open_prediction(args.run, args.data, args.split, args.overrides, args.batch_size, args.device,
-                           args.allow_changed_data)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -194,7 +189,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--out {str(out)!r} already exists; give another --out, or add --overwrite to replace it")
     if not out.parent.is_dir():
         raise UserError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
-    job = _prediction_inputs(args)
+    _check_changed_data_flag(args)
+    from .predict import open_prediction
+    job = open_prediction(args.run, args.data, args.split, args.overrides, args.batch_size, args.device,
+                          args.allow_changed_data)
     started = time.time()
     rows = predict_to_file(job.run, job.windows, job.target_known, out, job.device, job.policy, job.batch_size,
                            args.engine)
@@ -204,16 +202,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import Run
     from .evaluation import metrics_table
-    from .predict import evaluate_windows
-    job = _prediction_inputs(args)
-    result = evaluate_windows(job.run, job.windows, job.target_known, job.device, job.policy, job.batch_size)
+    from .predict import read_overrides
+    _check_changed_data_flag(args)
+    read = read_overrides(args.overrides)
+    run = Run.open(args.run)
+    result = run.evaluate(args.data, split=args.split, read=read, batch_size=args.batch_size, device=args.device,
+                          allow_changed_data=args.allow_changed_data)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     what = args.data or f"the run's {args.split} split"
     several = result["ensemble"]["size"] > 1
-    print(metrics_table(job.run.task, result["test"], result["baseline"],
+    print(metrics_table(run.task, result["test"], result["baseline"],
                         f"{result['baseline']['rule']} (fitted on the run's train split)",
                         result["ensemble"]["mean_member"] if several else None,
                         f"{what}: {result['test']['num_samples']} samples scored", result.get("strong_baseline")))
