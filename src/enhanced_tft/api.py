@@ -33,12 +33,7 @@ __all__ = ["Config", "Plan", "Run", "UserError", "plan", "resume", "train"]
 def _config(config: Config | str | os.PathLike | None, overrides: Sequence[str]) -> Config:
     """A Config as given (with `overrides` on top), or loaded from a YAML path (None: the defaults)."""
     if isinstance(config, Config):
-        if not overrides:
-            return config
-        raw = config.model_dump(mode="json")
-        for assignment in overrides:
-            config_mod.apply_override(raw, assignment)
-        return config_mod.build_config(raw)
+        return config_mod.with_overrides(config, overrides) if overrides else config
     if config is not None and not isinstance(config, (str, os.PathLike)):
         raise UserError(f"config must be a Config, the path of a YAML file or None, not {type(config).__name__}")
     return Config.load(config, overrides)

@@ -22,7 +22,7 @@ from .yaml_io import load_yaml_text as _load
 __all__ = ["FILE_COLUMNS", "MAX_SEQUENCE_LENGTH", "MAX_HORIZON", "MAX_BATCH", "MAX_LAG", "UserError", "ConfigError",
            "DataConfig", "ModelConfig", "TrainConfig", "BacktestConfig", "RunConfig", "Config", "build_config",
            "load_yaml", "apply_override", "load_config", "load_run_config", "EARLIER_DEFAULTS", "update",
-           "apply_test_mode", "to_yaml", "SAFE_RESUME_CHANGES", "resume_config"]
+           "apply_test_mode", "to_yaml", "SAFE_RESUME_CHANGES", "resume_config", "with_overrides"]
 
 FILE_COLUMNS = ("timestamp", "symbol", "open", "high", "low", "close", "volume", "adj_close")
 # upper bounds: a typo (an extra zero or three) is refused before anything is allocated
@@ -391,8 +391,13 @@ def to_yaml(cfg: Config) -> str:
 def resume_config(saved: Config, overrides: list[str]) -> tuple[Config, list[str]]:
     """A stopped run's config with `overrides` applied, and the keys they changed; refuses any change outside
     SAFE_RESUME_CHANGES, listing each with its old and new value."""
-    raw = saved.model_dump(mode="json")
+    cfg = with_overrides(saved, overrides)
+    return cfg, resume_changes(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """`cfg` with each "section.key=value" applied, validated again."""
+    raw = cfg.model_dump(mode="json")
     for assignment in overrides:
         apply_override(raw, assignment)
-    cfg = build_config(raw)
-    return cfg, resume_changes(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+    return build_config(raw)
