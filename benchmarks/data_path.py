@@ -55,7 +55,7 @@ def _proc_status_bytes(key: str) -> int:
 
 def run_loader(csv_path: str, sources_file: str | None) -> dict:
     """load_file_bars on `csv_path`, with this package's loader or the module in `sources_file`."""
-    from enhanced_tft.config import build_config
+    from enhanced_tft.config.schema import build_config
     if sources_file:   # a package module name, so that its relative imports resolve against enhanced_tft.data
         spec = importlib.util.spec_from_file_location("enhanced_tft.data.sources_under_test", sources_file)
         module = importlib.util.module_from_spec(spec)
@@ -102,7 +102,7 @@ def loader_main(args) -> int:
 def run_case(name: str, spec: dict) -> dict:
     import torch
 
-    from enhanced_tft.config import build_config
+    from enhanced_tft.config.schema import build_config
     from enhanced_tft.data.pipeline import build_data
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

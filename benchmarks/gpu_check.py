@@ -22,15 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from enhanced_tft import tasks  # noqa: E402
-from enhanced_tft.config import load_config, update  # noqa: E402
+from enhanced_tft.config.schema import load_config, update  # noqa: E402
 from enhanced_tft.data.pipeline import build_data  # noqa: E402
-from enhanced_tft.model.build import dims_for  # noqa: E402
-from enhanced_tft.plan_report import plan_dims  # noqa: E402
-from enhanced_tft.train.memory import release_memory  # noqa: E402
-from enhanced_tft.train.planner import _trace, fit_budget  # noqa: E402
-from enhanced_tft.train.precision import PrecisionPolicy  # noqa: E402
-from enhanced_tft.train.optim import param_groups  # noqa: E402
 from enhanced_tft.model.build import build_training_model  # noqa: E402
+from enhanced_tft.model.build import dims_for  # noqa: E402
+from enhanced_tft.runtime.memory import release_memory  # noqa: E402
+from enhanced_tft.runtime.precision import PrecisionPolicy  # noqa: E402
+from enhanced_tft.train.optim import param_groups  # noqa: E402
+from enhanced_tft.train.plan_report import plan_dims  # noqa: E402
+from enhanced_tft.train.planner import fit_budget, trace_step  # noqa: E402
 from enhanced_tft.train.trainer import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def main() -> int:
         dims = plan_dims(cfg, features)
         for precision in precisions:
             micro = cfg.train.batch_size
-            planned = _trace(cfg, dims, micro, precision, "none").peak_bytes
+            planned = trace_step(cfg, dims, micro, precision, "none").peak_bytes
             measured = train_steps(cfg, dims, micro, precision)
             rows.append({"case": f"{label} {precision}", "micro_batch": micro, "planned_bytes": planned, **measured,
                          "plan_error": planned / measured["peak_bytes"] - 1})

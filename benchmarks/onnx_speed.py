@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from enhanced_tft.cli import main as etft  # noqa: E402
-from enhanced_tft.predict import SavedRun  # noqa: E402
-from enhanced_tft.serve import OnnxModel  # noqa: E402
-from enhanced_tft.threads import available_cpus  # noqa: E402
+from enhanced_tft.runtime.threads import available_cpus  # noqa: E402
+from enhanced_tft.serving.onnx_model import OnnxModel  # noqa: E402
+from enhanced_tft.serving.saved_run import SavedRun  # noqa: E402
 
 CONFIGS = ("configs/default.yaml", "configs/bench_matched.yaml")
 

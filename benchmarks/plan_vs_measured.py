@@ -19,13 +19,13 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from enhanced_tft import tasks  # noqa: E402
-from enhanced_tft.config import load_config  # noqa: E402
+from enhanced_tft.config.schema import load_config  # noqa: E402
 from enhanced_tft.model.build import build_model  # noqa: E402
 from enhanced_tft.model.layers import set_fast_cpu_kernels  # noqa: E402
 from enhanced_tft.model.tft import ModelDims, set_activation_checkpointing  # noqa: E402
-from enhanced_tft.plan_report import plan_dims  # noqa: E402
-from enhanced_tft.train.planner import _trace  # noqa: E402
 from enhanced_tft.train.optim import param_groups  # noqa: E402
+from enhanced_tft.train.plan_report import plan_dims  # noqa: E402
+from enhanced_tft.train.planner import trace_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [  # (name, config file, overrides, observed features or None)
@@ -80,7 +80,7 @@ def main() -> int:
         dims = plan_dims(cfg, features)
         for precision, checkpointing in OPTIONS:
             started = time.perf_counter()
-            planned = _trace(cfg, dims, cfg.train.batch_size, precision, checkpointing).peak_bytes
+            planned = trace_step(cfg, dims, cfg.train.batch_size, precision, checkpointing).peak_bytes
             measured = measure(cfg, dims, cfg.train.batch_size, precision, checkpointing)
             error = planned / measured - 1.0
             rows.append({"config": name, "micro_batch": cfg.train.batch_size, "precision": precision,

@@ -28,14 +28,14 @@ BASE = {"sequence_length": 60, "num_features": 32, "d_model": 128}
 
 def measure(out: Path, repeats: int, seconds: float) -> list[dict]:
     sys.path.insert(0, str(REPO / "src"))
-    from enhanced_tft.threads import tune_host_allocator
+    from enhanced_tft.runtime.threads import tune_host_allocator
     tune_host_allocator()     # as `etft` does, before torch is imported
     import torch
 
-    from enhanced_tft.bench import BenchSettings, bench_row, with_observed_features
-    from enhanced_tft.config import load_config, update
+    from enhanced_tft.config.schema import load_config, update
     from enhanced_tft.data.pipeline import build_data
-    from enhanced_tft.threads import configure_threads
+    from enhanced_tft.runtime.threads import configure_threads
+    from enhanced_tft.train.bench import BenchSettings, bench_row, with_observed_features
 
     configure_threads()
     settings = BenchSettings(repeats=repeats, warmup_steps=1, seconds_per_repeat=seconds, infer_seconds=seconds)

@@ -34,6 +34,7 @@ def small_raw() -> dict:
 def run_cli(args: list[str], cwd: Path, timeout: int = 300):
     """Run a real command line in a subprocess with the project's interpreter."""
     import subprocess
+
     # the caller's PYTHONPATH stays after ours (a package installed beside the environment, say)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p))
     if "ETFT_TEST_THREADS" in os.environ:
@@ -65,8 +66,7 @@ def trained_run(tmp_path_factory) -> Path:
 def training_model(cfg, data):
     """The model `etft train` builds for this config and data (its task's head, its checkpointing policy)."""
     from enhanced_tft import tasks
-    from enhanced_tft.model.build import dims_for
-    from enhanced_tft.model.build import build_training_model
+    from enhanced_tft.model.build import build_training_model, dims_for
     return build_training_model(cfg, tasks.for_config(cfg), dims_for(data.transform))
 
 

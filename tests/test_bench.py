@@ -10,11 +10,10 @@ import yaml
 from torch import nn
 
 from conftest import REPO
-
-from enhanced_tft.bench import JSON_KEYS, saved_bytes, with_observed_features
 from enhanced_tft.cli import main
-from enhanced_tft.config import build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.pipeline import build_data
+from enhanced_tft.train.bench import JSON_KEYS, saved_bytes, with_observed_features
 
 
 class _LinearReluSquare(nn.Module):
@@ -145,7 +144,7 @@ def test_a_failing_compile_falls_back_to_the_eager_model(small_raw, monkeypatch,
 
 
 def test_threads_follow_omp_num_threads_when_the_user_set_it(monkeypatch):
-    from enhanced_tft.threads import available_cpus, configure_threads
+    from enhanced_tft.runtime.threads import available_cpus, configure_threads
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -192,7 +191,7 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_in_new_pages(tm
 
 
 def test_allocator_tuning_leaves_a_users_settings(monkeypatch):
-    from enhanced_tft.threads import GLIBC_MALLOC_SETTINGS, tune_host_allocator
+    from enhanced_tft.runtime.threads import GLIBC_MALLOC_SETTINGS, tune_host_allocator
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
     for name in GLIBC_MALLOC_SETTINGS:
         monkeypatch.delenv(name, raising=False)

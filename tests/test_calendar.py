@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import SHARED_DATA
-from enhanced_tft.config import build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.calendar import TradingCalendar, infer_calendar
 from enhanced_tft.data.sources import load_file_bars
 

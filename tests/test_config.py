@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from enhanced_tft.config import (Config, ConfigError, apply_test_mode, build_config, load_config)
+from enhanced_tft.config.schema import Config, apply_test_mode, build_config, load_config
+from enhanced_tft.errors import ConfigError
 
 
 @pytest.mark.parametrize("raw, key, allowed", [
@@ -160,8 +161,8 @@ def test_error_messages_quote_a_huge_value_cut_short():
 
 def test_what_etft_writes_has_no_aliases_and_reads_back():
     """An object met twice would be dumped as an anchor and an alias, which the loader refuses."""
-    from enhanced_tft.config import to_yaml
-    from enhanced_tft.yaml_io import dump_yaml, load_yaml_text
+    from enhanced_tft.config.schema import to_yaml
+    from enhanced_tft.config.yaml_io import dump_yaml, load_yaml_text
     shared = [1, 2, 4]
     text = dump_yaml({"a": shared, "b": shared})
     assert "&" not in text and "*" not in text and load_yaml_text(text) == {"a": [1, 2, 4], "b": [1, 2, 4]}

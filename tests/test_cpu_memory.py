@@ -11,13 +11,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from conftest import REPO
-from enhanced_tft.model.build import dims_for
-from enhanced_tft.train import memory, planner
-from enhanced_tft.train.memory import AvailableMemory, OutOfMemoryGiveUp, is_out_of_memory
 from test_memory import _oom_raw
 from test_trainer import make_trainer
+
+from conftest import REPO
+from enhanced_tft.errors import OutOfMemoryGiveUp
+from enhanced_tft.model.build import dims_for
+from enhanced_tft.runtime import memory
+from enhanced_tft.runtime.memory import AvailableMemory, is_out_of_memory
+from enhanced_tft.train import planner
 
 MIB = 2**20
 
@@ -149,7 +151,7 @@ def test_other_runtime_errors_propagate_unchanged(small_raw):
 
 def test_inference_outside_training_halves_its_batch_on_the_cpu_allocators_failure(small_raw, caplog):
     """`etft predict` and `evaluate` run infer() with its own halving (halve_after_oom)."""
-    from enhanced_tft.inference import infer
+    from enhanced_tft.serving.inference import infer
     trainer, data = make_trainer(_oom_raw(small_raw))
     args = ([trainer.model], trainer.task, data.splits["val"], trainer.device, trainer.policy, 32)
     expected = torch.cat([chunk.predictions[0] for chunk in infer(*args)])
@@ -221,7 +223,7 @@ def test_a_step_larger_than_the_available_memory_is_announced(small_raw, monkeyp
     monkeypatch.setattr(memory, "available_process_memory_bytes",
                         lambda: AvailableMemory(1 * MIB, "RLIMIT_AS ulimit minus the process's mapped memory"))
     trainer, data = _tiny_run(small_raw)
-    peak = planner._trace(trainer.cfg, dims_for(data.transform), 32, "fp32", "none").peak_bytes
+    peak = planner.trace_step(trainer.cfg, dims_for(data.transform), 32, "fp32", "none").peak_bytes
     assert peak > 2 * MIB
     rng = torch.get_rng_state()
     with caplog.at_level("WARNING"):
@@ -244,7 +246,7 @@ def test_no_warning_when_the_step_fits_and_none_when_the_plan_fails(small_raw, m
     monkeypatch.setattr(memory, "_PLANNED_PEAKS", {})
     trainer, data = _tiny_run(small_raw)
     dims = dims_for(data.transform)
-    peak = planner._trace(trainer.cfg, dims, 32, "fp32", "none").peak_bytes
+    peak = planner.trace_step(trainer.cfg, dims, 32, "fp32", "none").peak_bytes
     monkeypatch.setattr(memory, "available_process_memory_bytes", lambda: AvailableMemory(peak, "test"))
     with caplog.at_level("WARNING"):
         assert not memory.warn_if_step_exceeds_memory(trainer.cfg, dims, 32, "fp32")
@@ -253,8 +255,8 @@ def test_no_warning_when_the_step_fits_and_none_when_the_plan_fails(small_raw, m
 
     def broken(*args, **kwargs):
         raise NotImplementedError("an op fake tensors cannot run")
-    monkeypatch.setattr(planner, "_trace", broken)
-    with caplog.at_level("DEBUG", logger="enhanced_tft.train.memory"):
+    monkeypatch.setattr(planner, "trace_step", broken)
+    with caplog.at_level("DEBUG", logger="enhanced_tft.runtime.memory"):
         result = trainer.fit()
     assert result.optimizer_steps == 1
     assert "no memory plan before training on the CPU" in caplog.text and "an op fake tensors cannot run" in caplog.text
@@ -325,7 +327,7 @@ def _old_divisor(effective: int, limit: int) -> int:
 def linear_plan(monkeypatch):
     """fit_budget with a stub trace of exactly 1 byte a sample and no margins: the largest micro-batch that fits is
     the budget itself."""
-    monkeypatch.setattr(planner, "_trace", lambda cfg, dims, micro, precision, checkpointing:
+    monkeypatch.setattr(planner, "trace_step", lambda cfg, dims, micro, precision, checkpointing:
                         SimpleNamespace(peak_bytes=micro))
     monkeypatch.setattr(planner, "CONTEXT_BYTES", 0)
     monkeypatch.setattr(planner, "FRAGMENTATION_MARGIN", 0.0)
@@ -362,9 +364,9 @@ def test_large_effective_batches(linear_plan, effective, budget, expected):
                                                      ("seed_original.yaml", 16, 13), ("seed_original.yaml", 1024, 64)])
 def test_four_times_the_rough_estimate_covers_the_plan(config, micro, features):
     """The quick screen before the warning's trace: skipping the trace must never hide a step that does not fit."""
-    from enhanced_tft.config import load_config
+    from enhanced_tft.config.schema import load_config
     from enhanced_tft.model.tft import ModelDims
     cfg = load_config(REPO / "configs" / config if config else None)
     dims = ModelDims(features, 4, 5, cfg.data.horizon)
-    planned = planner._trace(cfg, dims, micro, "fp32", "none").peak_bytes
+    planned = planner.trace_step(cfg, dims, micro, "fp32", "none").peak_bytes
     assert planned <= 4 * memory.rough_step_bytes(cfg, dims, micro) <= max(40 * planned, 2**31)   # not wildly above

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from enhanced_tft.config import build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.data import features
 from enhanced_tft.data.pipeline import SPLITS, build_data, split_bounds
 from enhanced_tft.data.synthetic import ORACLE_DIRECTION_ACCURACY, generate_bars

@@ -6,12 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from enhanced_tft.config import ConfigError, build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.data import features
+from enhanced_tft.data.bar_checks import count_gaps
 from enhanced_tft.data.pipeline import build_data, build_prediction_data, split_bounds
-from enhanced_tft.data.bar_checks import _gaps
 from enhanced_tft.data.synthetic import generate_bars
 from enhanced_tft.data.transform import RunningMoments, Transform
+from enhanced_tft.errors import ConfigError
 
 
 def _bars(close, high=None, low=None):
@@ -165,13 +166,13 @@ def test_gaps_are_reported_and_filled_up_to_the_limit(caplog):
     frame = pd.DataFrame({"timestamp": stamps, "symbol": "A", "open": 1.0, "high": 2.0, "low": 0.5,
                           "close": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "volume": 10.0})
     with caplog.at_level(logging.INFO, logger="enhanced_tft"):
-        filled = _gaps(frame, 2)
+        filled = count_gaps(frame, 2)
     assert "2 gaps (steps longer than the symbol's usual step, 6 missing bars in all)" in caplog.text
     assert len(filled) == 8                                    # the 2-bar gap is filled, the 4-bar gap is not
     new = filled.iloc[2:4]
     assert list(new["timestamp"]) == list(pd.to_datetime(["2020-01-01 02:00", "2020-01-01 03:00"]))
     assert (new[["open", "high", "low", "close"]] == 2.0).all().all() and (new["volume"] == 0).all()
-    assert _gaps(frame, 0).equals(frame)
+    assert count_gaps(frame, 0).equals(frame)
 
 
 def test_walk_forward_folds_test_on_consecutive_blocks_with_everything_before_for_training():

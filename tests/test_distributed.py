@@ -199,9 +199,10 @@ def test_members_spread_over_ranks_are_the_members_of_the_serial_run(tmp_path):
 @pytest.mark.parametrize("devices, micro, steps", [(2, 32, 2), (3, 32, 2), (8, 16, 1)])
 def test_plan_fits_each_devices_share_of_the_effective_batch(devices, micro, steps, tmp_path):
     """seed_original (effective batch 128) where 50 samples fit one device: each device runs ceil(128 / N)."""
-    from enhanced_tft.cli import main
     import contextlib
     import io
+
+    from enhanced_tft.cli import main
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["plan", "--config", str(REPO / "configs" / "seed_original.yaml"), "--gpu-memory", "1.2GiB",

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from enhanced_tft.config import build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.train.ensemble import bootstrap_windows
 
@@ -34,8 +34,8 @@ def test_an_ensemble_of_five_scores_at_least_as_well_as_the_mean_member(tmp_path
 
     from enhanced_tft import tasks
     from enhanced_tft.runs import RunFolder
+    from enhanced_tft.runtime.precision import resolve_precision
     from enhanced_tft.train.ensemble import train_ensemble
-    from enhanced_tft.train.precision import resolve_precision
 
     raw = {"task": "classification_binary", "seed": 4,
            "data": {"num_symbols": 4, "num_bars": 2000, "sequence_length": 4},   # ret_1..ret_3 carry the signal

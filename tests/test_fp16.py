@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import training_model
-from enhanced_tft.config import build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.pipeline import build_data
-from enhanced_tft.train.precision import PrecisionPolicy
-from enhanced_tft.train.resume import NonFiniteGiveUp
+from enhanced_tft.errors import NonFiniteGiveUp
+from enhanced_tft.runtime.precision import PrecisionPolicy
 from enhanced_tft.train.trainer import Trainer
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli
 from enhanced_tft.cli import main
-from enhanced_tft.config import UserError
+from enhanced_tft.errors import UserError
 from enhanced_tft.runs import RunFolder, atomic_path, write_text_atomic
 
 
@@ -109,7 +109,7 @@ def test_spreadsheet_formulas_in_symbols_are_quoted_in_csv_output(tmp_path):
 def test_the_report_shows_dollar_names_as_text_and_no_absolute_paths(received_run):
     import re
 
-    from enhanced_tft.report import build_report
+    from enhanced_tft.report.page import build_report
     frame = (received_run / "variable_importance_by_symbol.csv")
     symbols = json.loads((received_run / "scaler.json").read_text())["symbols"]
     frame.write_text(frame.read_text().replace(symbols[0], "US$_$X"))        # as mathtext: a ValueError

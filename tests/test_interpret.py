@@ -3,13 +3,13 @@ import pandas as pd
 import pytest
 import torch
 
-from enhanced_tft.config import build_config
-from enhanced_tft.data.pipeline import build_data
 from conftest import training_model
 from enhanced_tft import tasks
-from enhanced_tft.inference import infer
-from enhanced_tft.interpret import WeightSums, attention_frame, importance_frames
-from enhanced_tft.train.precision import resolve_precision
+from enhanced_tft.config.schema import build_config
+from enhanced_tft.data.pipeline import build_data
+from enhanced_tft.evaluation.interpret import WeightSums, attention_frame, importance_frames
+from enhanced_tft.runtime.precision import resolve_precision
+from enhanced_tft.serving.inference import infer
 
 CPU = torch.device("cpu")
 FP32 = resolve_precision("fp32", CPU)

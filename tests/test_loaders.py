@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from enhanced_tft.config import build_config, load_config
+from enhanced_tft.config.schema import build_config, load_config
 from enhanced_tft.data import reader
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.data.sources import OUTPUT, load_file_bars

@@ -3,13 +3,11 @@ import gc
 
 import pytest
 import torch
-
-from enhanced_tft.config import ConfigError, build_config
-from enhanced_tft.train.precision import resolve_precision
-from enhanced_tft.train.memory import OutOfMemoryGiveUp
-
 from test_trainer import CPU, make_trainer
 
+from enhanced_tft.config.schema import build_config
+from enhanced_tft.errors import ConfigError, OutOfMemoryGiveUp
+from enhanced_tft.runtime.precision import resolve_precision
 
 # --- precision policy -------------------------------------------------------------------------------
 
@@ -176,9 +174,9 @@ def test_give_up_at_micro_batch_one_names_the_keys(small_raw):
 
 def test_no_live_tensor_growth_across_five_members(small_raw):
     """Five members in one process: after the first, the live tensors and their bytes stay flat."""
-    from enhanced_tft.data.pipeline import build_data
     from conftest import training_model
-    from enhanced_tft.train.memory import release_memory
+    from enhanced_tft.data.pipeline import build_data
+    from enhanced_tft.runtime.memory import release_memory
     from enhanced_tft.train.trainer import Trainer
 
     small_raw["train"].update(epochs=1, max_steps_per_epoch=3)
@@ -222,9 +220,9 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
     """After an OOM the next member starts at the working size; at micro-batch 1 the run stops with a checkpoint."""
     import json
 
+    from enhanced_tft import tasks
     from enhanced_tft.data.pipeline import build_data
     from enhanced_tft.runs import RunFolder
-    from enhanced_tft import tasks
     from enhanced_tft.train.ensemble import train_ensemble
 
     raw = _oom_raw(small_raw)

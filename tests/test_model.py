@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from enhanced_tft import tasks
-from enhanced_tft.config import build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.model.build import build_model, load_model, move_to_device
 from enhanced_tft.model.layers import (Dropout, VariableSelection, _PerVariableGRN, _torch_dropout_mask, dropout_mask,
                                        fast_cpu_kernels_default, set_fast_cpu_kernels)

@@ -6,10 +6,10 @@ import torch
 
 from conftest import REPO, run_cli
 from enhanced_tft import tasks
-from enhanced_tft.config import build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.model.build import build_model
-from enhanced_tft.plan_report import plan_dims
-from enhanced_tft.train.planner import _trace, fit_budget, parse_bytes
+from enhanced_tft.train.plan_report import plan_dims
+from enhanced_tft.train.planner import fit_budget, parse_bytes, trace_step
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_plan_agrees_with_a_real_step_measured_by_pytorch(small_raw, dropout):
     cfg = build_config(small_raw)
     dims = plan_dims(cfg)
     for precision, checkpointing in [("fp32", "none"), ("bf16", "none"), ("fp32", "blocks")]:
-        planned = _trace(cfg, dims, 32, precision, checkpointing).peak_bytes
+        planned = trace_step(cfg, dims, 32, precision, checkpointing).peak_bytes
         measured = measure(cfg, dims, 32, precision, checkpointing)
         assert planned == pytest.approx(measured, rel=0.05), (precision, checkpointing)
 
@@ -41,7 +41,7 @@ def test_the_plan_traces_the_gpu_step_with_the_fast_paths_off(small_raw):
     small_raw["model"]["dropout_rate"] = 0.1
     cfg = build_config(small_raw)
     dims = plan_dims(cfg)
-    assert _trace(cfg, dims, 8, "fp32", "all").activations > 0
+    assert trace_step(cfg, dims, 8, "fp32", "all").activations > 0
     length = cfg.data.sequence_length
     with FakeTensorMode(), pytest.raises(DataDependentOutputException):   # int() of a fake seed
         model = build_model(cfg.model, dims, 1).train()                    # fast paths on: built for the CPU
@@ -51,12 +51,12 @@ def test_the_plan_traces_the_gpu_step_with_the_fast_paths_off(small_raw):
 
 def test_activations_are_linear_in_the_micro_batch_and_savers_save(plan_cfg):
     dims = plan_dims(plan_cfg)
-    a16, a32, a64 = (_trace(plan_cfg, dims, b, "fp32", "none").activations for b in (16, 32, 64))
+    a16, a32, a64 = (trace_step(plan_cfg, dims, b, "fp32", "none").activations for b in (16, 32, 64))
     assert a64 - a32 == pytest.approx(2 * (a32 - a16), rel=0.02)
-    fp32 = _trace(plan_cfg, dims, 64, "fp32", "none")
-    bf16 = _trace(plan_cfg, dims, 64, "bf16", "none")
-    blocks = _trace(plan_cfg, dims, 64, "bf16", "blocks")
-    everything = _trace(plan_cfg, dims, 64, "bf16", "all")
+    fp32 = trace_step(plan_cfg, dims, 64, "fp32", "none")
+    bf16 = trace_step(plan_cfg, dims, 64, "bf16", "none")
+    blocks = trace_step(plan_cfg, dims, 64, "bf16", "blocks")
+    everything = trace_step(plan_cfg, dims, 64, "bf16", "all")
     assert bf16.activations < 0.65 * fp32.activations
     assert everything.activations < blocks.activations < bf16.activations
     rounded = sum(-(-p.numel() * 4 // 512) * 512 for p in _params(plan_cfg, dims))   # allocator granularity
@@ -74,7 +74,7 @@ def test_budget_fit_keeps_the_effective_batch_and_the_margin(plan_cfg):
     assert fit.max_micro_batch > plan_cfg.train.samples_per_step
     assert fit.micro_batch_size * fit.gradient_accumulation_steps == plan_cfg.train.samples_per_step
     assert fit.usable_bytes == int((2**30 - 768 * 2**20) / 1.15)
-    check = _trace(plan_cfg, dims, fit.max_micro_batch, "bf16", "none").peak_bytes
+    check = trace_step(plan_cfg, dims, fit.max_micro_batch, "bf16", "none").peak_bytes
     assert check <= fit.usable_bytes * 1.01           # the largest micro-batch really fits
     assert fit_budget(plan_cfg, dims, parse_bytes("700MiB"), "bf16", "none", probe=16).micro_batch_size == 0
 

@@ -13,7 +13,7 @@ from conftest import run_cli
 from enhanced_tft.cli import main
 from enhanced_tft.data.synthetic import generate_bars
 from enhanced_tft.data.transform import Transform
-from enhanced_tft.predict import TableWriter
+from enhanced_tft.serving.predict import TableWriter
 from enhanced_tft.tasks import BinaryClassification, TargetScale
 
 NUM_NEW_BARS = 120

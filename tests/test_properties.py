@@ -5,10 +5,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enhanced_tft.config import Config, ConfigError, build_config, load_config
+from enhanced_tft.config.schema import Config, build_config, load_config
+from enhanced_tft.config.yaml_io import load_yaml_text
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.data.synthetic import generate_bars
-from enhanced_tft.yaml_io import load_yaml_text
+from enhanced_tft.errors import ConfigError
 
 KEYS = ["model.d_model", "model.num_heads", "model.dropout_rate", "model.ff_dim", "data.sequence_length",
         "data.horizon", "data.val_fraction", "data.test_fraction", "train.batch_size", "train.epochs",

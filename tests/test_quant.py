@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from enhanced_tft import quant, tasks
-from enhanced_tft.quant_plots import equity_curve_png
+from enhanced_tft import tasks
+from enhanced_tft.evaluation import quant
+from enhanced_tft.report.quant_plots import equity_curve_png
 
 EXACT = 1e-12   # tolerance of the hand-computed numbers (float rounding only)
 DAYS = pd.date_range("2024-01-01", periods=6, freq="D")

@@ -4,11 +4,10 @@ import pickle
 
 import pytest
 import torch
-
-from enhanced_tft.runs import CheckpointError, RunFolder, StorageError, load_checkpoint, save_checkpoint
-from enhanced_tft.train.resume import NonFiniteGiveUp
-
 from test_trainer import make_trainer
+
+from enhanced_tft.errors import CheckpointError, NonFiniteGiveUp, StorageError
+from enhanced_tft.runs import RunFolder, load_checkpoint, save_checkpoint
 
 
 def _snapshot(state: dict) -> dict:

@@ -18,9 +18,9 @@ import torch
 from conftest import REPO, run_cli
 from enhanced_tft.cli import main
 from enhanced_tft.data.synthetic import generate_bars
-from enhanced_tft.config import UserError
-from enhanced_tft.predict import SavedRun
+from enhanced_tft.errors import UserError
 from enhanced_tft.runs import load_checkpoint, save_checkpoint
+from enhanced_tft.serving.saved_run import SavedRun
 
 pytestmark = [pytest.mark.cli, pytest.mark.slow]
 

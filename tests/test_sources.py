@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 
 from conftest import SHARED_DATA, run_cli
-from enhanced_tft.config import ConfigError, build_config
+from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.pipeline import build_data, load_bars
 from enhanced_tft.data.sources import load_file_bars
+from enhanced_tft.errors import ConfigError
 
 STOCKS = SHARED_DATA / "us_stocks_daily_5sym_2000_2013_quandl_wiki_pd.csv.gz"
 COINBASE = SHARED_DATA / "coinbase_btcusd_1h_2017_2019_raw.csv.gz"

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from enhanced_tft import tasks
-from enhanced_tft.config import UserError, load_config
+from enhanced_tft.config.schema import load_config
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.data.synthetic import ORACLE_DIRECTION_ACCURACY
 from enhanced_tft.data.windows import SeriesArrays, WindowSet
-from enhanced_tft.evaluation import score
-from enhanced_tft.strong_baseline import LightGBMSettings, baseline_features, fit_strong_baseline, most_recent
+from enhanced_tft.errors import UserError
+from enhanced_tft.evaluation.baselines import LightGBMSettings, baseline_features, fit_strong_baseline, most_recent
+from enhanced_tft.evaluation.scorecard import score
 
 pytest.importorskip("lightgbm")
 
@@ -78,7 +79,7 @@ def test_the_row_cap_keeps_the_most_recent_samples(binary, caplog):
     assert len(np.unique(train.arrays.symbol.numpy()[kept.sample_ends.numpy()])) == 5
     assert (np.diff(kept.sample_ends.numpy()) > 0).all()                  # the split's order kept
 
-    caplog.set_level(logging.INFO, logger="enhanced_tft.strong_baseline")
+    caplog.set_level(logging.INFO, logger="enhanced_tft.evaluation.baselines")
     result = fit_strong_baseline(cfg, tasks.for_config(cfg), data,
                                  settings=LightGBMSettings(num_threads=1, max_train_rows=1000, max_trees=20))
     assert result.num_train_rows == 1000 and result.num_train_rows_available == len(train)
@@ -169,7 +170,7 @@ class _Ranking(tasks.Task):
 def test_a_task_without_a_mapping_is_skipped_with_a_log_line(caplog):
     cfg = _config("classification_binary", 1, 200)
     data = build_data(cfg)
-    caplog.set_level(logging.WARNING, logger="enhanced_tft.strong_baseline")
+    caplog.set_level(logging.WARNING, logger="enhanced_tft.evaluation.baselines")
     assert fit_strong_baseline(cfg, _Ranking(), data, settings=SETTINGS) is None
     assert "strong baseline skipped" in caplog.text and "_Ranking" in caplog.text
 
@@ -181,7 +182,7 @@ def test_a_training_run_reports_lightgbm_and_the_quant_metrics_beside_the_model(
 
     import pandas as pd
 
-    from enhanced_tft.quant import quant_metrics
+    from enhanced_tft.evaluation.quant import quant_metrics
     summary = json.loads((trained_run / "summary.json").read_text())
     strong = summary["strong_baseline"]
     assert strong["model"] == "LightGBM" and strong["test"]["num_samples"] == summary["test"]["num_samples"]

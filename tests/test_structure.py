@@ -118,7 +118,7 @@ def test_only_runs_py_names_the_run_folders_files():
 
 
 def test_test_mode_comes_before_set_so_the_users_values_win(tmp_path):
-    from enhanced_tft.config import load_config
+    from enhanced_tft.config.schema import load_config
     cfg = load_config(None, ["train.epochs=5", "model.d_model=48"], test_mode=True)
     assert (cfg.train.epochs, cfg.model.d_model) == (5, 48)                   # the user's --set
     assert cfg.run.test_mode and cfg.model.num_transformer_blocks == 1        # the rest of the smoke run
@@ -141,9 +141,9 @@ def test_a_bug_keeps_its_traceback_and_exits_1_while_bad_input_exits_2(monkeypat
 
 
 def test_plan_counts_parameters_not_bytes():
-    from enhanced_tft.config import build_config
+    from enhanced_tft.config.schema import build_config
     from enhanced_tft.model.build import build_model
-    from enhanced_tft.plan_report import plan_dims
+    from enhanced_tft.train.plan_report import plan_dims
     from enhanced_tft.train.planner import plan
     cfg = build_config({"model": {"d_model": 16, "num_heads": 2, "ff_dim": 32, "variable_hidden_size": 4},
                         "train": {"batch_size": 4}, "data": {"sequence_length": 8}})

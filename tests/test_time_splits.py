@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from enhanced_tft.config import UserError, load_config
+from enhanced_tft.config.schema import load_config
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.data.synthetic import generate_bars
+from enhanced_tft.errors import UserError
 
 HORIZON = 3
 SEQUENCE_LENGTH = 16
@@ -100,7 +101,7 @@ def test_a_split_that_no_symbol_reaches_is_refused_with_the_cut_dates(tmp_path):
 
 
 def test_a_run_config_written_before_data_split_existed_keeps_its_per_symbol_splits(tmp_path):
-    from enhanced_tft.config import load_run_config
+    from enhanced_tft.config.schema import load_run_config
     old = tmp_path / "config.yaml"
     old.write_text("data:\n  source: synthetic\n  num_bars: 900\n")
     assert load_run_config(old).data.split == "per_symbol"       # what that version split by

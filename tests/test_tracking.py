@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from enhanced_tft.cli import main  # noqa: E402
-from enhanced_tft.config import ConfigError, build_config, load_config, resume_config  # noqa: E402
-from enhanced_tft.tracking import INSTALL, missing_library  # noqa: E402
+from enhanced_tft.config.schema import build_config, load_config, resume_config
+from enhanced_tft.errors import ConfigError
+from enhanced_tft.tracking.tracker import INSTALL, missing_library  # noqa: E402
 
 TINY = {"seed": 7, "data": {"num_symbols": 2, "num_bars": 700, "sequence_length": 16},
         "model": {"d_model": 16, "num_heads": 2, "num_transformer_blocks": 1, "ff_dim": 32, "variable_hidden_size": 4,
@@ -162,7 +163,7 @@ def test_tensorboard_scalars_are_the_records_of_metrics_jsonl(tracked_run):
 
 def _train_in_process(config: Path, logs: Path, epoch_hook) -> int:
     from enhanced_tft.runs import setup_console_logging
-    from enhanced_tft.workflow import TrainRequest, train
+    from enhanced_tft.train.recipe import TrainRequest, train
     setup_console_logging()
     return train(load_config(config, [f"run.log_dir={logs}"]), TrainRequest(epoch_hook=epoch_hook))
 

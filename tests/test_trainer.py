@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from enhanced_tft.config import build_config
-from enhanced_tft.data.pipeline import build_data
 from conftest import training_model
+from enhanced_tft.config.schema import build_config
+from enhanced_tft.data.pipeline import build_data
+from enhanced_tft.runtime.precision import resolve_precision
 from enhanced_tft.tasks import BinaryClassification
-from enhanced_tft.train.precision import resolve_precision
 from enhanced_tft.train.optim import lr_lambda
 from enhanced_tft.train.trainer import Trainer
 

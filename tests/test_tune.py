@@ -1,5 +1,5 @@
 """etft tune: real Optuna studies in a real SQLite file, each trial a real (tiny) training through train_run; the
-command through tune_cli.main or `python -m enhanced_tft.tune_cli` in subprocesses (two at once, one killed)."""
+command through cli.main(["tune", ...]) or `python -m enhanced_tft tune` in subprocesses (two at once, one killed)."""
 import json
 import os
 import re
@@ -14,10 +14,17 @@ import pytest
 import yaml
 
 from conftest import REPO
-from enhanced_tft.config import load_config
-from enhanced_tft.tune import (BEST_CONFIG_YAML, TRIALS_CSV, TUNE_REPORT_HTML, load_space, parse_space,
-                               trial_config)
-from enhanced_tft.tune_cli import DEFAULT_SPACE, main
+from enhanced_tft.cli import main as etft_main
+from enhanced_tft.config.schema import load_config
+from enhanced_tft.tune.space_file import DEFAULT_SPACE
+from enhanced_tft.tune.study import (BEST_CONFIG_YAML, TRIALS_CSV, TUNE_REPORT_HTML, load_space, parse_space,
+                                     trial_config)
+
+
+def tune(args: list[str]) -> int:
+    """`etft tune ARGS` in this process."""
+    return etft_main(["tune", *args])
+
 
 pytestmark = pytest.mark.slow   # trainings in subprocesses: minutes, not seconds
 
@@ -48,7 +55,7 @@ def _args(folder, trials: int, *extra: str) -> list[str]:
 
 def _spawn(folder, trials: int, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")   # two processes share 2 cores
-    return subprocess.Popen([sys.executable, "-m", "enhanced_tft.tune_cli", *_args(folder, trials, *extra)],
+    return subprocess.Popen([sys.executable, "-m", "enhanced_tft", "tune", *_args(folder, trials, *extra)],
                             cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -107,7 +114,7 @@ def test_a_trial_worse_than_the_median_is_pruned_and_an_invalid_config_is_skippe
     study.enqueue_trial({"model.num_heads": 3, "train.learning_rate": 1e-3})
     study.enqueue_trial({"model.num_heads": 2, "train.learning_rate": 1e-3})
 
-    assert main(_args(study_dir, 5)) == 0
+    assert tune(_args(study_dir, 5)) == 0
     trials = _study(study_dir).get_trials()
     invalid, pruned = trials[3], trials[4]
     assert invalid.state == pruned.state == optuna.trial.TrialState.PRUNED
@@ -147,7 +154,7 @@ def test_a_killed_process_trial_fails_by_heartbeat_is_retried_and_the_study_resu
     assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
     time.sleep(3)     # past the grace period (2 heartbeats); SQLite's clock has whole seconds
 
-    assert main(_args(study_dir, 3, "--heartbeat", "1")) == 0
+    assert tune(_args(study_dir, 3, "--heartbeat", "1")) == 0
     after = _study(study_dir).get_trials()
     assert [t.state.name for t in after] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert (after[0].value, after[0].datetime_complete) == (before[0].value, before[0].datetime_complete)
@@ -187,16 +194,16 @@ def test_space_validation_names_the_entry_and_what_is_allowed(tmp_path):
 
 
 def test_bad_arguments_exit_2_with_what_is_allowed(study_dir, capsys):
-    assert main(_args(study_dir, 0)) == 2
+    assert tune(_args(study_dir, 0)) == 2
     assert "--trials=0; allowed: an integer >= 1" in capsys.readouterr().err
     args = _args(study_dir, 2)
     args[args.index("--space") + 1] = str(study_dir / "nope.yaml")
-    assert main(args) == 2
+    assert tune(args) == 2
     assert "--space" in (err := capsys.readouterr().err) and "cannot be read" in err
-    assert main(_args(study_dir, 2, "--storage", "nosuchdb://host/db")) == 2
+    assert tune(_args(study_dir, 2, "--storage", "nosuchdb://host/db")) == 2
     err = capsys.readouterr().err
     assert "--storage 'nosuchdb://host/db' cannot be opened" in err and "allowed: a SQLAlchemy URL" in err
-    assert main(_args(study_dir, 2, "--storage", f"sqlite:///{study_dir}/missing/dir/t.db")) == 2
+    assert tune(_args(study_dir, 2, "--storage", f"sqlite:///{study_dir}/missing/dir/t.db")) == 2
     assert "cannot be opened" in capsys.readouterr().err
     assert not list((study_dir / "logs").glob("tune_etft/trial_*"))   # nothing trained
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from . import config as config_mod
-from .config import Config, UserError
+from .config import schema as config_mod
+from .config.schema import Config
+from .errors import UserError
 from .runs import ATTENTION_CSV, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV
 
 if TYPE_CHECKING:
@@ -41,13 +42,14 @@ def _config(config: Config | str | os.PathLike | None, overrides: Sequence[str])
 
 def _with_data(cfg: Config, data) -> tuple[Config, Any]:
     """The config reading `data` (a file's path, or a DataFrame checked here as a file's rows are: the bars)."""
-    from .prediction_io import new_data_config
+    from .data.tables import new_data_config
     return (cfg, None) if data is None else new_data_config(cfg, data, {})
 
 
 def _console() -> None:
     """Progress on the console as `etft` shows it, unless the caller set up logging for enhanced_tft itself."""
     import logging
+
     from .runs import LOGGER_NAME, setup_console_logging
     if not logging.getLogger(LOGGER_NAME).handlers:
         setup_console_logging()
@@ -58,7 +60,7 @@ def train(config: Config | str | os.PathLike | None = None, data=None, *, overri
     """Train a run as `etft train` does and open it. `data`: a DataFrame of bars (columns timestamp, symbol,
     open, high, low, close, volume, named or mapped by data.columns; a DatetimeIndex is the timestamp), a file's
     path, or None for the config's own data.source. One walk-forward fold at a time (data.fold=K)."""
-    from .workflow import TrainRequest
+    from .train.recipe import TrainRequest
     cfg, bars = _with_data(_config(config, overrides), data)
     if cfg.data.walk_forward_folds and cfg.data.fold is None:
         raise UserError(f"data.walk_forward_folds={cfg.data.walk_forward_folds} trains one run per fold: from Python "
@@ -75,14 +77,15 @@ def resume(run: str | os.PathLike, data=None, *, overrides: Sequence[str] = (),
     data.source=frame run was trained on, given again (it is compared with the run's fingerprint)."""
     from dataclasses import replace
 
-    from .workflow import resume_request
+    from .train.recipe import resume_request
     cfg, request = resume_request(run, list(overrides))
     bars = None
     if cfg.data.source == "frame":
         if data is None:
             raise UserError(f"{str(run)!r} was trained on a pandas DataFrame: resume(run, data=frame) with that frame")
-        from .data.sources import load_frame_bars
         import pandas as pd
+
+        from .data.sources import load_frame_bars
         if not isinstance(data, pd.DataFrame):
             raise UserError(f"{str(run)!r} was trained on a pandas DataFrame; data must be that DataFrame, not "
                             f"{type(data).__name__}")
@@ -93,8 +96,8 @@ def resume(run: str | os.PathLike, data=None, *, overrides: Sequence[str] = (),
 
 
 def _run(cfg: Config, request, bars) -> "Run":
-    from .tracking import require
-    from .workflow import train_run
+    from .tracking.tracker import require
+    from .train.recipe import train_run
     require(cfg.run.tracking)   # a missing MLflow/TensorBoard answers before any data or training
     _console()
     code, path = train_run(cfg, request)
@@ -105,7 +108,7 @@ def _run(cfg: Config, request, bars) -> "Run":
 
 
 def _saved(path):
-    from .predict import SavedRun
+    from .serving.saved_run import SavedRun
     return SavedRun.open(path)
 
 
@@ -154,7 +157,7 @@ class Run:
 
     def _job(self, data, split: str, read: dict | None, batch_size: int | None, device: str,
              allow_changed_data: bool):
-        from .predict import prediction_job, read_overrides
+        from .serving.predict import prediction_job, read_overrides
         if data is None and self.config.data.source == "frame" and self._bars is None:
             raise UserError(f"{str(self.path)!r} was trained on a pandas DataFrame: give new data, or open the run "
                             "with that frame (Run.open(path, data=frame)) to use its own splits")
@@ -168,14 +171,14 @@ class Run:
         that has a full window, or for the run's own `split` when `data` is None. `read`: data.* keys that say
         how to read the new data (columns, timestamp_format, ...). `engine="onnx"`: the run's export (export())
         by ONNX Runtime on the CPU."""
-        from .predict import predict_frame
+        from .serving.predict import predict_frame
         return predict_frame(self._job(data, split, read, batch_size, device, allow_changed_data), engine)
 
     def evaluate(self, data=None, *, split: str = "test", read: dict | None = None, batch_size: int | None = None,
                  device: str = "auto", allow_changed_data: bool = False) -> dict:
         """The metrics `etft evaluate --json` prints (model, naive and LightGBM baselines, members, quant) on the
         run's own `split` or on new `data` (the windows whose outcome is known)."""
-        from .predict import evaluate_windows
+        from .serving.predict import evaluate_windows
         job = self._job(data, split, read, batch_size, device, allow_changed_data)
         return evaluate_windows(job.run, job.windows, job.target_known, job.device, job.policy, job.batch_size)
 
@@ -198,12 +201,12 @@ class Run:
     def export(self, out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
         """`etft export`: each member as ONNX, the transform and a manifest, in RUN/onnx (or `out`); the folder
         `enhanced_tft.serve.OnnxModel.open` serves without torch."""
-        from .export import export_run
+        from .serving.export import export_run
         return Path(export_run(self.path, out, overwrite))
 
     def report(self) -> Path:
         """(Re)write the run's report.html and return its path."""
-        from .report import write_report
+        from .report.page import write_report
         return Path(write_report(self.path))
 
 
@@ -232,7 +235,7 @@ class Plan:
         return int(self.details["gradient_accumulation_steps"])
 
     def __str__(self) -> str:
-        from .plan_report import format_plan
+        from .train.plan_report import format_plan
         return format_plan(self.details)
 
 
@@ -240,7 +243,7 @@ def plan(config: Config | str | os.PathLike | None = None, gpu_memory: str | int
          overrides: Sequence[str] = (), num_features: int | None = None, num_devices: int = 1) -> Plan:
     """The memory of one training step before any training (`etft plan`): every precision x checkpointing
     option, and with `gpu_memory` ("24GiB" or bytes) the micro-batch and accumulation that fit it."""
-    from .plan_report import plan_dims
+    from .train.plan_report import plan_dims
     from .train.planner import parse_bytes
     from .train.planner import plan as plan_step
     cfg = _config(config, overrides)

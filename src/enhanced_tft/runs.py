@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import UserError
+from .errors import CheckpointError, StorageError, UserError
 
 LOGGER_NAME = "enhanced_tft"
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -48,20 +48,6 @@ LOCK_FILE = ".lock"                           # held by the process that trains 
 TRACKING_JSON = "tracking.json"               # run.tracking: the MLflow run ids a resume continues
 TENSORBOARD_DIR = "tensorboard"               # run.tracking: TensorBoard event files
 MLFLOW_DB, MLFLOW_ARTIFACTS = "mlflow.db", "mlartifacts"   # LOG_DIR/: the default MLflow store
-
-
-class StorageError(UserError):
-    """A file could not be written (disk full, quota, read-only, file-size limit): the message names the file and
-    the reason; the previous version of the file is intact and no partial file is left."""
-
-    def __init__(self, path: str | Path, err: OSError, what_next: str = ""):
-        self.path, self.reason = Path(path), err.strerror or type(err).__name__
-        super().__init__(f"could not write {str(self.path)!r} ({self.reason}); its previous version, if any, is "
-                         "intact and no partial file was left. Free some space (or set run.log_dir / --out to "
-                         f"another disk) and run the command again{what_next}")
-
-    def with_advice(self, what_next: str) -> "StorageError":
-        return StorageError(self.path, OSError(0, self.reason), what_next)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -137,11 +123,6 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
             if "unexpected pos" not in str(err) and "PytorchStreamWriter failed" not in str(err):
                 raise
             raise OSError(0, "the write stopped short: disk full, quota or file-size limit") from None
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: unreadable, truncated, holding more than tensors and plain data, or
-    weights of another model."""
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

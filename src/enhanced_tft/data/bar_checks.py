@@ -2,7 +2,7 @@
 
 Symbols, missing values (data.missing), positive prices, duplicate bars (data.duplicates), the order of the rows,
 and gaps (data.fill_gaps: bars missing from the series' own calendar, calendar.py). A problem stops the run with a
-UserError naming the count, the first row (`_Where`) and the key that changes it; a policy that drops or fills rows
+UserError naming the count, the first row (`RowLocator`) and the key that changes it; a policy that drops or fills rows
 logs what it did with its count.
 """
 from __future__ import annotations
@@ -12,15 +12,15 @@ import logging
 import numpy as np
 import pandas as pd
 
-from ..config import UserError
+from ..errors import UserError
 from .calendar import infer_calendar
 from .column_plan import PRICES
-from .reader import _Where
+from .reader import RowLocator
 
 log = logging.getLogger(__name__)
 
 
-def _check_symbol_text(frame: pd.DataFrame, name: str, where: _Where) -> None:
+def check_symbol_text(frame: pd.DataFrame, name: str, where: RowLocator) -> None:
     """'<NA>' is the text pandas writes for a missing value: refused as a symbol rather than trained on as one."""
     literal = frame["symbol"].eq("<NA>").to_numpy(dtype=bool, na_value=False)
     if literal.any():
@@ -31,7 +31,7 @@ def _check_symbol_text(frame: pd.DataFrame, name: str, where: _Where) -> None:
                          "(data.missing)")
 
 
-def _handle_missing(frame: pd.DataFrame, policy: str, name: str, where: _Where) -> pd.DataFrame:
+def handle_missing(frame: pd.DataFrame, policy: str, name: str, where: RowLocator) -> pd.DataFrame:
     """Empty, NaN, inf or non-numeric values in any used column: an error with counts, or dropped and logged."""
     bad = pd.DataFrame({c: frame[c].isna() for c in frame.columns})
     for column in frame.columns:
@@ -53,7 +53,7 @@ def _handle_missing(frame: pd.DataFrame, policy: str, name: str, where: _Where) 
     return frame[~rows.to_numpy()]
 
 
-def _check_positive(frame: pd.DataFrame, name: str, where: _Where) -> None:
+def check_positive(frame: pd.DataFrame, name: str, where: RowLocator) -> None:
     """Prices (and the adjusted close) must be > 0 and volume >= 0: log returns need them."""
     prices = [c for c in (*PRICES, "adj_close") if c in frame]
     bad = (frame[prices] <= 0).any(axis=1) | (frame["volume"] < 0)
@@ -71,7 +71,7 @@ def _check_positive(frame: pd.DataFrame, name: str, where: _Where) -> None:
         "prices > 0 and volume >= 0: fix or remove those rows")
 
 
-def _handle_duplicates(frame: pd.DataFrame, policy: str, name: str, where: _Where) -> pd.DataFrame:
+def handle_duplicates(frame: pd.DataFrame, policy: str, name: str, where: RowLocator) -> pd.DataFrame:
     """Two bars of one symbol at one timestamp: an error with the count and first example, or keep the later row."""
     dup = frame.duplicated(["symbol", "timestamp"], keep="last")
     if not dup.any():
@@ -88,7 +88,7 @@ def _handle_duplicates(frame: pd.DataFrame, policy: str, name: str, where: _Wher
     return frame[~dup.to_numpy()]
 
 
-def _sort(frame: pd.DataFrame) -> pd.DataFrame:
+def sort_bars(frame: pd.DataFrame) -> pd.DataFrame:
     """Sort by symbol then time, and say so when the file was in another order."""
     steps = frame.groupby("symbol", sort=False)["timestamp"].diff().dropna()
     back, forward = int((steps < pd.Timedelta(0)).sum()), int((steps > pd.Timedelta(0)).sum())
@@ -106,7 +106,7 @@ def _sort(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["symbol", "timestamp"], kind="stable")
 
 
-def _gaps(frame: pd.DataFrame, fill_limit: int) -> pd.DataFrame:
+def count_gaps(frame: pd.DataFrame, fill_limit: int) -> pd.DataFrame:
     """Report bars missing from the series' own calendar (calendar.py: weekends and market holidays are not gaps):
     steps longer than a symbol's usual (median) step on that calendar, within the symbol's own first..last bar.
     Fill those of up to `fill_limit` missing bars with flat bars on the calendar's trading days (open = high = low =

@@ -1,6 +1,6 @@
 """The series' own calendar, inferred from the bars of the whole file: the days on which its market trades.
 
-A gap (bar_checks._gaps) is a bar missing from this calendar: weekends and market holidays are not gaps. The rules,
+A gap (bar_checks.count_gaps) is a bar missing from this calendar: weekends and market holidays are not gaps. The rules,
 pooled over all symbols of the file:
 - Weekend: in a file of daily or shorter bars (the usual step, the median over all symbols, at most one day) whose
   dates span at least 4 weeks, a day of the week carrying under 1% of the bars of the busiest day of the week. 24/7

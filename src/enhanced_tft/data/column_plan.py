@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..config import DataConfig, UserError
+from ..config.schema import DataConfig
+from ..errors import UserError
 from . import features
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def _find(columns: list[str], wanted: str) -> str | None:
 
 
 @dataclass
-class _Plan:
+class ColumnPlan:
     """Which of the file's columns are read, and as which of ours."""
     picked: dict[str, str]   # our name -> the file's
     extras: list[str]        # data.extra_columns; with 'all', the columns still in (every value so far a number)
@@ -38,7 +39,7 @@ class _Plan:
         return [*self.picked.values(), *self.extras]
 
 
-def _plan(found: list[str], data: DataConfig, name: str) -> _Plan:
+def plan_columns(found: list[str], data: DataConfig, name: str) -> ColumnPlan:
     """Our columns, found among the file's through data.columns; a missing one lists what the file has."""
     wanted = ["timestamp", *(() if data.symbol else ("symbol",)), *PRICES, "volume"]
     if data.symbol and _find(found, data.columns.get("symbol", "symbol")):
@@ -67,7 +68,7 @@ def _plan(found: list[str], data: DataConfig, name: str) -> _Plan:
             f"{name} lacks column(s) {', '.join(missing)}; the file has {len(found)} column(s): {', '.join(found)}; "
             f"map our names to the file's with data.columns, e.g. --set data.columns='{{{example}}}' (our names: "
             f"timestamp (or date), symbol, open, high, low, close, volume, adj_close){symbol_hint}")
-    return _Plan(picked, _extra_columns(found, data, set(picked.values()), name))
+    return ColumnPlan(picked, _extra_columns(found, data, set(picked.values()), name))
 
 
 def _extra_columns(found: list[str], data: DataConfig, used: set[str], name: str) -> list[str]:

@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..config import Config, UserError
+from ..config.schema import Config
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

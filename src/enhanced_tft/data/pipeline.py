@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .. import tasks
-from ..config import Config, DataConfig, UserError
+from ..config.schema import Config, DataConfig
+from ..errors import UserError
 from . import features
 from .arrays import SeriesBuffer
 from .rows import RowArrays

@@ -3,7 +3,7 @@
 Memory: a CSV is parsed CSV_CHUNK_ROWS rows at a time and each chunk is cut down at once to what is kept
 (float64 numbers, parsed timestamps, symbol codes), so the text of one chunk is the only text alive; a Parquet
 file is read with only the columns used. The checks see the whole file as before: what they need of earlier
-chunks (counts, the first bad row) is kept, and every error names the row's position in the file (`_Where`).
+chunks (counts, the first bad row) is kept, and every error names the row's position in the file (`RowLocator`).
 A file that cannot be opened, decoded or parsed stops the run with one UserError naming the key that changes it
 (data.encoding, data.skip_rows).
 """
@@ -17,8 +17,9 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from ..config import DataConfig, UserError
-from .column_plan import _Plan, _plan
+from ..config.schema import DataConfig
+from ..errors import UserError
+from .column_plan import ColumnPlan, plan_columns
 
 try:
     from pandas.tseries.api import guess_datetime_format
@@ -33,7 +34,7 @@ CSV_CHUNK_ROWS = 1 << 15   # CSV rows parsed as text at a time: the only text al
 NOT_A_TIME = ("", "NaT", "nat", "NAT", "nan", "NaN", "NAN", "now", "today")
 
 
-class _Where:
+class RowLocator:
     """Turns a row position of the table into words a user can find in the file."""
 
     def __init__(self, path: Path, is_csv: bool, skip_rows: int):
@@ -47,7 +48,7 @@ class _Where:
         return f"row {position + 1}"
 
 
-def _read_table(path: Path, data: DataConfig) -> tuple[Iterator[pd.DataFrame], bool]:
+def read_table(path: Path, data: DataConfig) -> tuple[Iterator[pd.DataFrame], bool]:
     """The table as chunks of rows (Parquet: one), text kept as text; any reader error becomes one UserError."""
     try:
         with path.open("rb") as handle:
@@ -85,7 +86,7 @@ def _parquet_columns(path: Path, data: DataConfig) -> list[str] | None:
     if num_rows == 0 or any(c.startswith("__index_level_") for c in index):
         return None   # an empty file's message lists every column; pandas renames an unnamed saved index
     try:
-        plan = _plan([str(c) for c in schema.names], data, "")
+        plan = plan_columns([str(c) for c in schema.names], data, "")
     except UserError:
         return None   # the whole table gives the message, with the columns as pandas names them
     return [c for c in dict.fromkeys(plan.columns) if c not in index]   # pandas reads a saved index by itself
@@ -116,21 +117,21 @@ def _first_line(err: Exception) -> str:
 
 
 def _to_number(values: pd.Series) -> pd.Series:
-    """Text to float64; empty or non-numeric text becomes NaN (counted by _handle_missing)."""
+    """Text to float64; empty or non-numeric text becomes NaN (counted by handle_missing)."""
     if pd.api.types.is_numeric_dtype(values):
         return values.astype(np.float64)
     text = values.astype(str).str.strip()   # '1,5' stays non-numeric (an error), never silently 15
     return pd.to_numeric(text, errors="coerce").astype(np.float64)
 
 
-class _Table:
+class BarTable:
     """The file cut down chunk by chunk to the columns kept (float64 numbers, parsed timestamps, symbol codes),
     with what the whole-file checks need of the rows already read; `finish` runs those checks in their order."""
 
     def __init__(self, data: DataConfig, name: str):
         self.data, self.name = data, name
         self.header: list[str] | None = None
-        self.plan: _Plan | None = None
+        self.plan: ColumnPlan | None = None
         self.plan_error: UserError | None = None
         self.num_rows = 0
         self.rows_of_symbol = 0            # data.symbol's rows, in a file of many symbols
@@ -153,7 +154,7 @@ class _Table:
         if self.header is None:
             self.header = list(chunk.columns)
             try:
-                self.plan = _plan(self.header, self.data, self.name)
+                self.plan = plan_columns(self.header, self.data, self.name)
             except UserError as err:   # raised after the last chunk: an unreadable line further on is named first
                 self.plan_error = err
                 return
@@ -184,7 +185,7 @@ class _Table:
         self.numbers.append(np.column_stack([extras[c] if c in extras else _to_number(chunk[picked[c]])
                                              for c in self.number_columns]))
 
-    def finish(self, where: _Where) -> pd.DataFrame:
+    def finish(self, where: RowLocator) -> pd.DataFrame:
         data, name = self.data, self.name
         if not self.num_rows:
             raise UserError(f"{name} has a header ({', '.join(self.header or [])}) but no rows of bars")
@@ -278,7 +279,7 @@ class _Timestamps:
                 self.inferred = guess_datetime_format(text.iloc[int(np.flatnonzero(usable)[0])]) or "mixed"
         return self.inferred
 
-    def check(self, where: _Where) -> None:
+    def check(self, where: RowLocator) -> None:
         if self.error is not None:
             raise self.error
         if self.num_bad:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import DataConfig, UserError
-from .bar_checks import _check_positive, _check_symbol_text, _gaps, _handle_duplicates, _handle_missing, _sort
+from ..config.schema import DataConfig
+from ..errors import UserError
+from .bar_checks import check_positive, check_symbol_text, count_gaps, handle_duplicates, handle_missing, sort_bars
 from .column_plan import OUTPUT, PRICES
-from .reader import _read_table, _Table, _Where
+from .reader import BarTable, RowLocator, read_table
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ def load_file_bars(data: DataConfig) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} does not exist (data.path); allowed: a CSV, gzip CSV (.csv.gz) "
                          "or Parquet file of bars")
-    chunks, is_csv = _read_table(path, data)
-    return _checked_bars(chunks, _Where(path, is_csv, data.skip_rows), f"data file {str(path)!r}", data, str(path))
+    chunks, is_csv = read_table(path, data)
+    return _checked_bars(chunks, RowLocator(path, is_csv, data.skip_rows), f"data file {str(path)!r}", data, str(path))
 
 
 def load_frame_bars(bars: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
@@ -47,29 +48,29 @@ def load_frame_bars(bars: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
         raise UserError(f"data.skip_rows={data.skip_rows} applies to CSV files only; set data.skip_rows=0 for a "
                         "DataFrame")
     frame = bars if isinstance(bars.index, pd.RangeIndex) else bars.reset_index()
-    return _checked_bars(iter([frame.copy(deep=False)]), _Where(None, False, 0), "the DataFrame", data,
+    return _checked_bars(iter([frame.copy(deep=False)]), RowLocator(None, False, 0), "the DataFrame", data,
                          "the DataFrame")
 
 
-def _checked_bars(chunks, where: _Where, name: str, data: DataConfig, origin: str) -> pd.DataFrame:
-    table = _Table(data, name)
+def _checked_bars(chunks, where: RowLocator, name: str, data: DataConfig, origin: str) -> pd.DataFrame:
+    table = BarTable(data, name)
     for chunk in chunks:
         table.add(chunk)
     frame = table.finish(where)
-    _check_symbol_text(frame, name, where)
-    frame = _handle_missing(frame, data.missing, name, where)
+    check_symbol_text(frame, name, where)
+    frame = handle_missing(frame, data.missing, name, where)
     if frame.empty:
         raise UserError(f"{name}: no rows left after data.missing=drop; every row had an empty, NaN or inf value")
-    _check_positive(frame, name, where)
+    check_positive(frame, name, where)
     if "adj_close" in frame:
         factor = frame["adj_close"] / frame["close"]
         frame[list(PRICES)] = frame[list(PRICES)].mul(factor, axis=0)
         frame["volume"] = frame["volume"] / factor   # a 2:1 split doubles the shares traded: same in adjusted units
         log.info("adjusted open/high/low/close by %s / close and volume by its inverse (factor %.4g .. %.4g)",
                  data.adjust_column, float(factor.min()), float(factor.max()))
-    frame = _handle_duplicates(frame, data.duplicates, name, where)
-    frame = _sort(frame)
-    frame = _gaps(frame, data.fill_gaps)
+    frame = handle_duplicates(frame, data.duplicates, name, where)
+    frame = sort_bars(frame)
+    frame = count_gaps(frame, data.fill_gaps)
     log.info("loaded %d bars of %d symbol(s) from %s: %s", len(frame), frame["symbol"].nunique(), origin,
              ", ".join(f"{s} {n}" for s, n in frame.groupby("symbol", sort=True).size().items()))
     extras = [c for c in frame.columns if c not in OUTPUT and c != "adj_close"]

@@ -51,7 +51,7 @@ def _regimes(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def generate_symbol(seed: int, index: int, num_bars: int, with_signal: bool = False) -> dict[str, np.ndarray]:
     """Arrays of one symbol's bars; the same (seed, index) always gives the same bars."""
-    from scipy.signal import lfilter   # 1.5 s to import: paid only when synthetic bars are made
+    from scipy.signal import lfilter  # 1.5 s to import: paid only when synthetic bars are made
 
     rng = np.random.default_rng([seed, index])
     n = num_bars + _BURN_IN

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config, ModelConfig
+from ..config.schema import Config, ModelConfig
+from ..errors import WeightsMismatch
 from .layers import fast_cpu_kernels_default, set_fast_cpu_kernels
 from .tft import EnhancedTFT, ModelDims, set_activation_checkpointing
 
@@ -38,10 +39,6 @@ def build_model(model: ModelConfig, dims: ModelDims, output_size: int) -> Enhanc
 def move_to_device(model: EnhancedTFT, device: torch.device | str) -> EnhancedTFT:
     """`model` on `device`, with the CPU fast paths on or off as that device's default says."""
     return set_fast_cpu_kernels(model, fast_cpu_kernels_default(device)).to(device)
-
-
-class WeightsMismatch(ValueError):
-    """Saved weights whose names or shapes do not fit the model the config describes."""
 
 
 def load_model(model: ModelConfig, dims: ModelDims, output_size: int, state_dict: dict[str, torch.Tensor],

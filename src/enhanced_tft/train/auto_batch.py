@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config, UserError, update
+from ..config.schema import Config, update
+from ..errors import UserError
 from ..model.build import dims_for
-from .memory import available_ram_bytes
+from ..runtime.memory import available_ram_bytes
 from .planner import fit_budget, parse_bytes
 
 

@@ -114,10 +114,6 @@ class World:
 SINGLE = World()
 
 
-class RankLost(RuntimeError):
-    """Another rank stopped (crashed, killed, out of memory outside a step) while this one waited on it."""
-
-
 def launched_by_torchrun() -> bool:
     return all(key in os.environ for key in _ENV)
 
@@ -188,8 +184,8 @@ def build_shared_data(build, world: World, folder: "os.PathLike[str]"):
     import shutil
     from pathlib import Path
 
-    from ..config import UserError
     from ..data.shared import export_bundle, map_bundle
+    from ..errors import UserError
 
     folder = Path(folder).with_name(f"{Path(folder).name}_node{world.node}")   # machines may share a folder
     error = None

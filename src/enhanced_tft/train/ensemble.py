@@ -15,19 +15,20 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import Config, UserError
+from ..config.schema import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
-from ..evaluation import baseline_output, score
-from ..interpret import WeightSums
+from ..errors import CheckpointError, NonFiniteGiveUp, OutOfMemoryGiveUp, UserError
+from ..evaluation.interpret import WeightSums
+from ..evaluation.scorecard import baseline_output, score
 from ..model.build import build_training_model, dims_for
-from ..runs import STRONG_BASELINE_JSON, SUMMARY_JSON, CheckpointError, RunFolder, load_checkpoint, save_checkpoint
+from ..runs import STRONG_BASELINE_JSON, SUMMARY_JSON, RunFolder, load_checkpoint, save_checkpoint
+from ..runtime.memory import release_memory
+from ..runtime.precision import PrecisionPolicy
 from ..tasks import Task
 from .compile import apply_compile
-from .memory import OutOfMemoryGiveUp, release_memory
-from .precision import PrecisionPolicy
-from .resume import NonFiniteGiveUp, TrainProgress
 from .distributed import SINGLE, World
+from .resume import TrainProgress
 from .trainer import FaultHook, Trainer
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,8 @@ def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
     (IC, rank IC and backtests of the model and of LightGBM on the test split), and the equity curves of the
     long/short-by-sign backtests (None where quant metrics do not apply), and the fitted baseline (or None).
     Neither stops a trained run: a failure is logged and recorded."""
-    from ..evaluation import equity_curves, quant_of
-    from ..strong_baseline import fit_strong_baseline
+    from ..evaluation.baselines import fit_strong_baseline
+    from ..evaluation.scorecard import equity_curves, quant_of
 
     out: dict[str, Any] = {}
     strong = None

@@ -27,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .. import tasks
-from ..config import Config, UserError
+from ..config.schema import Config
+from ..errors import UserError
 from ..model.build import build_model
 from ..model.layers import set_fast_cpu_kernels
 from ..model.tft import CHECKPOINTING, ModelDims, set_activation_checkpointing
@@ -136,7 +137,7 @@ class StepMemory:
     peak_bytes: int
 
 
-def _trace(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, checkpointing: str) -> StepMemory:
+def trace_step(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, checkpointing: str) -> StepMemory:
     """The memory of one training step as a GPU runs it, traced on fake tensors.
 
     The model's CPU fast paths are switched off, as on a GPU: the trace is of torch's own dropout and plain
@@ -202,8 +203,8 @@ def fit_budget(cfg: Config, dims: ModelDims, budget_bytes: int, precision: str, 
 
     With `num_devices` data-parallel ranks each device runs its share of the effective batch (ceil(E / N)
     samples); the micro-batch divides the effective batch, so that batch_size x accumulation still gives it."""
-    small = traced_probe or _trace(cfg, dims, probe, precision, checkpointing)
-    large = _trace(cfg, dims, 2 * probe, precision, checkpointing)
+    small = traced_probe or trace_step(cfg, dims, probe, precision, checkpointing)
+    large = trace_step(cfg, dims, 2 * probe, precision, checkpointing)
     per_sample = (large.peak_bytes - small.peak_bytes) / probe
     fixed = small.peak_bytes - per_sample * probe
     usable = int((budget_bytes - CONTEXT_BYTES) / (1 + FRAGMENTATION_MARGIN))
@@ -224,7 +225,7 @@ def plan(cfg: Config, dims: ModelDims, budget_bytes: int | None = None, num_devi
     `num_devices` data-parallel ranks sharing the effective batch)."""
     configured_precision = _precision_name(cfg.train.mixed_precision)
     micro = cfg.train.batch_size
-    traced = {(p, c): _trace(cfg, dims, micro, p, c) for p in ("fp32", "bf16") for c in CHECKPOINTING}
+    traced = {(p, c): trace_step(cfg, dims, micro, p, c) for p in ("fp32", "bf16") for c in CHECKPOINTING}
     for c in CHECKPOINTING:   # fp16 stores what bf16 stores (2 bytes an element); its GradScaler's scalars are negligible
         traced[("fp16", c)] = StepMemory(**{**asdict(traced[("bf16", c)]), "precision": "fp16"})
     table = [asdict(traced[(p, c)]) for p in PRECISIONS for c in CHECKPOINTING]

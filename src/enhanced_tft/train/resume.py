@@ -8,18 +8,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 
-class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived: a checkpoint was written after the current step."""
-
-    def __init__(self, signal_name: str, where: str):
-        super().__init__(f"stopped by {signal_name} at {where}; a checkpoint was saved")
-        self.signal_name = signal_name
-
-
-class NonFiniteGiveUp(RuntimeError):
-    """Too many NaN/inf steps in a row: the last good weights were kept."""
-
-
 @dataclass
 class TrainProgress:
     """Counters of the epoch loop; saved in every checkpoint as plain numbers and tensors."""

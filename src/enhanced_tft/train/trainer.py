@@ -17,18 +17,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import tasks
-from ..config import Config
+from ..config.schema import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
-from ..inference import InferredChunk, infer
+from ..errors import NonFiniteGiveUp, OutOfMemoryGiveUp, TrainingInterrupted
 from ..model.build import dims_for
 from ..model.tft import EnhancedTFT
-from .memory import (MemoryMonitor, OutOfMemoryGiveUp, give_up_message, is_out_of_memory, release_after_oom,
-                     warn_if_step_exceeds_memory)
-from .optim import continue_schedule, lr_lambda, make_optimizer
-from .precision import PrecisionPolicy
+from ..runtime.memory import MemoryMonitor, is_out_of_memory, release_after_oom, warn_if_step_exceeds_memory
+from ..runtime.precision import PrecisionPolicy
+from ..serving.inference import InferredChunk, infer
 from .distributed import SINGLE, World
-from .resume import STOP, NonFiniteGiveUp, TrainingInterrupted, TrainProgress, rng_state, set_rng_state
+from .optim import continue_schedule, lr_lambda, make_optimizer
+from .resume import STOP, TrainProgress, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Trainer:
         release_after_oom(self.device)
         old = getattr(self, size_attr)
         if old <= 1:
-            raise OutOfMemoryGiveUp(give_up_message(self.cfg, phase))
+            raise OutOfMemoryGiveUp.at_one_sample(self.cfg, phase)
         setattr(self, size_attr, old // 2)
         self.oom_recoveries += 1
         if size_attr == "micro_batch_size":

@@ -1,0 +1,1 @@
+"""Config: the typed tree, YAML in and out, overrides, error formatting."""

@@ -1,0 +1,1 @@
+"""Evaluation: the scorecard, baselines, quant metrics, walk-forward, interpretation."""

@@ -1,0 +1,1 @@
+"""Report: the run's HTML page and its figures."""

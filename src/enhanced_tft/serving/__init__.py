@@ -1,0 +1,1 @@
+"""Serving: the inference loop, predictions, ONNX export, torch-free serving."""

@@ -1,0 +1,98 @@
+"""The one batched inference loop: training's evaluation, the test pass after training (metrics, predictions
+and interpretation from one pass), `etft predict` / `evaluate` and `etft bench` all run it.
+
+A split is cut into chunks of `batch_size` samples in split order; every model sees the same chunk. A chunk
+that runs out of memory is freed and redone at half the size (OutOfMemoryGiveUp at one sample): no sample
+skipped or counted twice. The same chunking gives the same numbers to the bit wherever it runs.
+
+Legend: B chunk, M models, O head outputs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..data.windows import WindowSet
+from ..errors import OutOfMemoryGiveUp
+from ..model.tft import EnhancedTFT, TFTOutput
+from ..runtime.memory import is_out_of_memory, release_after_oom
+from ..runtime.precision import PrecisionPolicy
+from ..tasks import Task
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("observed", "known", "symbol")
+
+
+@dataclass
+class InferredChunk:
+    indices: torch.Tensor                  # (B,) sample positions within the split
+    symbol: torch.Tensor                   # (B,) symbol ids, on the CPU
+    predictions: list[torch.Tensor]        # per model: task.predict of the output, (B,) or (B, O), on the CPU
+    loss_sums: list[torch.Tensor] | None   # per model: summed task loss over the chunk (a device scalar)
+    outputs: list[TFTOutput] | None        # per model, with selection and attention weights (with_weights)
+
+
+def forward_chunk(models: list[EnhancedTFT], task: Task, split: WindowSet, chunk: torch.Tensor,
+                  device: torch.device, policy: PrecisionPolicy, with_loss: bool = False,
+                  with_weights: bool = False) -> InferredChunk:
+    """One chunk through every model (no gradients)."""
+    batch = split.batch(chunk)
+    inputs = [batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS]
+    target = batch["target"].to(device, non_blocking=True) if with_loss else None
+    predictions, losses, outputs = [], [], []
+    with torch.no_grad():
+        for model in models:
+            with policy.autocast():
+                out = model(*inputs, return_weights=with_weights)
+            if with_loss:
+                losses.append(task.loss(out.output, target).sum())
+            predictions.append(task.predict(out.output).cpu())
+            outputs.append(out)
+    return InferredChunk(chunk, batch["symbol"], predictions, losses if with_loss else None,
+                         outputs if with_weights else None)
+
+
+def halve_after_oom(size: int, device: torch.device, what: str) -> int:
+    """Free what a failed chunk held and return half its size; at one sample, give up."""
+    release_after_oom(device)
+    if size <= 1:
+        raise OutOfMemoryGiveUp(f"out of memory in {what} even at one sample per batch; `etft plan` shows what "
+                                "fits; lower model.d_model or model.ff_dim, or predict on a larger device")
+    log.warning("out of memory in %s: batch %d -> %d; redoing the batch", what, size, size // 2)
+    return size // 2
+
+
+def infer(models: list[EnhancedTFT], task: Task, split: WindowSet, device: torch.device, policy: PrecisionPolicy,
+          batch_size: int, *, with_loss: bool = False, with_weights: bool = False,
+          before_chunk: Callable[[int, torch.Tensor], None] | None = None,
+          on_oom: Callable[[int], int] | None = None, what: str = "inference") -> Iterator[InferredChunk]:
+    """Yield every chunk of `split` through `models`, in split order, halving the chunk after an OOM.
+
+    `before_chunk(index, chunk)` runs before each chunk (tests inject faults there); `on_oom(size)` returns the
+    next size (default: halve_after_oom).
+    """
+    for model in models:
+        model.eval()
+    indices = split.all_indices()
+    position, chunk_index = 0, 0
+    while position < len(split):
+        chunk = indices[position:position + batch_size]
+        try:
+            if before_chunk:
+                before_chunk(chunk_index, chunk)
+            result = forward_chunk(models, task, split, chunk, device, policy, with_loss, with_weights)
+        except Exception as err:   # a CUDA OOM, or the CPU allocator's failure under a ulimit
+            if not is_out_of_memory(err):
+                raise
+            # leave the except block first so that the traceback's tensors are freed
+        else:
+            yield result
+            position += chunk.numel()
+            chunk_index += 1
+            continue
+        result = None
+        batch_size = on_oom(batch_size) if on_oom else halve_after_oom(batch_size, device, what)

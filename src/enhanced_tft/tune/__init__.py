@@ -1,0 +1,1 @@
+"""Tune: Optuna studies over training runs."""

@@ -1,0 +1,164 @@
+"""The files a study leaves in LOG_DIR/tune_<study>/ (trials.csv, best_config.yaml, tune_report.html), each
+rewritten whole after every trial, and the console lines of a study."""
+from __future__ import annotations
+
+import html
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from ..config import schema as config_mod
+from ..config.schema import Config
+from ..report.page import STYLE, html_table, img_tag, key_values_table, note_paragraph
+from ..report.plots import new_figure, to_png
+from ..runs import spreadsheet_safe, write_text_atomic
+from .study import BEST_CONFIG_YAML, TRIALS_CSV, TUNE_REPORT_HTML, trial_config
+
+log = logging.getLogger("enhanced_tft.tune")
+
+OBJECTIVE = ("mean over the members of each member's best validation loss, lower is better (member 0's epochs "
+             "feed the pruner); the test split is never looked at")
+
+
+def finish(study, folder: Path, stop_code: int) -> int:
+    """The closing lines; exit 3 when every trial of the study ended without a result."""
+    trials = study.get_trials(deepcopy=False)
+    counts = state_counts(trials)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if not complete:
+        if stop_code or not trials or any(t.state.name in ("RUNNING", "WAITING") for t in trials):
+            log.info("study %r: no complete trial yet (%s)", study.study_name, counts)
+            return stop_code
+        notes = [t.user_attrs["note"] for t in trials if "note" in t.user_attrs]
+        print(f"etft tune: error: no trial completed ({counts})" + (f"; the last said: {notes[-1]}" if notes else ""),
+              file=sys.stderr)
+        return 3
+    best = min(complete, key=lambda t: t.value)
+    log.info("study %r: %s; best trial %d, val loss %.5g; report %s", study.study_name, counts, best.number,
+             best.value, folder / TUNE_REPORT_HTML)
+    print(folder / BEST_CONFIG_YAML)
+    return stop_code
+
+
+def state_counts(trials) -> str:
+    """e.g. '3 complete, 1 pruned'."""
+    return ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState
+                     if any(t.state == s for t in trials)) or "no trials"
+
+
+def trial_line(study, trial) -> str:
+    """One progress line: number, outcome, params, best so far."""
+    params = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    note = trial.user_attrs.get("note")
+    outcome = (f"val loss {trial.value:.5g}" if trial.state.name == "COMPLETE" else
+               trial.state.name.lower() + (f" ({note})" if note else ""))
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    best = min(complete, key=lambda t: t.value, default=None)
+    return (f"trial {trial.number} {outcome} | {params} | best " +
+            (f"{best.value:.5g} (trial {best.number})" if best else "none yet"))
+
+
+def write_outputs(study, folder: Path, base: Config) -> None:
+    """trials.csv, best_config.yaml (once a trial completed) and tune_report.html, each written whole."""
+    trials = study.get_trials(deepcopy=False)
+    write_text_atomic(folder / TRIALS_CSV, spreadsheet_safe(trials_frame(trials)).to_csv(index=False))
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    if best is not None:
+        write_text_atomic(folder / BEST_CONFIG_YAML, best_config_text(study, best, base))
+    write_text_atomic(folder / TUNE_REPORT_HTML, report_html(study, trials, best))
+
+
+def trials_frame(trials):
+    """One row per trial: number, state, value, duration, each tuned key, note, run folder."""
+    keys = list(dict.fromkeys(k for t in trials for k in t.params))
+    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials
+                  if t.system_attrs.get("retry_history")}
+    rows = [{"number": t.number, "state": t.state.name, "value": t.value,
+             "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
+             **{k: t.params.get(k) for k in keys}, "run": t.user_attrs.get("run", ""),
+             "note": t.user_attrs.get("note") or (f"its process stopped (no heartbeat); retried as trial "
+                                                  f"{retried_as[t.number]}" if t.number in retried_as else "")}
+            for t in trials]
+    return pd.DataFrame(rows, columns=["number", "state", "value", "duration_s", *keys, "note", "run"])
+
+
+def best_config_text(study, best, base: Config) -> str:
+    stored = best.user_attrs.get("config")
+    cfg = config_mod.build_config(stored) if stored else trial_config(base, best.params)
+    tuned = ", ".join(f"{k}={v}" for k, v in best.params.items())
+    return (f"# best trial {best.number} of etft tune study {study.study_name!r}: validation loss {best.value:.6g}\n"
+            f"# tuned: {tuned}\n# train it: etft train --config <this file>\n"
+            + config_mod.to_yaml(cfg))
+
+
+def report_html(study, trials, best) -> str:
+
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    sections = [key_values_table([["study", study.study_name], ["trials", state_counts(trials)], ["objective", OBJECTIVE],
+                             ["best trial", f"{best.number}: {best.value:.6g}" if best else "none complete yet"],
+                             ["best config", "best_config.yaml (etft train --config best_config.yaml)" if best else
+                              "written once a trial completes"]])]
+    sections.append("<h2>Search history</h2>" + (img_tag(history_png(trials), "objective per trial") if complete
+                                                 else note_paragraph("no complete trial yet")))
+    importances, why = param_importances(study, complete)
+    sections.append("<h2>Parameter importances</h2>" + (
+        img_tag(importance_png(importances), "parameter importances") + note_paragraph("optuna.importance.get_param_importances "
+                                                                           "over the complete trials") if importances
+        else note_paragraph(why)))
+    if best:
+        sections.append(f"<h2>Best trial ({best.number})</h2>" + key_values_table(
+            [[k, v] for k, v in best.params.items()] + [["run", best.user_attrs.get("run", "")]]))
+    frame = trials_frame(trials)
+    cells = frame.astype(object).where(frame.notna(), "")
+    sections.append("<h2>Trials</h2>" + html_table(list(frame.columns), cells.values.tolist()))
+    title = f"etft tune: study {study.study_name}"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>")
+
+
+def param_importances(study, complete) -> tuple[dict[str, float], str]:
+    """optuna's importances, or why there are none."""
+    if len(complete) < 2:
+        return {}, f"importances need at least 2 complete trials ({len(complete)} so far)"
+
+    try:
+        with warnings.catch_warnings():   # "quantiles select the same set of trials" while trials are few
+            warnings.simplefilter("ignore", UserWarning)
+            return optuna.importance.get_param_importances(study), ""
+    except (ValueError, RuntimeError, ImportError, ZeroDivisionError) as err:   # too few distinct values, say
+        return {}, f"importances not available yet: {str(err).splitlines()[0][:200]}"
+
+
+def history_png(trials) -> bytes:
+    """Validation loss per trial (pruned ones at their last reported epoch) and the best so far."""
+
+    fig = new_figure(8, 3.4)
+    ax = fig.subplots()
+    done = sorted((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.number)
+    numbers, values = [t.number for t in done], [t.value for t in done]
+    ax.plot(numbers, values, "o", color="#1f77b4", label="complete")
+    ax.step(numbers, np.minimum.accumulate(values), where="post", color="#d62728", label="best so far")
+    pruned = [(t.number, t.intermediate_values[max(t.intermediate_values)]) for t in trials
+              if t.state.name == "PRUNED" and t.intermediate_values]
+    if pruned:
+        ax.plot(*zip(*pruned), "x", color="#7f7f7f", label="pruned (last val loss)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="trial", ylabel="validation loss", title="objective per trial")
+    ax.legend(fontsize=8)
+    return to_png(fig)
+
+
+def importance_png(importances: dict[str, float]) -> bytes:
+    fig = new_figure(7, 0.4 * len(importances) + 1.2)
+    ax = fig.subplots()
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names], color="#1f77b4")
+    ax.set(xlabel="importance (share of the objective's variation)", title="parameter importances")
+    return to_png(fig)
