@@ -219,8 +219,8 @@ def _tiny_run(small_raw):
 
 
 def test_a_step_larger_than_the_available_memory_is_announced(small_raw, monkeypatch, caplog):
-    monkeypatch.setattr(memory, "_PLANNED_PEAKS", {})
-    monkeypatch.setattr(memory, "available_process_memory_bytes",
+    monkeypatch.setattr(planner, "_PLANNED_PEAKS", {})
+    monkeypatch.setattr(planner, "available_process_memory_bytes",
                         lambda: AvailableMemory(1 * MIB, "RLIMIT_AS ulimit minus the process's mapped memory"))
     trainer, data = _tiny_run(small_raw)
     peak = planner.trace_step(trainer.cfg, dims_for(data.transform), 32, "fp32", "none").peak_bytes
@@ -236,27 +236,27 @@ def test_a_step_larger_than_the_available_memory_is_announced(small_raw, monkeyp
         "process's mapped memory). If the allocator fails, training halves the micro-batch (effective batch kept); "
         "`etft train --auto_batch` or `etft plan` sizes it to fit"]
     # the trace seeds torch's generator; the run's own stream must not notice
-    memory._PLANNED_PEAKS.clear()
+    planner._PLANNED_PEAKS.clear()
     torch.set_rng_state(rng)
-    assert memory.warn_if_step_exceeds_memory(trainer.cfg, dims_for(data.transform), 32, "fp32")
+    assert planner.warn_if_step_exceeds_memory(trainer.cfg, dims_for(data.transform), 32, "fp32")
     assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_no_warning_when_the_step_fits_and_none_when_the_plan_fails(small_raw, monkeypatch, caplog):
-    monkeypatch.setattr(memory, "_PLANNED_PEAKS", {})
+    monkeypatch.setattr(planner, "_PLANNED_PEAKS", {})
     trainer, data = _tiny_run(small_raw)
     dims = dims_for(data.transform)
     peak = planner.trace_step(trainer.cfg, dims, 32, "fp32", "none").peak_bytes
-    monkeypatch.setattr(memory, "available_process_memory_bytes", lambda: AvailableMemory(peak, "test"))
+    monkeypatch.setattr(planner, "available_process_memory_bytes", lambda: AvailableMemory(peak, "test"))
     with caplog.at_level("WARNING"):
-        assert not memory.warn_if_step_exceeds_memory(trainer.cfg, dims, 32, "fp32")
-    monkeypatch.setattr(memory, "_PLANNED_PEAKS", {})
-    monkeypatch.setattr(memory, "available_process_memory_bytes", lambda: AvailableMemory(0, "test"))
+        assert not planner.warn_if_step_exceeds_memory(trainer.cfg, dims, 32, "fp32")
+    monkeypatch.setattr(planner, "_PLANNED_PEAKS", {})
+    monkeypatch.setattr(planner, "available_process_memory_bytes", lambda: AvailableMemory(0, "test"))
 
     def broken(*args, **kwargs):
         raise NotImplementedError("an op fake tensors cannot run")
     monkeypatch.setattr(planner, "trace_step", broken)
-    with caplog.at_level("DEBUG", logger="enhanced_tft.runtime.memory"):
+    with caplog.at_level("DEBUG", logger="enhanced_tft.train.planner"):
         result = trainer.fit()
     assert result.optimizer_steps == 1
     assert "no memory plan before training on the CPU" in caplog.text and "an op fake tensors cannot run" in caplog.text
@@ -369,4 +369,4 @@ def test_four_times_the_rough_estimate_covers_the_plan(config, micro, features):
     cfg = load_config(REPO / "configs" / config if config else None)
     dims = ModelDims(features, 4, 5, cfg.data.horizon)
     planned = planner.trace_step(cfg, dims, micro, "fp32", "none").peak_bytes
-    assert planned <= 4 * memory.rough_step_bytes(cfg, dims, micro) <= max(40 * planned, 2**31)   # not wildly above
+    assert planned <= 4 * planner.rough_step_bytes(cfg, dims, micro) <= max(40 * planned, 2**31)   # not wildly above

@@ -22,8 +22,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import schema as config_mod
 from .config.schema import Config
+from .data.sources import load_frame_bars
+from .data.tables import new_data_config
 from .errors import UserError
-from .runs import ATTENTION_CSV, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV
+from .report.page import write_report
+from .runs import ATTENTION_CSV, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV, LOGGER_NAME, setup_console_logging
+from .serving.export import export_run
+from .serving.predict import evaluate_windows, predict_frame, prediction_job, read_overrides
+from .serving.saved_run import SavedRun
+from .tracking.tracker import require
+from .train.plan_report import format_plan, plan_dims
+from .train.planner import parse_bytes
+from .train.planner import plan as plan_step
+from .train.recipe import TrainRequest, resume_request, train_run
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,7 +53,6 @@ def _config(config: Config | str | os.PathLike | None, overrides: Sequence[str])
 
 def _with_data(cfg: Config, data) -> tuple[Config, Any]:
     """The config reading `data` (a file's path, or a DataFrame checked here as a file's rows are: the bars)."""
-    from .data.tables import new_data_config
     return (cfg, None) if data is None else new_data_config(cfg, data, {})
 
 
@@ -50,7 +60,6 @@ def _console() -> None:
     """Progress on the console as `etft` shows it, unless the caller set up logging for enhanced_tft itself."""
     import logging
 
-    from .runs import LOGGER_NAME, setup_console_logging
     if not logging.getLogger(LOGGER_NAME).handlers:
         setup_console_logging()
 
@@ -60,7 +69,6 @@ def train(config: Config | str | os.PathLike | None = None, data=None, *, overri
     """Train a run as `etft train` does and open it. `data`: a DataFrame of bars (columns timestamp, symbol,
     open, high, low, close, volume, named or mapped by data.columns; a DatetimeIndex is the timestamp), a file's
     path, or None for the config's own data.source. One walk-forward fold at a time (data.fold=K)."""
-    from .train.recipe import TrainRequest
     cfg, bars = _with_data(_config(config, overrides), data)
     if cfg.data.walk_forward_folds and cfg.data.fold is None:
         raise UserError(f"data.walk_forward_folds={cfg.data.walk_forward_folds} trains one run per fold: from Python "
@@ -77,7 +85,6 @@ def resume(run: str | os.PathLike, data=None, *, overrides: Sequence[str] = (),
     data.source=frame run was trained on, given again (it is compared with the run's fingerprint)."""
     from dataclasses import replace
 
-    from .train.recipe import resume_request
     cfg, request = resume_request(run, list(overrides))
     bars = None
     if cfg.data.source == "frame":
@@ -85,7 +92,6 @@ def resume(run: str | os.PathLike, data=None, *, overrides: Sequence[str] = (),
             raise UserError(f"{str(run)!r} was trained on a pandas DataFrame: resume(run, data=frame) with that frame")
         import pandas as pd
 
-        from .data.sources import load_frame_bars
         if not isinstance(data, pd.DataFrame):
             raise UserError(f"{str(run)!r} was trained on a pandas DataFrame; data must be that DataFrame, not "
                             f"{type(data).__name__}")
@@ -96,8 +102,6 @@ def resume(run: str | os.PathLike, data=None, *, overrides: Sequence[str] = (),
 
 
 def _run(cfg: Config, request, bars) -> "Run":
-    from .tracking.tracker import require
-    from .train.recipe import train_run
     require(cfg.run.tracking)   # a missing MLflow/TensorBoard answers before any data or training
     _console()
     code, path = train_run(cfg, request)
@@ -108,7 +112,6 @@ def _run(cfg: Config, request, bars) -> "Run":
 
 
 def _saved(path):
-    from .serving.saved_run import SavedRun
     return SavedRun.open(path)
 
 
@@ -157,7 +160,6 @@ class Run:
 
     def _job(self, data, split: str, read: dict | None, batch_size: int | None, device: str,
              allow_changed_data: bool):
-        from .serving.predict import prediction_job, read_overrides
         if data is None and self.config.data.source == "frame" and self._bars is None:
             raise UserError(f"{str(self.path)!r} was trained on a pandas DataFrame: give new data, or open the run "
                             "with that frame (Run.open(path, data=frame)) to use its own splits")
@@ -171,14 +173,12 @@ class Run:
         that has a full window, or for the run's own `split` when `data` is None. `read`: data.* keys that say
         how to read the new data (columns, timestamp_format, ...). `engine="onnx"`: the run's export (export())
         by ONNX Runtime on the CPU."""
-        from .serving.predict import predict_frame
         return predict_frame(self._job(data, split, read, batch_size, device, allow_changed_data), engine)
 
     def evaluate(self, data=None, *, split: str = "test", read: dict | None = None, batch_size: int | None = None,
                  device: str = "auto", allow_changed_data: bool = False) -> dict:
         """The metrics `etft evaluate --json` prints (model, naive and LightGBM baselines, members, quant) on the
         run's own `split` or on new `data` (the windows whose outcome is known)."""
-        from .serving.predict import evaluate_windows
         job = self._job(data, split, read, batch_size, device, allow_changed_data)
         return evaluate_windows(job.run, job.windows, job.target_known, job.device, job.policy, job.batch_size)
 
@@ -201,12 +201,10 @@ class Run:
     def export(self, out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
         """`etft export`: each member as ONNX, the transform and a manifest, in RUN/onnx (or `out`); the folder
         `enhanced_tft.serve.OnnxModel.open` serves without torch."""
-        from .serving.export import export_run
         return Path(export_run(self.path, out, overwrite))
 
     def report(self) -> Path:
         """(Re)write the run's report.html and return its path."""
-        from .report.page import write_report
         return Path(write_report(self.path))
 
 
@@ -235,7 +233,6 @@ class Plan:
         return int(self.details["gradient_accumulation_steps"])
 
     def __str__(self) -> str:
-        from .train.plan_report import format_plan
         return format_plan(self.details)
 
 
@@ -243,9 +240,6 @@ def plan(config: Config | str | os.PathLike | None = None, gpu_memory: str | int
          overrides: Sequence[str] = (), num_features: int | None = None, num_devices: int = 1) -> Plan:
     """The memory of one training step before any training (`etft plan`): every precision x checkpointing
     option, and with `gpu_memory` ("24GiB" or bytes) the micro-batch and accumulation that fit it."""
-    from .train.plan_report import plan_dims
-    from .train.planner import parse_bytes
-    from .train.planner import plan as plan_step
     cfg = _config(config, overrides)
     if num_features is not None and num_features < 1:
         raise UserError(f"num_features={num_features}; allowed: an integer >= 1")

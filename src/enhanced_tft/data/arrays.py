@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .rows import RowArrays
+from .windows import SeriesArrays
 
 if TYPE_CHECKING:   # pragma: no cover
     from .windows import SeriesArrays
@@ -78,7 +79,6 @@ class SeriesBuffer:
 
     def finish(self) -> "SeriesArrays":
         """Trim to the rows filled and wrap them as tensors sharing the same memory (targets set later)."""
-        from .windows import SeriesArrays
         self.trim()
         self._arrays = SeriesArrays.from_rows(self.rows(np.zeros(self.size, np.float32)))
         return self._arrays

@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..config.schema import Config
 from ..errors import UserError
+from .sources import example_config
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ def data_fingerprint(cfg: Config, bars=None) -> dict:
     if data.source == "file":
         path = Path(data.path).expanduser()
     else:
-        from .sources import example_config
         path = Path(example_config(data).path)
     try:
         stat = path.stat()

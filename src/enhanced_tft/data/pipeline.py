@@ -21,7 +21,10 @@ from ..errors import UserError
 from . import features
 from .arrays import SeriesBuffer
 from .rows import RowArrays
+from .sources import example_config, load_file_bars
+from .synthetic import symbol_frame, symbol_name
 from .transform import RunningMoments, Transform
+from .windows import SeriesArrays, WindowSet
 
 if TYPE_CHECKING:   # pragma: no cover
     from .windows import WindowSet
@@ -83,9 +86,7 @@ def bar_source(cfg: Config, bars: pd.DataFrame | None = None) -> BarSource:
         raise UserError("data.source=frame: the bars are a pandas DataFrame given in Python "
                         "(enhanced_tft.api.train(config, data=frame)); from the command line use --data PATH")
     if data.source != "synthetic":
-        from .sources import example_config, load_file_bars
         return BarSource.from_frame(load_file_bars(data if data.source == "file" else example_config(data)))
-    from .synthetic import symbol_frame, symbol_name
     frames = ((symbol_name(i), symbol_frame(cfg.seed, i, data.num_bars, data.bar_minutes, num_extra=data.num_extra_features))
               for i in range(data.num_symbols))
     return BarSource({symbol_name(i): data.num_bars for i in range(data.num_symbols)}, frames,
@@ -245,7 +246,6 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
              "of each of %d series as feature warm-up", len(names), len(source.extra_columns),
              len(features.KNOWN_FEATURES), warmup, len(symbols))
 
-    from .windows import WindowSet
     arrays = buffer.finish()
     split_ends = {s: np.concatenate(ends[s]) for s in SPLITS}
     empty = [s for s in SPLITS if len(split_ends[s]) == 0]
@@ -328,7 +328,6 @@ class PredictionRows:
 
 def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame | None = None) -> PredictionData:
     """Samples ending at every bar that has a full window, scaled with the run's transform (prediction_rows)."""
-    from .windows import SeriesArrays, WindowSet
     found = prediction_rows(cfg, transform, bars)
     windows = WindowSet(SeriesArrays.from_rows(found.rows), found.sample_ends, transform.sequence_length,
                         transform.horizon)

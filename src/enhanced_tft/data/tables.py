@@ -19,6 +19,7 @@ from ..config import schema as config_mod
 from ..config.schema import Config
 from ..errors import UserError
 from .rows import RowArrays
+from .sources import load_frame_bars
 
 # data.* keys a user may change to read a new file; the others would change the features the model was trained on
 READ_KEYS = ("columns", "encoding", "timestamp_format", "skip_rows", "symbol", "duplicates", "missing", "too_short",
@@ -30,7 +31,6 @@ def new_data_config(cfg: Config, data, read: dict) -> tuple[Config, object | Non
     (READ_KEYS) changed, and the checked bars of a DataFrame (None for a file: the pipeline reads it)."""
     import pandas as pd
     if isinstance(data, pd.DataFrame):
-        from .sources import load_frame_bars
         cfg = config_mod.update(cfg, data={"source": "frame", "path": None, **read})
         return cfg, load_frame_bars(data, cfg.data)
     if not isinstance(data, (str, os.PathLike)):

@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from ..config.schema import MAX_HORIZON, MAX_SEQUENCE_LENGTH
 from ..errors import UserError
 from ..tasks import TargetScale
+from ..tasks import names as task_names
 
 FORMAT_VERSION = 2
 
@@ -80,8 +82,6 @@ class Transform:
 
 def _problems(raw: dict) -> list[str]:
     """What is wrong with a saved transform's values (types, ranges, lengths), in words."""
-    from ..config.schema import MAX_HORIZON, MAX_SEQUENCE_LENGTH
-    from ..tasks import names as task_names
 
     def text_list(key: str, allow_empty: bool = False) -> list | None:
         value = raw[key]

@@ -7,8 +7,9 @@ import logging
 import numpy as np
 import torch
 
+from ..data.tables import table_batches
 from ..tasks import SPLIT_STATS, TargetScale, Task, ensemble_mean, member_stack
-from .quant import format_quant
+from .quant import backtest, format_quant, quant_metrics, signal_of
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def prediction_frame(windows, transform, member_predictions: list[torch.Tensor],
     predictions already in memory: what the quant metrics read."""
     import pandas as pd
 
-    from ..data.tables import table_batches
     (columns,) = table_batches(windows.arrays.rows(), windows.sample_ends.numpy(), target_known, transform,
                                [(windows.all_indices(), member_predictions)], with_members=False)
     return pd.DataFrame(columns)
@@ -83,7 +83,6 @@ def quant_of(cfg, transform, windows, member_predictions: list[torch.Tensor],
     not apply (a volatility forecast has no direction, a task without a direction score, data without time)."""
     if transform.target != "return" or windows.arrays.timestamp is None:
         return None
-    from .quant import quant_metrics
     frame = prediction_frame(windows, transform, member_predictions, target_known)
     try:
         return quant_metrics(frame, transform.task, cost_bps=cfg.backtest.cost_bps,
@@ -99,7 +98,6 @@ def equity_curves(cfg, transform, windows, predictions: dict[str, list[torch.Ten
     equal-weight long of the same symbols: one column each, indexed by the timestamp a position is taken at."""
     import pandas as pd
 
-    from .quant import backtest, signal_of
     columns = {}
     for name, members in predictions.items():
         frame = prediction_frame(windows, transform, members)

@@ -16,6 +16,8 @@ from ..errors import UserError
 from ..evaluation.scorecard import mean_of
 from ..runs import (ATTENTION_CSV, BACKTEST_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV,
                     PREDICTIONS_TEST_CSV, REPORT_HTML, SCALER_JSON, SUMMARY_JSON, RunFolder)
+from . import plots
+from .quant_plots import equity_curve_png
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,6 @@ def section_data(run: RunFiles) -> str:
 
 
 def section_metrics(run: RunFiles) -> str:
-    from . import plots
     s = run.summary
     if "test" not in s:
         return "<h2>Test metrics</h2>" + note_paragraph("no test metrics: the run did not finish.")
@@ -146,7 +147,6 @@ def section_quant(run: RunFiles) -> str:
     quant = run.summary.get("quant")
     if not quant:
         return ""
-    from .quant_plots import equity_curve_png
     sources = [("model", quant["model"])] + ([("LightGBM", quant["strong_baseline"])]
                                              if quant.get("strong_baseline") else [])
     ic_rows = []
@@ -200,7 +200,6 @@ def _place(metrics: pd.DataFrame, summary: dict) -> tuple[pd.Series, pd.Series, 
 
 
 def section_training(run: RunFiles) -> str:
-    from . import plots
     metrics = run.metrics()
     if metrics.empty or "kind" not in metrics:
         return "<h2>Training</h2>" + note_paragraph("metrics.jsonl is missing or empty.")
@@ -221,7 +220,6 @@ def section_training(run: RunFiles) -> str:
 
 
 def section_calibration(run: RunFiles, predictions: pd.DataFrame | None) -> str:
-    from . import plots
     if run.task is None or not run.task.probabilities:
         return ""
     columns = run.task.columns
@@ -234,7 +232,6 @@ def section_calibration(run: RunFiles, predictions: pd.DataFrame | None) -> str:
 
 
 def section_interpretation(run: RunFiles) -> str:
-    from . import plots
     out = "<h2>Variable importance</h2>"
     importance = run.csv(IMPORTANCE_CSV)
     if importance is None:
@@ -256,7 +253,6 @@ def section_interpretation(run: RunFiles) -> str:
 
 
 def section_ensemble(run: RunFiles, predictions: pd.DataFrame | None) -> str:
-    from . import plots
     s = run.summary
     members = s.get("ensemble", {}).get("members", [])
     if len(members) < 2 or "test" not in s or run.task is None:

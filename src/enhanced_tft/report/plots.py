@@ -13,6 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from ..tasks import SPLIT_STATS
+
 MEMBER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 MODEL, MEAN_MEMBER, BASELINE = "#1f77b4", "#8fbbe0", "#b0b0b0"
 LOWER_IS_BETTER = {"mae", "rmse", "quantile_loss", "mae_p50"}
@@ -222,7 +224,6 @@ STRONG = "#2ca02c"
 def walk_forward_figure(summary: dict) -> Figure:
     """One panel per metric: its value in each fold (x) for the model, LightGBM and the naive baseline, with the
     mean over folds as a dashed line of the same colour."""
-    from ..tasks import SPLIT_STATS
     folds = summary["folds"]
     keys = [k for k in summary["over_folds"]["model"] if k not in SPLIT_STATS]   # metrics, not what the split holds
     sources = [(n, label, color) for n, label, color in (("model", "model", MODEL), ("strong_baseline", "LightGBM", STRONG),

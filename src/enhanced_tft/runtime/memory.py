@@ -8,7 +8,6 @@ import logging
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -112,56 +111,6 @@ def available_process_memory_bytes() -> AvailableMemory:
                                               "CommitLimit minus Committed_AS (overcommit_memory=2)"))
     candidates.append(AvailableMemory(available_ram_bytes(), "MemAvailable of /proc/meminfo"))
     return min(candidates, key=lambda candidate: candidate.bytes)
-
-
-def rough_step_bytes(cfg, dims, micro_batch_size: int) -> int:
-    """A quick estimate of one fp32 step's peak from the sizes alone (weights, gradients and AdamW at 16 bytes a
-    parameter; activations per sample and step), within 0.3x-1.7x of the traced plan from micro-batch 1 to 1024
-    at the shipped configs: four times it below the available memory means the step fits without tracing it."""
-    m = cfg.model
-    steps = cfg.data.sequence_length + dims.horizon
-    inputs = dims.num_observed + dims.num_known
-    parameters = (m.num_transformer_blocks * (4 * m.d_model ** 2 + 2 * m.d_model * m.ff_dim)
-                  + inputs * (m.variable_hidden_size * m.d_model + 4 * m.variable_hidden_size ** 2)
-                  + 8 * m.lstm_layers * m.d_model ** 2)
-    per_step = (m.d_model * (24 + 16 * m.num_transformer_blocks) + m.ff_dim * 6 * m.num_transformer_blocks
-                + inputs * m.variable_hidden_size * 16 + m.num_heads * steps)
-    return 16 * parameters + 4 * micro_batch_size * steps * per_step + 256 * 2**20
-
-
-_PLANNED_PEAKS: dict[tuple, int] = {}   # an ensemble's members share a config: trace it once
-
-
-def warn_if_step_exceeds_memory(cfg, dims, micro_batch_size: int, precision: str) -> bool:
-    """Before training on the CPU: log a warning when the memory plan's peak for one step at `micro_batch_size`
-    exceeds what the process may still allocate; returns whether it warned. The plan is advice: if it cannot be
-    made, training goes on without it."""
-    from ..train.planner import trace_step  # imported here: the planner builds models, this module must not need them
-
-    checkpointing = cfg.train.activation_checkpointing
-    key = (cfg.model_dump_json(), repr(dims), micro_batch_size, precision, checkpointing)
-    try:
-        available = available_process_memory_bytes()
-        if 4 * rough_step_bytes(cfg, dims, micro_batch_size) < available.bytes:
-            return False   # far from the limit: the trace (about a second) would not change the verdict
-        if key not in _PLANNED_PEAKS:
-            started = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):   # the trace seeds torch's generator; training's must not move
-                _PLANNED_PEAKS[key] = trace_step(cfg, dims, micro_batch_size, precision, checkpointing).peak_bytes
-            log.debug("memory plan of one step at micro-batch %d: %.2f s", micro_batch_size,
-                      time.perf_counter() - started)
-        peak = _PLANNED_PEAKS[key]
-    except Exception:
-        log.debug("no memory plan before training on the CPU", exc_info=True)
-        return False
-    if peak <= available.bytes:
-        return False
-    log.warning("memory plan: one training step at micro-batch %d (%s, activation checkpointing %s) peaks at "
-                "%.2f GiB, more than the %.2f GiB this process may still allocate (%s). If the allocator fails, "
-                "training halves the micro-batch (effective batch kept); `etft train --auto_batch` or `etft plan` "
-                "sizes it to fit", micro_batch_size, precision, checkpointing, peak / GIB, available.bytes / GIB,
-                available.source)
-    return True
 
 
 def peak_rss_bytes() -> int:

@@ -33,6 +33,7 @@ from ..data.tables import READ_KEYS, new_data_config, table_batches
 from ..data.transform import Transform
 from ..errors import UserError
 from ..runs import CONFIG_YAML, MANIFEST_JSON, ONNX_EXPORT, SCALER_JSON, refuse_link
+from ..runtime.threads import available_cpus
 
 MANIFEST_FORMAT = 1
 INPUT_NAMES = ("observed", "known", "symbol")   # the exported graph's inputs, in the model's order
@@ -66,7 +67,6 @@ class OnnxModel:
         each; default: the CPUs this process may use)."""
         import onnxruntime as ort
 
-        from ..runtime.threads import available_cpus
 
         folder = Path(folder)
         manifest_path = refuse_link(folder / MANIFEST_JSON)

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 
 from ..config import schema as config_mod
+from ..data.pipeline import build_data, build_prediction_data
 from ..data.tables import READ_KEYS, new_data_config, table_batches
 from ..data.transform import Transform
 from ..data.windows import WindowSet
 from ..errors import UserError
-from ..evaluation.scorecard import score
+from ..evaluation.baselines import predict_saved
+from ..evaluation.scorecard import quant_of, score
 from ..runs import PREDICTIONS_TEST_CSV, STRONG_BASELINE_JSON, RunFolder, atomic_path, spreadsheet_safe
-from ..runtime.precision import PrecisionPolicy
+from ..runtime.precision import PrecisionPolicy, resolve_device, resolve_precision
 from .inference import infer
 from .saved_run import SavedRun, check_own_data, transform_differences
 
@@ -85,7 +87,6 @@ def prediction_windows(run: SavedRun, data_path, split: str, read_overrides: dic
                        allow_changed_data: bool = False, own_bars=None) -> tuple[WindowSet, np.ndarray | None]:
     """The windows to predict: every bar of new data (a file's path or a pandas DataFrame; the run's transform
     applied), or a split of the run's own data (`own_bars`: a data.source=frame run's DataFrame, checked, again)."""
-    from ..data.pipeline import build_data, build_prediction_data
 
     if data_path is None:
         if read_overrides:
@@ -206,7 +207,6 @@ def evaluate_windows(run: SavedRun, windows: WindowSet, target_known: np.ndarray
                                      **task.metrics(strong[mask], windows.arrays.target.index_select(0, ends),
                                                     windows.arrays.raw_return.index_select(0, ends),
                                                     run.transform.target_scale())}
-    from ..evaluation.scorecard import quant_of
     quant = quant_of(run.cfg, run.transform, windows, members, target_known)
     if quant is not None:
         result["quant"] = {"model": quant}
@@ -220,7 +220,6 @@ def _strong_baseline(run: SavedRun, windows: WindowSet) -> torch.Tensor | None:
     LightGBM is not installed (said in the log)."""
     if run.folder.missing(STRONG_BASELINE_JSON):
         return None
-    from ..evaluation.baselines import predict_saved
     try:
         return predict_saved(run.folder.read_json(STRONG_BASELINE_JSON), run.task, windows)
     except UserError as err:
@@ -267,7 +266,6 @@ def prediction_job(run: SavedRun, data, split: str, read: dict, batch_size: int 
         raise UserError(f"--batch-size={batch_size}; allowed: an integer >= 1")
     if split not in ("train", "val", "test"):
         raise UserError(f"split={split!r}; allowed: train, val, test")
-    from ..runtime.precision import resolve_device, resolve_precision
 
     device = resolve_device(device_name)
     policy = resolve_precision(run.cfg.train.mixed_precision, device)

@@ -38,6 +38,7 @@ from ..data.pipeline import DataBundle, build_data
 from ..data.windows import WindowSet
 from ..errors import UserError
 from ..model.build import build_training_model, dims_for
+from ..runs import write_text_atomic
 from ..runtime.precision import PrecisionPolicy, resolve_precision
 from ..serving.inference import forward_chunk
 from .compile import apply_compile
@@ -289,7 +290,6 @@ def check_json_target(target: str | None, overwrite: bool) -> None:
 
 def write_json(rows: list[BenchRow], target: str) -> None:
     """'-' prints the rows to stdout; any other target is a file (a JSON list of row objects), written whole."""
-    from ..runs import write_text_atomic
     text = json.dumps([asdict(r) for r in rows], indent=2)
     if target == "-":
         print(text)

@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from ..data.shared import export_bundle, map_bundle
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 # torchrun's worker environment (torch.distributed.run); a plain `python` / `etft` process has none of them
@@ -184,8 +187,6 @@ def build_shared_data(build, world: World, folder: "os.PathLike[str]"):
     import shutil
     from pathlib import Path
 
-    from ..data.shared import export_bundle, map_bundle
-    from ..errors import UserError
 
     folder = Path(folder).with_name(f"{Path(folder).name}_node{world.node}")   # machines may share a folder
     error = None

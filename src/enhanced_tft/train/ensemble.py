@@ -19,8 +19,9 @@ from ..config.schema import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..errors import CheckpointError, NonFiniteGiveUp, OutOfMemoryGiveUp, UserError
+from ..evaluation.baselines import fit_strong_baseline
 from ..evaluation.interpret import WeightSums
-from ..evaluation.scorecard import baseline_output, score
+from ..evaluation.scorecard import baseline_output, equity_curves, quant_of, score
 from ..model.build import build_training_model, dims_for
 from ..runs import STRONG_BASELINE_JSON, SUMMARY_JSON, RunFolder, load_checkpoint, save_checkpoint
 from ..runtime.memory import release_memory
@@ -222,8 +223,6 @@ def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
     (IC, rank IC and backtests of the model and of LightGBM on the test split), and the equity curves of the
     long/short-by-sign backtests (None where quant metrics do not apply), and the fitted baseline (or None).
     Neither stops a trained run: a failure is logged and recorded."""
-    from ..evaluation.baselines import fit_strong_baseline
-    from ..evaluation.scorecard import equity_curves, quant_of
 
     out: dict[str, Any] = {}
     strong = None

@@ -17,13 +17,27 @@ from typing import Callable
 from .. import tasks
 from ..config import schema as config_mod
 from ..config.schema import Config
-from ..errors import StorageError, UserError
+from ..data import fingerprint as fp
+from ..data.fingerprint import data_fingerprint
+from ..data.pipeline import build_data
+from ..data.transform import Transform
+from ..errors import RankLost, StorageError, TrainingInterrupted, UserError
+from ..evaluation.interpret import interpretation_frames, total
 from ..evaluation.scorecard import scorecard_table
 from ..evaluation.walk_forward import fold_record, format_walk_forward, walk_forward_summary
+from ..model.build import dims_for
+from ..report.page import write_report
+from ..report.plots import to_png, walk_forward_figure
 from ..runs import (ATTENTION_CSV, BACKTEST_CSV, CONFIG_YAML, DATA_JSON, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV,
                     SCALER_JSON, RunFolder, atomic_path, restart_marker_file, shared_data_folder, walk_forward_file,
                     write_json_atomic, write_text_atomic)
+from ..runtime.precision import resolve_device, resolve_precision
+from ..serving.predict import write_test_predictions
+from ..serving.saved_run import transform_differences
 from ..tracking import tracker as tracking
+from .auto_batch import auto_batch
+from .distributed import SINGLE, RankFilter, build_shared_data, close_world, init_world, restart_count, run_id
+from .ensemble import train_ensemble, verify_resumable
 
 log = logging.getLogger("enhanced_tft.train")
 
@@ -59,9 +73,6 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
     """
     request = request or TrainRequest()
     tracking.require(cfg.run.tracking)   # a missing library answers before any data or training
-    from ..errors import RankLost
-    from ..runtime.precision import resolve_device
-    from .distributed import RankFilter, close_world, init_world
 
     world = init_world(resolve_device(cfg.train.device).type)
     # ranks other than 0 print their warnings only, prefixed with the rank; rank 0 tells the rest
@@ -108,7 +119,6 @@ def _peer_failure(err: RuntimeError) -> bool:
 def _resume_after_restart(cfg: Config, request: TrainRequest, world) -> TrainRequest:
     """Under `torchrun --max-restarts K`, a restarted worker group continues the run folder the first attempt
     made (found through LOG_DIR/.torchrun_<run id>, which rank 0 wrote) instead of starting a new one."""
-    from .distributed import restart_count, run_id
     marker = restart_marker(cfg.run.log_dir)
     if restart_count() == 0 or marker is None:
         return request
@@ -126,7 +136,6 @@ def _resume_after_restart(cfg: Config, request: TrainRequest, world) -> TrainReq
 
 def restart_marker(log_dir: str | Path) -> Path | None:
     """Where a torchrun job records its run folder, for restarts; None outside torchrun's elastic agent."""
-    from .distributed import run_id
     job = run_id()
     return restart_marker_file(log_dir, job) if job else None
 
@@ -136,7 +145,6 @@ def walk_forward(cfg: Config, request: TrainRequest, world, group: tracking.Grou
 
     Under torchrun the ranks train each fold together, or with train.distribute=members rank r trains folds
     r, r+N, ... alone; rank 0 writes the comparison."""
-    from .distributed import SINGLE
     folds = cfg.data.walk_forward_folds
     spread = cfg.train.distribute == "members" and world.distributed
     mine = range(world.rank, folds, world.size) if spread else range(folds)
@@ -160,14 +168,10 @@ def walk_forward(cfg: Config, request: TrainRequest, world, group: tracking.Grou
     summary = walk_forward_summary(results)
     write_json_atomic(out, summary)
     lines = [format_walk_forward(summary)]
-    try:
-        from ..report.plots import to_png, walk_forward_figure
-        plot = out.with_suffix(".png")
-        with atomic_path(plot) as tmp:
-            tmp.write_bytes(to_png(walk_forward_figure(summary)))
-        lines.append(f"written to {out} and {plot.name}")
-    except ImportError as err:
-        lines.append(f"written to {out} (no plot: {err})")
+    plot = out.with_suffix(".png")
+    with atomic_path(plot) as tmp:
+        tmp.write_bytes(to_png(walk_forward_figure(summary)))
+    lines.append(f"written to {out} and {plot.name}")
     tracking.log_walk_forward(group, summary, out)
     log.info("\n".join(lines))
     return 0
@@ -201,7 +205,6 @@ def _shared_data_folder(cfg: Config, run: RunFolder) -> Path:
 
 def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Group | None = None) -> tuple[int, Path]:
     """Train one run (or continue `request.resume_folder`) in tracking `group`; return the exit code and run folder."""
-    from .distributed import SINGLE
     world = world or SINGLE
     resuming = request.resume_folder is not None
     task = tasks.for_config(cfg)
@@ -209,11 +212,6 @@ def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Gr
     import torch
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ..data.pipeline import build_data
-    from ..errors import TrainingInterrupted
-    from ..runtime.precision import resolve_device, resolve_precision
-    from .auto_batch import auto_batch
-    from .ensemble import train_ensemble
 
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and world.distributed:
@@ -226,7 +224,6 @@ def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Gr
     if world.is_main:
         run.attach_logging()
     elif cfg.train.distribute == "members":   # this rank's own members: their lines too, prefixed with the rank
-        from .distributed import RankFilter
         run.attach_logging(RankFilter(world.rank, min_level=logging.DEBUG))
     started = time.time()
     training_started = False
@@ -245,7 +242,6 @@ def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Gr
         if resuming:
             _check_data_unchanged(cfg, run, request, world)
         if world.distributed:   # one copy of the arrays per machine, mapped by its ranks
-            from .distributed import build_shared_data
             data = build_shared_data(lambda: build_data(cfg, request.bars), world, _shared_data_folder(cfg, run))
         else:
             data = build_data(cfg, request.bars)
@@ -303,7 +299,6 @@ def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Gr
 
 def _fingerprint(cfg: Config, world, bars) -> dict | None:
     """The fingerprint of the data a new run starts with (rank 0 hashes the file; the others need none)."""
-    from ..data.fingerprint import data_fingerprint
     return data_fingerprint(cfg, bars) if world.is_main else None
 
 
@@ -327,7 +322,6 @@ def _on_main(world, check) -> None:
 def _check_data_unchanged(cfg: Config, run: RunFolder, request: TrainRequest, world) -> None:
     """A resume trains on the data the run started with: a changed file is refused with the difference, unless
     --allow-changed-data (then the scaling check after building the data still applies)."""
-    from ..data import fingerprint as fp
 
     def check() -> None:
         saved_file = run.file(DATA_JSON)
@@ -348,10 +342,6 @@ def _check_data_unchanged(cfg: Config, run: RunFolder, request: TrainRequest, wo
 
 def _check_resumable(cfg: Config, task, data, run: RunFolder, world) -> None:
     """The data gives the scaling the run was trained with, and every checkpoint to load fits the config."""
-    from ..data.transform import Transform
-    from ..model.build import dims_for
-    from ..serving.saved_run import transform_differences
-    from .ensemble import verify_resumable
 
     def check() -> None:
         saved = Transform.from_dict(run.read_json(SCALER_JSON), str(run.file(SCALER_JSON)))
@@ -369,8 +359,6 @@ def _check_resumable(cfg: Config, task, data, run: RunFolder, world) -> None:
 def write_test_outputs(run: RunFolder, data, result) -> None:
     """Interpretation CSVs, predictions_test.csv and report.html, from the members' one test pass each. The
     trained run is already saved, so a failure here is reported and leaves the exit code alone."""
-    from ..evaluation.interpret import interpretation_frames, total
-    from ..serving.predict import write_test_predictions
     try:
         frames = interpretation_frames(total([m.weights for m in result.members]), data.transform,
                                        data.splits["test"].sequence_length)
@@ -383,10 +371,6 @@ def write_test_outputs(run: RunFolder, data, result) -> None:
     except Exception:
         log.exception("interpretation or test predictions failed (the trained run is saved)")
     try:
-        from ..report.page import write_report
         write_report(run.path)
-    except ImportError as err:
-        log.warning("report.html skipped: %s (pip install 'matplotlib>=3.8', then etft report --run %s)",
-                    err, run.path)
     except Exception:
         log.exception("report.html failed (the trained run is saved); etft report --run %s retries", run.path)

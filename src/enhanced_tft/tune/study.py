@@ -35,8 +35,10 @@ from pydantic import BaseModel, ValidationError
 from ..config import schema as config_mod
 from ..config.schema import Config
 from ..config.yaml_io import load_yaml_text
-from ..errors import ConfigError, TrialFailed, UserError
+from ..errors import ConfigError, NonFiniteGiveUp, OutOfMemoryGiveUp, TrialFailed, UserError
+from ..runs import SUMMARY_JSON, RunFolder
 from ..tracking import tracker as tracking
+from ..train.recipe import TrainRequest, train_run
 
 log = logging.getLogger("enhanced_tft.tune")
 
@@ -327,9 +329,6 @@ class Objective:
     def _train(self, trial: optuna.Trial, cfg: Config) -> float:
         import torch
 
-        from ..errors import NonFiniteGiveUp, OutOfMemoryGiveUp
-        from ..runs import SUMMARY_JSON, RunFolder
-        from ..train.recipe import TrainRequest, train_run
         folder = self.folder / f"trial_{trial.number:04d}"
         # LightGBM answers "does it beat the strong baseline" for the best config, not for every trial
         run_cfg = config_mod.update(cfg, run={"log_dir": str(folder)}, train={"strong_baseline": False})
