@@ -27,7 +27,7 @@ from enhanced_tft.config.schema import load_config  # noqa: E402
 from enhanced_tft.model.build import build_model  # noqa: E402
 from enhanced_tft.model.tft import set_activation_checkpointing  # noqa: E402
 from enhanced_tft.runtime.threads import configure_threads  # noqa: E402
-from enhanced_tft.train.plan_report import plan_dims  # noqa: E402
+from enhanced_tft.training.plan_report import plan_dims  # noqa: E402
 
 CASES = [("bench_matched", 32), ("bench_matched", 128), ("seed_v2_1", 32), ("seed_original", 64)]
 

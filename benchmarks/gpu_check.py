@@ -28,10 +28,10 @@ from enhanced_tft.model.build import build_training_model  # noqa: E402
 from enhanced_tft.model.build import dims_for  # noqa: E402
 from enhanced_tft.runtime.memory import release_memory  # noqa: E402
 from enhanced_tft.runtime.precision import PrecisionPolicy  # noqa: E402
-from enhanced_tft.train.optim import param_groups  # noqa: E402
-from enhanced_tft.train.plan_report import plan_dims  # noqa: E402
-from enhanced_tft.train.planner import fit_budget, trace_step  # noqa: E402
-from enhanced_tft.train.trainer import Trainer  # noqa: E402
+from enhanced_tft.training.optim import param_groups  # noqa: E402
+from enhanced_tft.training.plan_report import plan_dims  # noqa: E402
+from enhanced_tft.training.planner import fit_budget, trace_step  # noqa: E402
+from enhanced_tft.training.trainer import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30

@@ -23,9 +23,9 @@ from enhanced_tft.config.schema import load_config  # noqa: E402
 from enhanced_tft.model.build import build_model  # noqa: E402
 from enhanced_tft.model.layers import set_fast_cpu_kernels  # noqa: E402
 from enhanced_tft.model.tft import ModelDims, set_activation_checkpointing  # noqa: E402
-from enhanced_tft.train.optim import param_groups  # noqa: E402
-from enhanced_tft.train.plan_report import plan_dims  # noqa: E402
-from enhanced_tft.train.planner import trace_step  # noqa: E402
+from enhanced_tft.training.optim import param_groups  # noqa: E402
+from enhanced_tft.training.plan_report import plan_dims  # noqa: E402
+from enhanced_tft.training.planner import trace_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [  # (name, config file, overrides, observed features or None)

@@ -35,7 +35,7 @@ def measure(out: Path, repeats: int, seconds: float) -> list[dict]:
     from enhanced_tft.config.schema import load_config, update
     from enhanced_tft.data.pipeline import build_data
     from enhanced_tft.runtime.threads import configure_threads
-    from enhanced_tft.train.bench import BenchSettings, bench_row, with_observed_features
+    from enhanced_tft.training.bench import BenchSettings, bench_row, with_observed_features
 
     configure_threads()
     settings = BenchSettings(repeats=repeats, warmup_steps=1, seconds_per_repeat=seconds, infer_seconds=seconds)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from enhanced_tft.cli import main
-from enhanced_tft.train import trainer as trainer_module
+from enhanced_tft.training import trainer as trainer_module
 
 kind, rank, step, micro = os.environ["ETFT_TEST_FAULT"].split(":")
 fired = []

@@ -13,7 +13,7 @@ from conftest import REPO
 from enhanced_tft.cli import main
 from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.pipeline import build_data
-from enhanced_tft.train.bench import JSON_KEYS, saved_bytes, with_observed_features
+from enhanced_tft.training.bench import JSON_KEYS, saved_bytes, with_observed_features
 
 
 class _LinearReluSquare(nn.Module):
@@ -124,7 +124,7 @@ def test_a_failing_compile_falls_back_to_the_eager_model(small_raw, monkeypatch,
 
     from enhanced_tft.model.build import build_model
     from enhanced_tft.model.tft import ModelDims
-    from enhanced_tft.train.compile import apply_compile
+    from enhanced_tft.training.compile import apply_compile
 
     def broken_compile(self, *args, **kwargs):   # what a missing C++ compiler looks like: the first call raises
         def fail(*a, **k):

@@ -19,7 +19,7 @@ from enhanced_tft.errors import OutOfMemoryGiveUp
 from enhanced_tft.model.build import dims_for
 from enhanced_tft.runtime import memory
 from enhanced_tft.runtime.memory import AvailableMemory, is_out_of_memory
-from enhanced_tft.train import planner
+from enhanced_tft.training import planner
 
 MIB = 2**20
 
@@ -256,7 +256,7 @@ def test_no_warning_when_the_step_fits_and_none_when_the_plan_fails(small_raw, m
     def broken(*args, **kwargs):
         raise NotImplementedError("an op fake tensors cannot run")
     monkeypatch.setattr(planner, "trace_step", broken)
-    with caplog.at_level("DEBUG", logger="enhanced_tft.train.planner"):
+    with caplog.at_level("DEBUG", logger="enhanced_tft.training.planner"):
         result = trainer.fit()
     assert result.optimizer_steps == 1
     assert "no memory plan before training on the CPU" in caplog.text and "an op fake tensors cannot run" in caplog.text
@@ -273,7 +273,7 @@ LIMITED_FIT = """
 import os, resource, sys
 import torchmetrics.functional.classification   # the metrics' lazy import maps matplotlib: not under the limit
 from enhanced_tft.cli import main
-from enhanced_tft.train import trainer
+from enhanced_tft.training import trainer
 
 headroom, fit = int(sys.argv[1]), trainer.Trainer.fit
 

@@ -4,7 +4,7 @@ import pytest
 
 from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.pipeline import build_data
-from enhanced_tft.train.ensemble import bootstrap_windows
+from enhanced_tft.training.ensemble import bootstrap_windows
 
 
 def test_bootstrap_resamples_train_windows_only_and_copies_no_data(small_raw):
@@ -35,7 +35,7 @@ def test_an_ensemble_of_five_scores_at_least_as_well_as_the_mean_member(tmp_path
     from enhanced_tft import tasks
     from enhanced_tft.runs import RunFolder
     from enhanced_tft.runtime.precision import resolve_precision
-    from enhanced_tft.train.ensemble import train_ensemble
+    from enhanced_tft.training.ensemble import train_ensemble
 
     raw = {"task": "classification_binary", "seed": 4,
            "data": {"num_symbols": 4, "num_bars": 2000, "sequence_length": 4},   # ret_1..ret_3 carry the signal

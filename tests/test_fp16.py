@@ -14,7 +14,7 @@ from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.errors import NonFiniteGiveUp
 from enhanced_tft.runtime.precision import PrecisionPolicy
-from enhanced_tft.train.trainer import Trainer
+from enhanced_tft.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 FP16 = PrecisionPolicy("fp16", "fp16 built on the CPU for this test", "cpu")

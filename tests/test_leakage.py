@@ -13,7 +13,7 @@ from enhanced_tft.config.schema import build_config
 from enhanced_tft.data import features
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.runtime.precision import resolve_precision
-from enhanced_tft.train.trainer import Trainer
+from enhanced_tft.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 RAW = {"seed": 3, "data": {"sequence_length": 16, "return_lags": [1, 2, 5], "volatility_windows": [10]},

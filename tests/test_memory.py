@@ -177,7 +177,7 @@ def test_no_live_tensor_growth_across_five_members(small_raw):
     from conftest import training_model
     from enhanced_tft.data.pipeline import build_data
     from enhanced_tft.runtime.memory import release_memory
-    from enhanced_tft.train.trainer import Trainer
+    from enhanced_tft.training.trainer import Trainer
 
     small_raw["train"].update(epochs=1, max_steps_per_epoch=3)
     cfg = build_config(small_raw)
@@ -223,7 +223,7 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
     from enhanced_tft import tasks
     from enhanced_tft.data.pipeline import build_data
     from enhanced_tft.runs import RunFolder
-    from enhanced_tft.train.ensemble import train_ensemble
+    from enhanced_tft.training.ensemble import train_ensemble
 
     raw = _oom_raw(small_raw)
     raw["train"]["ensemble_size"] = 2

@@ -8,8 +8,8 @@ from conftest import REPO, run_cli
 from enhanced_tft import tasks
 from enhanced_tft.config.schema import build_config
 from enhanced_tft.model.build import build_model
-from enhanced_tft.train.plan_report import plan_dims
-from enhanced_tft.train.planner import fit_budget, parse_bytes, trace_step
+from enhanced_tft.training.plan_report import plan_dims
+from enhanced_tft.training.planner import fit_budget, parse_bytes, trace_step
 
 
 @pytest.fixture

@@ -246,7 +246,7 @@ def test_full_disk_and_unusable_log_dir_are_reported_before_training(tmp_path, m
 
     from conftest import run_cli
     from enhanced_tft.runs import RunFolder
-    from enhanced_tft.train.ensemble import check_free_space
+    from enhanced_tft.training.ensemble import check_free_space
 
     run = RunFolder.create(tmp_path)
     usage = namedtuple("usage", "total used free")
@@ -262,7 +262,7 @@ def test_full_disk_and_unusable_log_dir_are_reported_before_training(tmp_path, m
 
 
 def test_a_member_result_of_an_older_version_is_refused_with_what_to_do(tmp_path):
-    from enhanced_tft.train.ensemble import MemberResult
+    from enhanced_tft.training.ensemble import MemberResult
     old = {"summary": {"member": 0}, "prediction": torch.zeros(3)}   # before the interpretation sums were kept
     with pytest.raises(CheckpointError, match=r"older version of Enhanced TFT \(it lacks weights\); delete it"):
         MemberResult.from_dict(old, "member_0_result.pt")

@@ -126,7 +126,7 @@ def test_test_mode_comes_before_set_so_the_users_values_win(tmp_path):
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1_while_bad_input_exits_2(monkeypatch, capsys, tmp_path):
-    import enhanced_tft.train.planner as planner
+    import enhanced_tft.training.planner as planner
 
     def broken(*args, **kwargs):
         raise ValueError("operands could not be broadcast together")   # what a numpy bug looks like
@@ -143,8 +143,8 @@ def test_a_bug_keeps_its_traceback_and_exits_1_while_bad_input_exits_2(monkeypat
 def test_plan_counts_parameters_not_bytes():
     from enhanced_tft.config.schema import build_config
     from enhanced_tft.model.build import build_model
-    from enhanced_tft.train.plan_report import plan_dims
-    from enhanced_tft.train.planner import plan
+    from enhanced_tft.training.plan_report import plan_dims
+    from enhanced_tft.training.planner import plan
     cfg = build_config({"model": {"d_model": 16, "num_heads": 2, "ff_dim": 32, "variable_hidden_size": 4},
                         "train": {"batch_size": 4}, "data": {"sequence_length": 8}})
     dims = plan_dims(cfg)

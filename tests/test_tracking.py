@@ -163,7 +163,7 @@ def test_tensorboard_scalars_are_the_records_of_metrics_jsonl(tracked_run):
 
 def _train_in_process(config: Path, logs: Path, epoch_hook) -> int:
     from enhanced_tft.runs import setup_console_logging
-    from enhanced_tft.train.recipe import TrainRequest, train
+    from enhanced_tft.training.recipe import TrainRequest, train
     setup_console_logging()
     return train(load_config(config, [f"run.log_dir={logs}"]), TrainRequest(epoch_hook=epoch_hook))
 

@@ -8,8 +8,8 @@ from enhanced_tft.config.schema import build_config
 from enhanced_tft.data.pipeline import build_data
 from enhanced_tft.runtime.precision import resolve_precision
 from enhanced_tft.tasks import BinaryClassification
-from enhanced_tft.train.optim import lr_lambda
-from enhanced_tft.train.trainer import Trainer
+from enhanced_tft.training.optim import lr_lambda
+from enhanced_tft.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -118,7 +118,7 @@ def test_early_stopping_stops_and_keeps_the_best(small_raw):
 
 
 def test_no_weight_decay_on_biases_norms_and_per_variable_vectors(small_raw):
-    from enhanced_tft.train.optim import param_groups
+    from enhanced_tft.training.optim import param_groups
     trainer, _ = make_trainer(small_raw)
     decayed = {id(p) for p in param_groups(trainer.model, 0.01)[0]["params"]}
     names = {n for n, p in trainer.model.named_parameters() if id(p) in decayed}

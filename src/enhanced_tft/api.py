@@ -31,10 +31,10 @@ from .serving.export import export_run
 from .serving.predict import evaluate_windows, predict_frame, prediction_job, read_overrides
 from .serving.saved_run import SavedRun
 from .tracking.tracker import require
-from .train.plan_report import format_plan, plan_dims
-from .train.planner import parse_bytes
-from .train.planner import plan as plan_step
-from .train.recipe import TrainRequest, resume_request, train_run
+from .training.plan_report import format_plan, plan_dims
+from .training.planner import parse_bytes
+from .training.planner import plan as plan_step
+from .training.recipe import TrainRequest, resume_request, train_run
 
 if TYPE_CHECKING:
     import pandas as pd

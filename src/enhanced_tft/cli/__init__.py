@@ -19,7 +19,7 @@ from ..errors import OutOfMemoryGiveUp, exit_code_of, is_brief
 from ..runs import setup_console_logging
 from ..runtime.memory import is_out_of_memory
 from ..runtime.threads import configure_threads, tune_host_allocator
-from ..train.resume import install_signal_handlers, restore_signal_handlers
+from ..training.resume import install_signal_handlers, restore_signal_handlers
 from . import bench, evaluate, export, plan, predict, report, train, tune
 
 ISSUES_HINT = ("this is a bug in Enhanced TFT, not in your input: please report it with the command line, the "

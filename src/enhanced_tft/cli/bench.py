@@ -1,5 +1,4 @@
-"""`etft bench` arguments and command; the measurements live in bench.py (torch is imported only once the
-arguments and configs are known to be good, so that bad input answers at once)."""
+"""`etft bench`: its arguments, then the measurements of training/bench.py."""
 from __future__ import annotations
 
 import argparse
@@ -45,17 +44,17 @@ def load_configs(files: list[str] | None, overrides: list[str]) -> list[tuple[st
 
 def run(args: argparse.Namespace) -> int:
     configs = load_configs(args.config, args.overrides)
-    from ..train.bench import BenchSettings, validate_request
+    from ..training.bench import BenchSettings, validate_request
     settings = BenchSettings(repeats=args.repeats, warmup_steps=args.warmup, seconds_per_repeat=args.seconds)
     validate_request(args.num_features, args.precision, settings)
-    from ..train.bench import check_json_target
+    from ..training.bench import check_json_target
     check_json_target(args.json, args.overwrite)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads={args.threads}; allowed: an integer >= 1")
 
     from ..runtime.precision import resolve_device
     from ..runtime.threads import configure_threads
-    from ..train.bench import format_table, run_bench, write_json
+    from ..training.bench import format_table, run_bench, write_json
     threads = configure_threads(args.threads)
     device = resolve_device(configs[0][1].train.device)
     log.info("bench on %s, %d threads: %s x features %s x %s", device, threads, ", ".join(n for n, _ in configs),

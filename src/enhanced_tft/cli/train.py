@@ -9,7 +9,7 @@ from dataclasses import replace
 from .. import tasks
 from ..config import schema as config_mod
 from ..errors import UserError
-from ..train.recipe import TrainRequest, resume_request, train
+from ..training.recipe import TrainRequest, resume_request, train
 from .common import add_overrides
 
 

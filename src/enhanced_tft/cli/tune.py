@@ -1,5 +1,5 @@
-"""`etft tune`: its arguments, checked before Optuna or torch is imported so that bad input answers at once; the
-study itself is tune/runner.py."""
+"""`etft tune`: its arguments, checked before Optuna is imported so that bad input answers at once; the study
+itself is tune/runner.py."""
 from __future__ import annotations
 
 import argparse

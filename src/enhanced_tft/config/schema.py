@@ -2,8 +2,8 @@
 
 Precedence: CLI overrides (`--set section.key=value`, `--task`, ...) > YAML file > defaults.
 Every user error raises ConfigError (a ValueError) naming the key, the value and what is allowed.
-The error types and their messages live in config_errors, the overrides and resume rules in config_overrides;
-both are re-exported here, so `enhanced_tft.config` stays the one place to import from.
+The error messages live in config/errors.py (the classes in errors.py), the overrides and resume rules in
+config/overrides.py; both are re-exported here, so `enhanced_tft.config.schema` is the one place to import from.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The per-row arrays of all series end to end as numpy, and the samples read from them: torch-free, so that the
 window gathering that training and `etft predict` run (data/windows.py WindowSet.batch) is the very code that the
-ONNX serving path runs (serve.py), which never imports torch.
+ONNX serving path runs (serving/onnx_model.py), which never imports torch.
 
 A sample is the row `end` of its last observed bar: observed inputs are rows end-T+1 .. end, known inputs rows
 end-T+1 .. end+H (calendar, known ahead), the target sits at row `end`.

@@ -1,5 +1,5 @@
 """What prediction does around the model, whatever runs it (torch, or ONNX Runtime in `etft predict --engine onnx`
-and in the torch-free serving path, serve.py): new data read with a run's settings, and the table of predictions.
+and in the torch-free serving path, serving/onnx_model.py): new data read with a run's settings, and the table of predictions.
 
 The table, in numpy: for each sample where it ends (symbol, timestamp), what followed it (actual, and the label
 for classifiers) and the task's columns of the members' predictions. Every engine builds its rows here, so that

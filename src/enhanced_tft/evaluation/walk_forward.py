@@ -1,6 +1,6 @@
 """Walk-forward results side by side: each fold's test numbers (model, naive rule, LightGBM, the quant
-figures), and their mean and standard deviation over the folds; the console table. workflow.walk_forward
-trains the folds; report_plots.walk_forward_figure draws them."""
+figures), and their mean and standard deviation over the folds; the console table. training.recipe.walk_forward
+trains the folds; report.plots.walk_forward_figure draws them."""
 from __future__ import annotations
 
 import statistics

@@ -14,7 +14,7 @@ activations (4% for seed_original). A freshly built model has it on, since model
 whoever moves a model to another device applies that device's default (model/build.py move_to_device). The
 masks differ between the two positions (another generator), their distribution does not. Nothing here asks
 who runs the model: the memory planner, whose fake tensors have no value to seed numpy with, turns the
-switch off itself (train/planner.py).
+switch off itself (training/planner.py).
 
 Legend: B batch, T time steps, F input variables, H per-variable hidden width, D d_model.
 """

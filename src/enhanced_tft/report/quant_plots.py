@@ -1,6 +1,6 @@
 """The quant figures: equity curves of the model's backtest beside LightGBM's and an equal-weight long.
 
-matplotlib's object API on the Agg canvas, as in report_plots: no pyplot, so no figure outlives its plot.
+matplotlib's object API on the Agg canvas, as in report/plots.py: no pyplot, so no figure outlives its plot.
 Labels come from the data (symbols like $BTC): they are text, never mathtext.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from .plots import new_figure, to_png
 
-WIDTH_INCHES, HEIGHT_INCHES = 8.0, 4.0    # at report_plots' 100 dpi: 800 x 400 pixels (the PNG is not cropped)
+WIDTH_INCHES, HEIGHT_INCHES = 8.0, 4.0    # at report/plots.py's 100 dpi: 800 x 400 pixels (the PNG is not cropped)
 
 
 def equity_curve_figure(curves: dict[str, pd.Series], title: str = "growth of 1, net of costs") -> Figure:

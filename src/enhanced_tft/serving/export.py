@@ -1,11 +1,11 @@
 """`etft export`: a finished run's members as ONNX files with a dynamic batch dimension, beside the run's fitted
 transform (scaler.json) and config and a manifest.json that lists them with their SHA-256, for serving without
-torch (serve.py) and for `etft predict --engine onnx`.
+torch (serving/onnx_model.py) and for `etft predict --engine onnx`.
 
 Each member is exported as served: the model in eval mode (no dropout, no activation checkpointing, the plain
 autograd path of variable selection rather than its hand-written autograd Function) with its task's `predict`
 on top (sigmoid, softmax, sorted quantiles or the value itself), in float32. The ONNX output is thus what the
-torch engine's members give, and both engines share everything after it (prediction_io.py).
+torch engine's members give, and both engines share everything after it (data/tables.py).
 
 The graph is traced once (torch.onnx.export, the dynamo exporter): every member is that graph with its own
 weights, since before optimisation its initializers are the state dict's tensors one to one; an ensemble of M

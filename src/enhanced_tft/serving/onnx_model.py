@@ -7,7 +7,7 @@
 
 This module and what it imports need numpy, pandas, pydantic, PyYAML and onnxruntime only: the file reader and
 its checks, the features, the fitted transform, the window gathering (data/rows.py) and the prediction table
-(prediction_io.py) are the very code the torch engine runs. Every file of the export is checked against the
+(data/tables.py) are the very code the torch engine runs. Every file of the export is checked against the
 SHA-256 in its manifest.json before it is used (the members and the transform: the very bytes checked).
 
 Legend: B batch, T sequence_length, L = T + H, F features, M members.

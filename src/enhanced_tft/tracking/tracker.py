@@ -6,7 +6,7 @@ MLflow: one run per `etft train` run, named after its folder, the flattened conf
 ensemble_size > 1 each member's records go to a nested run member_<k>. Walk-forward folds and `etft tune` trials
 are nested runs of a parent (`open_group`). The default store is sqlite:///LOG_DIR/mlflow.db with artifacts in
 LOG_DIR/mlartifacts (MLflow 3's file store ./mlruns is off by default). TensorBoard: event files in
-RUN/tensorboard/ (member_<k>/ beside them with several members). The backends themselves: tracking_backends.py.
+RUN/tensorboard/ (member_<k>/ beside them with several members). The backends themselves: tracking/backends.py.
 
 Steps: an epoch record's numbers at step = epoch, under metrics.jsonl's keys (loss/val, val/auc, ...); a logging
 window's under window/<key> at step = the member's count of windows (the two kinds would mix in one chart);

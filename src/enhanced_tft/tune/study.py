@@ -38,7 +38,7 @@ from ..config.yaml_io import load_yaml_text
 from ..errors import ConfigError, NonFiniteGiveUp, OutOfMemoryGiveUp, TrialFailed, UserError
 from ..runs import SUMMARY_JSON, RunFolder
 from ..tracking import tracker as tracking
-from ..train.recipe import TrainRequest, train_run
+from ..training.recipe import TrainRequest, train_run
 
 log = logging.getLogger("enhanced_tft.tune")
 

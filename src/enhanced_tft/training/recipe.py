@@ -69,7 +69,7 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
     """Train `cfg` (every walk-forward fold when it asks for folds); return the exit code.
 
     Under torchrun every rank calls this with the same arguments: they train each model together
-    (train/distributed.py) and rank 0 writes the one run folder.
+    (training/distributed.py) and rank 0 writes the one run folder.
     """
     request = request or TrainRequest()
     tracking.require(cfg.run.tracking)   # a missing library answers before any data or training
