@@ -103,7 +103,7 @@ def main() -> int:
     for label, cfg, features in configs:
         dims = plan_dims(cfg, features)
         for precision in precisions:
-            micro = cfg.train.batch_size
+            micro = cfg.train.micro_batch_size
             planned = trace_step(cfg, dims, micro, precision, "none").peak_bytes
             measured = train_steps(cfg, dims, micro, precision)
             rows.append({"case": f"{label} {precision}", "micro_batch": micro, "planned_bytes": planned, **measured,
@@ -117,7 +117,7 @@ def main() -> int:
                          "peak_bytes": 0, "reserved_bytes": 0, "samples_per_s": 0.0, "status": "plan: does not fit"})
             continue
         capped(cap_gib * GIB)
-        cfg = update(original, train={"batch_size": fit.micro_batch_size,
+        cfg = update(original, train={"micro_batch_size": fit.micro_batch_size,
                                       "gradient_accumulation_steps": fit.gradient_accumulation_steps})
         try:
             measured = train_steps(cfg, dims, fit.micro_batch_size, "bf16", steps=3, warmup=1)
@@ -133,7 +133,7 @@ def main() -> int:
     # forced OOM: a micro-batch far beyond a 2 GiB cap; recovery must halve until it fits and finish
     cfg = update(load_config(REPO / "configs/seed_original.yaml"),
                  data={"num_symbols": 4, "num_bars": 3000},
-                 train={"batch_size": 4096, "gradient_accumulation_steps": 1, "epochs": 1,
+                 train={"micro_batch_size": 4096, "gradient_accumulation_steps": 1, "epochs": 1,
                         "max_steps_per_epoch": 2, "mixed_precision": "bf16"})
     data = build_data(cfg)
     torch.manual_seed(0)

@@ -37,12 +37,12 @@ step bench_configured 90 etft bench --config configs/seed_original.yaml --num_fe
 step bench_v2_1 75 etft bench --config configs/seed_v2_1.yaml --num_features 32 --precision fp32 bf16 \
     "${quick[@]}" --json "$out/bench_v2_1.json"
 step bench_one_micro 90 etft bench --config configs/seed_original.yaml --num_features 64 --precision fp32 bf16 \
-    --set train.batch_size=128 --set train.gradient_accumulation_steps=1 "${quick[@]}" --json "$out/bench_original_128x1.json"
+    --set train.micro_batch_size=128 --set train.gradient_accumulation_steps=1 "${quick[@]}" --json "$out/bench_original_128x1.json"
 step bench_v2_1_one_micro 75 etft bench --config configs/seed_v2_1.yaml --num_features 32 --precision fp32 bf16 \
-    --set train.batch_size=32 --set train.gradient_accumulation_steps=1 "${quick[@]}" --json "$out/bench_v2_1_32x1.json"
+    --set train.micro_batch_size=32 --set train.gradient_accumulation_steps=1 "${quick[@]}" --json "$out/bench_v2_1_32x1.json"
 step gpu_check 120 python3 benchmarks/gpu_check.py --out "$out/gpu_check.json"
 step bench_compiled 110 etft bench --config configs/seed_original.yaml --num_features 64 --precision bf16 \
-    --set train.batch_size=128 --set train.gradient_accumulation_steps=1 --set train.compile=true "${quick[@]}" \
+    --set train.micro_batch_size=128 --set train.gradient_accumulation_steps=1 --set train.compile=true "${quick[@]}" \
     --json "$out/bench_original_compiled.json"
 
 for name in bench_configured bench_v2_1 bench_one_micro bench_v2_1_one_micro gpu_check bench_compiled; do

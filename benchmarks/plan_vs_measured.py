@@ -30,7 +30,7 @@ from enhanced_tft.training.planner import trace_step  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CASES = [  # (name, config file, overrides, observed features or None)
     ("default", "configs/default.yaml", [], None),
-    ("seed_v2_1", "configs/seed_v2_1.yaml", ["train.batch_size=32"], None),
+    ("seed_v2_1", "configs/seed_v2_1.yaml", ["train.micro_batch_size=32"], None),
     ("seed_original F64", "configs/seed_original.yaml", [], 64),
 ]
 OPTIONS = [("fp32", "none"), ("fp32", "blocks"), ("bf16", "none"), ("bf16", "all")]
@@ -80,13 +80,13 @@ def main() -> int:
         dims = plan_dims(cfg, features)
         for precision, checkpointing in OPTIONS:
             started = time.perf_counter()
-            planned = trace_step(cfg, dims, cfg.train.batch_size, precision, checkpointing).peak_bytes
-            measured = measure(cfg, dims, cfg.train.batch_size, precision, checkpointing)
+            planned = trace_step(cfg, dims, cfg.train.micro_batch_size, precision, checkpointing).peak_bytes
+            measured = measure(cfg, dims, cfg.train.micro_batch_size, precision, checkpointing)
             error = planned / measured - 1.0
-            rows.append({"config": name, "micro_batch": cfg.train.batch_size, "precision": precision,
+            rows.append({"config": name, "micro_batch": cfg.train.micro_batch_size, "precision": precision,
                          "checkpointing": checkpointing, "planned_bytes": planned, "measured_bytes": measured,
                          "relative_error": error, "seconds": time.perf_counter() - started})
-            print(f"{name:<20}{cfg.train.batch_size:>6}  {precision:<10}{checkpointing:<8}{planned / 2**20:>12.1f}"
+            print(f"{name:<20}{cfg.train.micro_batch_size:>6}  {precision:<10}{checkpointing:<8}{planned / 2**20:>12.1f}"
                   f"{measured / 2**20:>13.1f}{error:>+8.1%}")
     worst = max(abs(r["relative_error"]) for r in rows)
     print(f"largest |error|: {worst:.1%}")

@@ -81,7 +81,7 @@ def test_etft_ensemble_reports_members_and_the_ensemble(tmp_path: Path):
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.num_heads=7"], "model: num_heads=7 does not divide d_model=64"),
-    (["--set", "train.batch_size=0"], "train.batch_size=0: Input should be greater than or equal to 1"),
+    (["--set", "train.batch_size=0"], "train.micro_batch_size=0: Input should be greater than or equal to 1"),
     (["--set", "model.dropout=0.2"], "model.dropout: unknown key"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
 ])

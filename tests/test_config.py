@@ -4,19 +4,20 @@ import pytest
 import yaml
 
 from conftest import REPO
-from enhanced_tft.config.schema import Config, apply_test_mode, build_config, load_config
+from enhanced_tft.config.overrides import canonical_key
+from enhanced_tft.config.schema import Config, apply_test_mode, build_config, load_config, to_yaml, with_overrides
 from enhanced_tft.errors import ConfigError
 
 
 @pytest.mark.parametrize("raw, key, allowed", [
     ({"model": {"d_model": 64, "num_heads": 7}}, "model", "num_heads that divides d_model"),
     ({"data": {"sequence_length": 1}}, "data.sequence_length=1", "greater than or equal to 2"),
-    ({"train": {"batch_size": 0}}, "train.batch_size=0", "greater than or equal to 1"),
+    ({"train": {"batch_size": 0}}, "train.micro_batch_size=0", "greater than or equal to 1"),
     ({"model": {"dropout_rate": 1.0}}, "model.dropout_rate=1.0", "less than 1"),
     ({"model": {"dropout_rate": -0.1}}, "model.dropout_rate=-0.1", "greater than or equal to 0"),
     ({"task": "forecast_everything"}, "task='forecast_everything'", "'classification_binary'"),
     ({"model": {"d_model": "big"}}, "model.d_model='big'", "valid integer"),
-    ({"train": {"batch_size": 8.5}}, "train.batch_size=8.5", "valid integer"),
+    ({"train": {"micro_batch_size": 8.5}}, "train.micro_batch_size=8.5", "valid integer"),
     ({"train": {"gradient_accumulation_steps": 0}}, "train.gradient_accumulation_steps=0", ">= 1".replace(">= ", "greater than or equal to ")),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(raw, key, allowed):
@@ -47,7 +48,7 @@ def test_unknown_section_is_an_error():
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError) as err:
         build_config({"train": {"batch_size": 0}, "data": {"sequence_length": 1}})
-    assert "train.batch_size" in str(err.value) and "data.sequence_length" in str(err.value)
+    assert "train.micro_batch_size" in str(err.value) and "data.sequence_length" in str(err.value)
 
 
 def test_default_yaml_is_exactly_the_builtin_defaults():
@@ -75,7 +76,7 @@ def test_every_shipped_yaml_is_covered():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_yamls_validate_and_keep_every_value_they_set(name):
     """Every file in configs/ loads, and each value it writes is the value the config holds."""
-    written = _leaves(yaml.safe_load((REPO / "configs" / name).read_text()) or {})
+    written = {canonical_key(k): v for k, v in _leaves(yaml.safe_load((REPO / "configs" / name).read_text()) or {}).items()}
     loaded = _leaves(load_config(REPO / "configs" / name).model_dump(mode="json"))
     assert written, name
     assert {k: loaded[k] for k in written} == written
@@ -85,7 +86,7 @@ def test_seed_presets_hold_the_seed_sizes():
     original = load_config(REPO / "configs" / "seed_original.yaml")
     assert (original.model.d_model, original.model.num_transformer_blocks, original.model.ff_dim,
             original.model.num_heads) == (256, 6, 512, 8)
-    assert (original.train.batch_size, original.train.gradient_accumulation_steps) == (16, 8)
+    assert (original.train.micro_batch_size, original.train.gradient_accumulation_steps) == (16, 8)
     assert original.train.samples_per_step == 128
     assert original.data.sequence_length == 60 and original.model.dropout_rate == 0.3
     reduced = load_config(REPO / "configs" / "seed_v2_1.yaml")
@@ -168,3 +169,23 @@ def test_what_etft_writes_has_no_aliases_and_reads_back():
     assert "&" not in text and "*" not in text and load_yaml_text(text) == {"a": [1, 2, 4], "b": [1, 2, 4]}
     cfg = build_config({"data": {"return_lags": [1, 2, 4], "volatility_windows": [1, 2, 4]}})
     assert build_config(load_yaml_text(to_yaml(cfg))) == cfg
+
+
+def test_batch_size_is_the_older_name_of_micro_batch_size(tmp_path):
+    """The seed's `batch_size` (YAML or --set) sets train.micro_batch_size; the saved config names it
+    micro_batch_size; an override replaces the setting whichever name held it; both names at once must agree."""
+    seed_style = tmp_path / "seed.yaml"
+    seed_style.write_text("train:\n  batch_size: 16\n  gradient_accumulation_steps: 8\n")
+    cfg = load_config(seed_style)
+    assert (cfg.train.micro_batch_size, cfg.train.samples_per_step) == (16, 128)
+    assert "micro_batch_size: 16" in to_yaml(cfg) and "\n  batch_size" not in to_yaml(cfg)
+    assert load_config(seed_style, ["train.micro_batch_size=4"]).train.micro_batch_size == 4
+    assert load_config(seed_style, ["train.batch_size=2"]).train.micro_batch_size == 2
+    assert with_overrides(cfg, ["train.batch_size=8"]).train.micro_batch_size == 8
+    assert build_config({"train": {"batch_size": 8, "micro_batch_size": 8}}).train.micro_batch_size == 8
+    with pytest.raises(ConfigError) as err:
+        build_config({"train": {"batch_size": 8, "micro_batch_size": 32}})
+    assert ("train.batch_size=8 and train.micro_batch_size=32 are the same setting (batch_size is the older name "
+            "of micro_batch_size); give one of them") in str(err.value)
+    effective = build_config({"train": {"batch_size": 16, "effective_batch_size": 64}}).train
+    assert (effective.micro_batch_size, effective.gradient_accumulation_steps) == (16, 4)

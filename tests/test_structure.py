@@ -122,7 +122,7 @@ def test_test_mode_comes_before_set_so_the_users_values_win(tmp_path):
     cfg = load_config(None, ["train.epochs=5", "model.d_model=48"], test_mode=True)
     assert (cfg.train.epochs, cfg.model.d_model) == (5, 48)                   # the user's --set
     assert cfg.run.test_mode and cfg.model.num_transformer_blocks == 1        # the rest of the smoke run
-    assert cfg.data.num_bars == 800 and cfg.train.batch_size == 32
+    assert cfg.data.num_bars == 800 and cfg.train.micro_batch_size == 32
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1_while_bad_input_exits_2(monkeypatch, capsys, tmp_path):

@@ -212,7 +212,7 @@ def test_the_default_space_is_valid_and_each_of_its_configs_builds():
     """configs/tune_space.yaml covers the issue's keys, and num_heads divides every d_model it can draw."""
     space = {p.key: p for p in load_space(DEFAULT_SPACE)}
     assert set(space) == {"model.d_model", "model.num_transformer_blocks", "model.num_heads", "model.dropout_rate",
-                          "train.learning_rate", "train.weight_decay", "data.sequence_length", "train.batch_size"}
+                          "train.learning_rate", "train.weight_decay", "data.sequence_length", "train.micro_batch_size"}
     assert space["train.learning_rate"].log and space["train.weight_decay"].log
     d_model = space["model.d_model"]
     base = load_config(None)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import tasks
 from ..errors import ConfigError, UserError
 from .errors import format_errors, quoted_value
-from .overrides import SAFE_RESUME_CHANGES, apply_override, resume_changes
+from .overrides import SAFE_RESUME_CHANGES, apply_override, resolve_aliases, resume_changes
 from .yaml_io import dump_yaml
 from .yaml_io import load_yaml_text as _load
 
@@ -199,7 +199,8 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="micro-batch: samples per forward/backward (the seed's key)")
+    micro_batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="samples per forward/backward (older name, the "
+                                  "seed's: batch_size)")
     gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batches per optimizer step")
     effective_batch_size: int | None = Field(
         None, ge=1, le=MAX_BATCH, description="samples per optimizer step; if set, gradient_accumulation_steps is derived from it")
@@ -238,26 +239,29 @@ class TrainConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _derive_accumulation(cls, raw: Any) -> Any:
-        """effective_batch_size fixes the samples per step; batch_size x accumulation must give exactly that."""
+        """The seed's batch_size is micro_batch_size; effective_batch_size fixes the samples per step, and
+        micro_batch_size x accumulation must give exactly that."""
+        raw = resolve_aliases("train", raw)
         if not isinstance(raw, dict) or raw.get("effective_batch_size") is None:
             return raw
-        effective, micro = raw["effective_batch_size"], raw.get("batch_size", cls.model_fields["batch_size"].default)
+        effective, micro = raw["effective_batch_size"], raw.get("micro_batch_size",
+                                                                 cls.model_fields["micro_batch_size"].default)
         if not isinstance(effective, int) or not isinstance(micro, int) or micro < 1 or effective < 1:
             return raw   # the field validators report the bad type or value
         if effective % micro:
-            raise ValueError(f"effective_batch_size={effective} is not a multiple of batch_size={micro}; "
-                             "allowed: an effective_batch_size that batch_size divides")
+            raise ValueError(f"effective_batch_size={effective} is not a multiple of micro_batch_size={micro}; "
+                             "allowed: an effective_batch_size that micro_batch_size divides")
         steps = effective // micro
         given = raw.get("gradient_accumulation_steps")
         if given is not None and given != steps:
-            raise ValueError(f"batch_size={micro} x gradient_accumulation_steps={given} = {micro * given} "
+            raise ValueError(f"micro_batch_size={micro} x gradient_accumulation_steps={given} = {micro * given} "
                              f"differs from effective_batch_size={effective}; set one of the two, or make them agree")
         return {**raw, "gradient_accumulation_steps": steps}
 
     @property
     def samples_per_step(self) -> int:
         """The effective batch: samples behind one optimizer step."""
-        return self.batch_size * self.gradient_accumulation_steps
+        return self.micro_batch_size * self.gradient_accumulation_steps
 
 
 class BacktestConfig(_Section):
@@ -364,7 +368,7 @@ def update(cfg: Config, **sections: dict[str, Any]) -> Config:
     for name, values in sections.items():
         if isinstance(values, dict):
             if name == "train" and "effective_batch_size" not in values and (
-                    {"batch_size", "gradient_accumulation_steps"} & values.keys()):
+                    {"micro_batch_size", "gradient_accumulation_steps"} & values.keys()):
                 raw[name]["effective_batch_size"] = None   # re-derived from the new sizes
             raw[name].update(values)
         else:
@@ -380,7 +384,7 @@ def apply_test_mode(cfg: Config) -> Config:
               "sequence_length": min(cfg.data.sequence_length, 24)},
         model={"d_model": 32, "num_heads": 4, "num_transformer_blocks": 1, "ff_dim": 64,
                "variable_hidden_size": 8},
-        train={"epochs": 2, "batch_size": min(cfg.train.batch_size, 32), "gradient_accumulation_steps": 1},
+        train={"epochs": 2, "micro_batch_size": min(cfg.train.micro_batch_size, 32), "gradient_accumulation_steps": 1},
         run={"test_mode": True},
     )
 

@@ -275,4 +275,4 @@ def prediction_job(run: SavedRun, data, split: str, read: dict, batch_size: int 
     log.info("%s: %d windows of %d symbol(s); %d member(s) on %s, %s", what, len(windows), len(run.transform.symbols),
              run.cfg.train.ensemble_size, device, policy.name)
     # the run's evaluation chunk by default: the same chunks give the same numbers to the bit
-    return PredictionJob(run, windows, target_known, device, policy, batch_size or 2 * run.cfg.train.batch_size)
+    return PredictionJob(run, windows, target_known, device, policy, batch_size or 2 * run.cfg.train.micro_batch_size)

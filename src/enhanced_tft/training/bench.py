@@ -189,7 +189,7 @@ def bench_row(name: str, cfg: Config, data: DataBundle, precision: str, device: 
     task = tasks.for_config(cfg)
     model = build_training_model(cfg, task, dims_for(data.transform), device)
     split = data.splits["train"]
-    trial = {k: v.to(device) for k, v in split.batch(torch.arange(cfg.train.batch_size)).items()}
+    trial = {k: v.to(device) for k, v in split.batch(torch.arange(cfg.train.micro_batch_size)).items()}
     compiled = apply_compile(model, cfg.train.compile, trial, policy.autocast)
     trainer = Trainer(model, data, cfg, device, policy, seed=cfg.seed, task=task)
     effective = trainer.effective_batch_size
@@ -230,7 +230,7 @@ def bench_row(name: str, cfg: Config, data: DataBundle, precision: str, device: 
         config=name, num_features=data.num_observed, precision=policy.name,
         train_samples_per_s=statistics.median(train_rates), infer_samples_per_s=statistics.median(infer_rates),
         saved_bytes_per_sample=saved["saved_bytes_per_sample"], params=params, peak_memory_bytes=int(peak),
-        micro_batch_size=cfg.train.batch_size, accumulation_steps=cfg.train.gradient_accumulation_steps,
+        micro_batch_size=cfg.train.micro_batch_size, accumulation_steps=cfg.train.gradient_accumulation_steps,
         effective_batch_size=effective, sequence_length=cfg.data.sequence_length, d_model=cfg.model.d_model,
         train_repeats=[round(r, 2) for r in train_rates], infer_repeats=[round(r, 2) for r in infer_rates],
         warmup_steps=settings.warmup_steps, steps_per_repeat=steps, device=str(device),

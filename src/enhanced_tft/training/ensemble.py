@@ -312,7 +312,7 @@ def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.devi
     spread = cfg.train.distribute == "members" and world.distributed
     mine = range(world.rank, cfg.train.ensemble_size, world.size) if spread else range(cfg.train.ensemble_size)
     members: list[MemberResult] = []
-    micro_batch_size = cfg.train.batch_size   # a size that had to shrink on OOM stays shrunk for later members
+    micro_batch_size = cfg.train.micro_batch_size   # a size that had to shrink on OOM stays shrunk for later members
     for member in mine:
         done = resume and run.result_file(member).is_file()
         if done if spread else world.broadcast(done):

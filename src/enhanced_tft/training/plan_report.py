@@ -46,11 +46,11 @@ def format_plan(result: dict) -> str:
                          f"{result['num_devices']} devices, each running its share of the effective batch "
                          f"{result['effective_batch_size']}: micro-batch {result['micro_batch_size']} x "
                          f"{result['gradient_accumulation_steps']} accumulation steps per device "
-                         f"(train.batch_size={result['micro_batch_size']}, train.effective_batch_size="
+                         f"(train.micro_batch_size={result['micro_batch_size']}, train.effective_batch_size="
                          f"{result['effective_batch_size']}; torchrun --nproc-per-node {result['num_devices']})")
         elif result["fits"]:
             lines.append(f"largest micro-batch that fits: {result['max_micro_batch']}; to keep the effective batch "
-                         f"{result['effective_batch_size']}: train.batch_size={result['micro_batch_size']} x "
+                         f"{result['effective_batch_size']}: train.micro_batch_size={result['micro_batch_size']} x "
                          f"train.gradient_accumulation_steps={result['gradient_accumulation_steps']}")
         else:
             lines.append("does not fit even at micro-batch 1: set train.activation_checkpointing=all, "

@@ -229,7 +229,7 @@ def plan(cfg: Config, dims: ModelDims, budget_bytes: int | None = None, num_devi
     """The configured step, every precision x checkpointing option, and the fit for a budget (per device, with
     `num_devices` data-parallel ranks sharing the effective batch)."""
     configured_precision = _precision_name(cfg.train.mixed_precision)
-    micro = cfg.train.batch_size
+    micro = cfg.train.micro_batch_size
     traced = {(p, c): trace_step(cfg, dims, micro, p, c) for p in ("fp32", "bf16") for c in CHECKPOINTING}
     for c in CHECKPOINTING:   # fp16 stores what bf16 stores (2 bytes an element); its GradScaler's scalars are negligible
         traced[("fp16", c)] = StepMemory(**{**asdict(traced[("bf16", c)]), "precision": "fp16"})

@@ -256,7 +256,7 @@ def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Gr
             run.write_text(CONFIG_YAML, f"# resolved config of this run; precision {policy.name}: {policy.reason}\n"
                            + config_mod.to_yaml(cfg))
         log.info("task %s; effective batch %d = micro-batch %d x %d accumulation steps; precision %s: %s",
-                 cfg.task, cfg.train.samples_per_step, cfg.train.batch_size,
+                 cfg.task, cfg.train.samples_per_step, cfg.train.micro_batch_size,
                  cfg.train.gradient_accumulation_steps, policy.name, policy.reason)
         if world.is_main and not resuming:   # a resume checked that its data gives the saved one
             run.write_json(SCALER_JSON, data.scaler)

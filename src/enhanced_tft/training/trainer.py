@@ -80,7 +80,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.effective_batch_size = cfg.train.samples_per_step
         # may shrink on OOM (and start shrunk for later ensemble members); the effective batch never does
-        self.micro_batch_size = min(micro_batch_size or cfg.train.batch_size, self.effective_batch_size)
+        self.micro_batch_size = min(micro_batch_size or cfg.train.micro_batch_size, self.effective_batch_size)
         self.eval_batch_size = 2 * self.micro_batch_size
         self.oom_recoveries = 0
         self.monitor = MemoryMonitor(device)
