@@ -9,14 +9,15 @@ micro-batch for a memory budget follows.
 The trace is of the step a GPU runs: the model's CPU fast paths (numpy dropout masks, variable selection's
 hand-written backward; model/layers.py) are off there by default, and are turned off here too (a fake
 tensor has no value to seed numpy's generator with). One buffer fake tensors report as empty, the LSTM
-kernel's workspace, is counted at its real size, measured on the kernel itself (lstm_workspace_bytes).
+kernel's workspace, is counted from its shapes (lstm_workspace_bytes). Nothing in a trace runs a real kernel,
+so the plan is the same on any CPU it is computed on; attention is traced as the flash kernel a GPU runs
+(output and log-sum-exp kept, no T x T matrix), and the allocator as CUDA's caching one (512-byte blocks).
 For a GPU budget the plan keeps a stated margin: the CUDA context (CONTEXT_BYTES, never in the
 allocator's figures) and FRAGMENTATION_MARGIN on top of the allocator's peak for rounding and
 fragmentation (reserved exceeds allocated).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -24,7 +25,8 @@ import weakref
 from dataclasses import asdict, dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -44,8 +46,11 @@ FRAGMENTATION_MARGIN = 0.15          # reserved vs allocated headroom
 ALLOCATOR_ROUNDING = 512
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}   # fp32: no autocast
-WORKSPACE_PROBE_BATCH = 16
-LSTM_LAYER = torch.ops.aten.mkldnn_rnn_layer.default   # the CPU LSTM kernel, one call per layer
+LSTM_LAYER = torch.ops.aten.mkldnn_rnn_layer.default   # the LSTM kernel of a CPU trace, one call per layer
+# bytes per step, sample and unit that an LSTM layer keeps for its backward: the largest of torch 2.13's oneDNN
+# kernel on an x86 CPU (gates, states and cell values; fp32 62.7 at most, bf16 44.6, sequence lengths 24-96,
+# widths 32-256), rounded up. cuDNN's reserve space on a GPU holds the same gates and states.
+LSTM_WORKSPACE_BYTES = {torch.float32: 63, torch.bfloat16: 45, torch.float16: 45}
 
 
 def _rounded(nbytes: int) -> int:
@@ -102,30 +107,17 @@ class StorageTracker(TorchDispatchMode):
 
 
 def lstm_workspace_bytes(args: tuple) -> int:
-    """The real size of the workspace that one LSTM layer's CPU kernel (aten.mkldnn_rnn_layer, called with
-    `args`) keeps for its backward; fake tensors report it as empty.
+    """The workspace one LSTM layer keeps for its backward (aten.mkldnn_rnn_layer called with `args`): fake
+    tensors report it as empty, so it is counted from the shapes, LSTM_WORKSPACE_BYTES per step, sample and unit.
 
-    The size belongs to oneDNN and the torch version (in torch 2.13 about 15 floats per step, sample and unit
-    at fp32 and 11 at bf16), so it is measured: the kernel runs on real zeros of the call's shapes, the batch
-    capped at WORKSPACE_PROBE_BATCH and the size scaled linearly (from 16 samples on, within 0.5% of the real one).
+    A formula, not a probe of the kernel: the size a probe finds belongs to the CPU's oneDNN build and instruction
+    set (an AMD EPYC's differs from an Intel Xeon's), and a plan for a GPU budget must not depend on the CPU it is
+    computed on.
     """
     length, batch = args[0].shape[:2]                        # input (length, batch, features), states (batch, hidden)
-    probe = min(batch, WORKSPACE_PROBE_BATCH)
-    shapes = [(length, probe, *args[0].shape[2:]), *(a.shape for a in args[1:5]),
-              *((probe, *a.shape[1:]) for a in args[5:7])]
-    tensors = tuple((tuple(shape), a.dtype) for shape, a in zip(shapes, args[:7]))
-    options = tuple(tuple(a) if isinstance(a, list) else a for a in args[7:])   # hashable, for the cache
-    return _probe_workspace_bytes(tensors, options) * batch // probe
-
-
-@functools.lru_cache(maxsize=64)
-def _probe_workspace_bytes(tensors: tuple, options: tuple) -> int:
-    """Bytes of the workspace aten.mkldnn_rnn_layer returns for real zeros of `tensors` ((shape, dtype) each)."""
-    # grad mode on: without it the kernel keeps no workspace
-    with unset_fake_temporarily(), torch.enable_grad():
-        zeros = [torch.zeros(shape, dtype=dtype) for shape, dtype in tensors]
-        rest = [list(a) if isinstance(a, tuple) else a for a in options]
-        return LSTM_LAYER(*zeros, *rest)[3].untyped_storage().nbytes()
+    hidden = args[5].shape[-1]
+    per_unit = LSTM_WORKSPACE_BYTES[args[0].dtype]
+    return per_unit * length * batch * hidden
 
 
 @dataclass
@@ -172,7 +164,8 @@ def trace_step(cfg: Config, dims: ModelDims, micro_batch: int, precision: str, c
         existing = params + [p.grad for p in params if p.grad is not None] + [observed, known, symbol, target]
         existing += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
         tracker = StorageTracker(existing)
-        with tracker:
+        # the flash kernel, as a GPU runs attention: never the T x T matrix, whatever the CPU would pick
+        with tracker, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 output = model(observed, known, symbol).output
             loss = task.loss(output, target).sum() / micro_batch
