@@ -36,7 +36,7 @@ RUN_YAML = f"""
 seed: 1
 data: {{num_symbols: {SYMBOLS}, num_bars: 400, sequence_length: {SEQUENCE_LENGTH}}}
 model: {{d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 32, variable_hidden_size: 4}}
-train: {{batch_size: 64, epochs: 1, max_steps_per_epoch: 1}}
+train: {{micro_batch_size: 64, epochs: 1, max_steps_per_epoch: 1}}
 """
 
 

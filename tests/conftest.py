@@ -27,7 +27,7 @@ def small_raw() -> dict:
         "data": {"num_symbols": 2, "num_bars": 700, "sequence_length": 16},
         "model": {"d_model": 16, "num_heads": 2, "num_transformer_blocks": 1, "ff_dim": 32,
                   "variable_hidden_size": 4, "dropout_rate": 0.0},
-        "train": {"batch_size": 32, "epochs": 2},
+        "train": {"micro_batch_size": 32, "epochs": 2},
     }
 
 
@@ -47,7 +47,7 @@ SMALL_RUN_YAML = """
 seed: 7
 data: {num_symbols: 2, num_bars: 700, sequence_length: 16}
 model: {d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 32, variable_hidden_size: 4, dropout_rate: 0.0}
-train: {batch_size: 32, epochs: 2, max_steps_per_epoch: 8, log_every_steps: 4, ensemble_size: 2}
+train: {micro_batch_size: 32, epochs: 2, max_steps_per_epoch: 8, log_every_steps: 4, ensemble_size: 2}
 """
 
 

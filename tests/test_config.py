@@ -12,7 +12,7 @@ from enhanced_tft.errors import ConfigError
 @pytest.mark.parametrize("raw, key, allowed", [
     ({"model": {"d_model": 64, "num_heads": 7}}, "model", "num_heads that divides d_model"),
     ({"data": {"sequence_length": 1}}, "data.sequence_length=1", "greater than or equal to 2"),
-    ({"train": {"batch_size": 0}}, "train.micro_batch_size=0", "greater than or equal to 1"),
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size=0", "greater than or equal to 1"),
     ({"model": {"dropout_rate": 1.0}}, "model.dropout_rate=1.0", "less than 1"),
     ({"model": {"dropout_rate": -0.1}}, "model.dropout_rate=-0.1", "greater than or equal to 0"),
     ({"task": "forecast_everything"}, "task='forecast_everything'", "'classification_binary'"),
@@ -47,7 +47,7 @@ def test_unknown_section_is_an_error():
 
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        build_config({"train": {"batch_size": 0}, "data": {"sequence_length": 1}})
+        build_config({"train": {"micro_batch_size": 0}, "data": {"sequence_length": 1}})
     assert "train.micro_batch_size" in str(err.value) and "data.sequence_length" in str(err.value)
 
 
@@ -182,10 +182,10 @@ def test_batch_size_is_the_older_name_of_micro_batch_size(tmp_path):
     assert load_config(seed_style, ["train.micro_batch_size=4"]).train.micro_batch_size == 4
     assert load_config(seed_style, ["train.batch_size=2"]).train.micro_batch_size == 2
     assert with_overrides(cfg, ["train.batch_size=8"]).train.micro_batch_size == 8
-    assert build_config({"train": {"batch_size": 8, "micro_batch_size": 8}}).train.micro_batch_size == 8
+    assert build_config({"train": {"micro_batch_size": 8, "micro_batch_size": 8}}).train.micro_batch_size == 8
     with pytest.raises(ConfigError) as err:
-        build_config({"train": {"batch_size": 8, "micro_batch_size": 32}})
+        build_config({"train": {"micro_batch_size": 8, "micro_batch_size": 32}})
     assert ("train.batch_size=8 and train.micro_batch_size=32 are the same setting (batch_size is the older name "
             "of micro_batch_size); give one of them") in str(err.value)
-    effective = build_config({"train": {"batch_size": 16, "effective_batch_size": 64}}).train
+    effective = build_config({"train": {"micro_batch_size": 16, "effective_batch_size": 64}}).train
     assert (effective.micro_batch_size, effective.gradient_accumulation_steps) == (16, 4)

@@ -23,7 +23,7 @@ DDP_YAML = """
 seed: 7
 data: {num_symbols: 2, num_bars: 700, sequence_length: 16}
 model: {d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 32, variable_hidden_size: 4, dropout_rate: 0.0}
-train: {batch_size: 16, gradient_accumulation_steps: 4, epochs: 2, log_every_steps: 4, checkpoint_every_steps: 5,
+train: {micro_batch_size: 16, gradient_accumulation_steps: 4, epochs: 2, log_every_steps: 4, checkpoint_every_steps: 5,
         mixed_precision: fp32, early_stopping_patience: 5, strong_baseline: false}
 """
 

@@ -41,7 +41,7 @@ def test_an_ensemble_of_five_scores_at_least_as_well_as_the_mean_member(tmp_path
            "data": {"num_symbols": 4, "num_bars": 2000, "sequence_length": 4},   # ret_1..ret_3 carry the signal
            "model": {"d_model": 8, "num_heads": 2, "num_transformer_blocks": 1, "ff_dim": 16,
                      "variable_hidden_size": 4, "dropout_rate": 0.0},
-           "train": {"batch_size": 128, "epochs": 1, "learning_rate": 1e-2, "ensemble_size": 5,
+           "train": {"micro_batch_size": 128, "epochs": 1, "learning_rate": 1e-2, "ensemble_size": 5,
                      "log_every_steps": 100}}
     cfg = build_config(raw)
     cpu = torch.device("cpu")

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 RAW = {"seed": 3, "data": {"sequence_length": 16, "return_lags": [1, 2, 5], "volatility_windows": [10]},
        "model": {"d_model": 16, "num_heads": 2, "num_transformer_blocks": 1, "ff_dim": 32, "variable_hidden_size": 4,
                  "dropout_rate": 0.0},
-       "train": {"batch_size": 64, "epochs": 3, "learning_rate": 3e-3, "early_stopping_patience": 3}}
+       "train": {"micro_batch_size": 64, "epochs": 3, "learning_rate": 3e-3, "early_stopping_patience": 3}}
 
 
 def random_walk_bars(num_symbols: int = 3, num_bars: int = 1500, seed: int = 11) -> pd.DataFrame:

@@ -38,15 +38,15 @@ def test_bf16_training_step_keeps_heads_and_loss_in_float32(small_raw):
 # --- effective batch ---------------------------------------------------------------------------------
 
 def test_effective_batch_size_derives_accumulation():
-    cfg = build_config({"train": {"batch_size": 16, "effective_batch_size": 128}})
+    cfg = build_config({"train": {"micro_batch_size": 16, "effective_batch_size": 128}})
     assert cfg.train.gradient_accumulation_steps == 8 and cfg.train.samples_per_step == 128
 
 
 def test_effective_batch_size_must_be_a_multiple():
     with pytest.raises(ConfigError, match="effective_batch_size=100 is not a multiple of batch_size=16"):
-        build_config({"train": {"batch_size": 16, "effective_batch_size": 100}})
+        build_config({"train": {"micro_batch_size": 16, "effective_batch_size": 100}})
     with pytest.raises(ConfigError, match="differs from effective_batch_size=128"):
-        build_config({"train": {"batch_size": 16, "gradient_accumulation_steps": 4, "effective_batch_size": 128}})
+        build_config({"train": {"micro_batch_size": 16, "gradient_accumulation_steps": 4, "effective_batch_size": 128}})
 
 
 # --- activation checkpointing ------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_plan_counts_parameters_not_bytes():
     from enhanced_tft.training.plan_report import plan_dims
     from enhanced_tft.training.planner import plan
     cfg = build_config({"model": {"d_model": 16, "num_heads": 2, "ff_dim": 32, "variable_hidden_size": 4},
-                        "train": {"batch_size": 4}, "data": {"sequence_length": 8}})
+                        "train": {"micro_batch_size": 4}, "data": {"sequence_length": 8}})
     dims = plan_dims(cfg)
     expected = sum(p.numel() for p in build_model(cfg.model, dims, 1).parameters())
     result = plan(cfg, dims)

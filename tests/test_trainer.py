@@ -76,7 +76,7 @@ def test_binary_classifier_beats_the_majority_rate_on_planted_signal():
            "data": {"num_symbols": 5, "num_bars": 1500, "sequence_length": 24},
            "model": {"d_model": 32, "num_heads": 4, "num_transformer_blocks": 1, "ff_dim": 64,
                      "variable_hidden_size": 8},
-           "train": {"batch_size": 64, "epochs": 4, "learning_rate": 3e-3}}
+           "train": {"micro_batch_size": 64, "epochs": 4, "learning_rate": 3e-3}}
     trainer, data = make_trainer(raw)
     trainer.fit()
     test = trainer.evaluate("test")

@@ -33,7 +33,7 @@ TINY_YAML = """
 seed: 7
 data: {num_symbols: 2, num_bars: 600, sequence_length: 16}
 model: {d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 16, variable_hidden_size: 4}
-train: {batch_size: 32, epochs: 2, max_steps_per_epoch: 2, log_every_steps: 2, strong_baseline: false}
+train: {micro_batch_size: 32, epochs: 2, max_steps_per_epoch: 2, log_every_steps: 2, strong_baseline: false}
 """
 SPACE_YAML = """
 model.d_model: {type: categorical, choices: [8, 16]}

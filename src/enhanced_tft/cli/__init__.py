@@ -1,5 +1,6 @@
 """`etft` command line: parsing and dispatch, one module per command (each `add_parser(commands)` and
-`run(args) -> exit code`). The work is in the packages below; this package alone sets process-wide state:
+`run(args) -> exit code`; each imports the heavy packages inside `run`, so that `etft --help` and bad flags answer
+before torch loads). The work is in the packages below; this package alone sets process-wide state:
 the host allocator, torch's threads and the SIGINT/SIGTERM handlers that let training stop at a checkpoint.
 
 Exit codes come from the errors themselves (enhanced_tft.errors): 0 done; 2 bad input (its message, no
@@ -17,9 +18,7 @@ from typing import Sequence
 
 from ..errors import OutOfMemoryGiveUp, exit_code_of, is_brief
 from ..runs import setup_console_logging
-from ..runtime.memory import is_out_of_memory
 from ..runtime.threads import configure_threads, tune_host_allocator
-from ..training.resume import install_signal_handlers, restore_signal_handlers
 from . import bench, evaluate, export, plan, predict, report, train, tune
 
 ISSUES_HINT = ("this is a bug in Enhanced TFT, not in your input: please report it with the command line, the "
@@ -43,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 @contextmanager
 def _process_state(command: str):
     """Threads and signal handlers for the command, restored when it returns (tests call main() many times)."""
+    from ..training.resume import install_signal_handlers, restore_signal_handlers
     if command in THREADED:
         configure_threads()   # the CPUs this process may use, not the machine's: oversubscribed threads spin
     previous = install_signal_handlers() if command in STOPPABLE else None
@@ -61,8 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _process_state(args.command):
             return COMMANDS[args.command].run(args)
     except (Exception, KeyboardInterrupt) as err:
-        if is_out_of_memory(err):   # outside a step (moving the model, building data, say): no recovery there
-            err = OutOfMemoryGiveUp.outside_a_step(err)
+        if isinstance(err, (RuntimeError, MemoryError)) and not is_brief(err):
+            from ..runtime.memory import is_out_of_memory   # torch: loaded by then for any such error
+            if is_out_of_memory(err):   # outside a step (moving the model, building data, say): no recovery there
+                err = OutOfMemoryGiveUp.outside_a_step(err)
         code = exit_code_of(err)
         if isinstance(err, KeyboardInterrupt):
             print(f"etft {args.command}: interrupted", file=sys.stderr)

@@ -4,9 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..api import Run
-from ..evaluation.scorecard import scorecard_table
-from ..serving.predict import read_overrides
 from .common import add_prediction_arguments, check_changed_data_flag
 
 
@@ -17,6 +14,9 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..api import Run
+    from ..evaluation.scorecard import scorecard_table
+    from ..serving.predict import read_overrides
     check_changed_data_flag(args)
     read = read_overrides(args.overrides)
     run = Run.open(args.run)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..serving.export import export_run
 
 
 def add_parser(commands) -> None:
@@ -16,5 +15,6 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..serving.export import export_run
     print(export_run(args.run, args.out, args.overwrite))
     return 0

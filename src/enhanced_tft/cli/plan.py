@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import api
 from ..config import schema as config_mod
 from ..errors import UserError
 from .common import add_overrides
@@ -25,6 +24,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import api
     cfg = config_mod.load_config(args.config, args.overrides)
     if args.num_features is not None and args.num_features < 1:
         raise UserError(f"--num-features={args.num_features}; allowed: an integer >= 1")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..runs import PREDICTIONS_DEFAULT
-from ..serving.predict import TableWriter, open_prediction, predict_to_file
 from .common import add_prediction_arguments, check_changed_data_flag
 
 log = logging.getLogger("enhanced_tft.cli")
@@ -24,6 +23,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..serving.predict import TableWriter, open_prediction, predict_to_file
     out = Path(args.out) if args.out else Path(args.run) / PREDICTIONS_DEFAULT
     TableWriter(out)   # checks the file ending before any work
     if out.exists() and not args.overwrite:

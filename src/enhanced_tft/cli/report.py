@@ -5,7 +5,6 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from ..report.page import write_report
 
 
 def add_parser(commands) -> None:
@@ -14,6 +13,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..report.page import write_report
     if not Path(args.run).is_dir():
         raise UserError(f"--run {args.run!r} is not a folder; give a run folder like logs/training_20261128_101500")
     print(write_report(args.run))

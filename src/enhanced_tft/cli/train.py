@@ -9,7 +9,6 @@ from dataclasses import replace
 from .. import tasks
 from ..config import schema as config_mod
 from ..errors import UserError
-from ..training.recipe import TrainRequest, resume_request, train
 from .common import add_overrides
 
 
@@ -62,9 +61,11 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"{flag} cannot be combined with --resume: a resumed run keeps its own config and "
                                 "folder; allowed with --resume: --set for "
                                 f"{', '.join(config_mod.SAFE_RESUME_CHANGES)}")
+        from ..training.recipe import resume_request, train
         cfg, request = resume_request(args.resume, overrides_of(args))
         return train(cfg, replace(request, allow_changed_data=args.allow_changed_data))
     if args.allow_changed_data:
         raise UserError("--allow-changed-data goes with --resume (a new run fingerprints the data it starts with)")
     cfg = config_mod.load_config(args.config, overrides_of(args), test_mode=args.test_mode)
+    from ..training.recipe import TrainRequest, train   # after the config: a bad value answers before torch loads
     return train(cfg, TrainRequest(auto_batch=args.auto_batch, gpu_memory=args.gpu_memory))
