@@ -18,16 +18,16 @@ from typing import Sequence
 
 from ..errors import OutOfMemoryGiveUp, exit_code_of, is_brief
 from ..runs import setup_console_logging
-from ..runtime.threads import configure_threads, tune_host_allocator
+from ..runtime.signals import install_signal_handlers, restore_signal_handlers
+from ..runtime.threads import tune_host_allocator
 from . import bench, evaluate, export, plan, predict, report, train, tune
 
 ISSUES_HINT = ("this is a bug in Enhanced TFT, not in your input: please report it with the command line, the "
                "config and the traceback above")
 COMMANDS = {"train": train, "plan": plan, "report": report, "predict": predict, "export": export,
             "evaluate": evaluate, "bench": bench, "tune": tune}
-# what each command needs of the process: torch's threads sized to the CPUs it may use; signal handlers where a
-# run saves a checkpoint on SIGINT/SIGTERM (bench sizes its own threads from --threads)
-THREADED = ("train", "predict", "evaluate", "tune")
+# the commands whose runs save a checkpoint on SIGINT/SIGTERM; torch's threads are sized by each command once its
+# input is checked (runtime.threads.configure_threads), so that bad input answers before torch loads
 STOPPABLE = ("train", "tune")
 
 
@@ -41,10 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextmanager
 def _process_state(command: str):
-    """Threads and signal handlers for the command, restored when it returns (tests call main() many times)."""
-    from ..training.resume import install_signal_handlers, restore_signal_handlers
-    if command in THREADED:
-        configure_threads()   # the CPUs this process may use, not the machine's: oversubscribed threads spin
+    """Signal handlers for the command, restored when it returns (tests call main() many times)."""
     previous = install_signal_handlers() if command in STOPPABLE else None
     try:
         yield
@@ -62,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return COMMANDS[args.command].run(args)
     except (Exception, KeyboardInterrupt) as err:
         if isinstance(err, (RuntimeError, MemoryError)) and not is_brief(err):
-            from ..runtime.memory import is_out_of_memory   # torch: loaded by then for any such error
+            from ..runtime.memory import is_out_of_memory  # torch: loaded by then for any such error
             if is_out_of_memory(err):   # outside a step (moving the model, building data, say): no recovery there
                 err = OutOfMemoryGiveUp.outside_a_step(err)
         code = exit_code_of(err)

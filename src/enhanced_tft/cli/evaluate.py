@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..runtime.threads import configure_threads
 from .common import add_prediction_arguments, check_changed_data_flag
 
 
@@ -18,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.scorecard import scorecard_table
     from ..serving.predict import read_overrides
     check_changed_data_flag(args)
+    configure_threads()   # the CPUs this process may use, as in training
     read = read_overrides(args.overrides)
     run = Run.open(args.run)
     result = run.evaluate(args.data, split=args.split, read=read, batch_size=args.batch_size, device=args.device,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def add_parser(commands) -> None:
     export = commands.add_parser("export", help="a finished run's members as ONNX files, with its transform and a "
                                  "manifest (SHA-256 of each file), for serving without torch")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..runs import PREDICTIONS_DEFAULT
+from ..runtime.threads import configure_threads
 from .common import add_prediction_arguments, check_changed_data_flag
 
 log = logging.getLogger("enhanced_tft.cli")
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
     check_changed_data_flag(args)
+    configure_threads()   # the CPUs this process may use, as in training
     job = open_prediction(args.run, args.data, args.split, args.overrides, args.batch_size, args.device,
                           args.allow_changed_data)
     started = time.time()

@@ -9,6 +9,7 @@ from dataclasses import replace
 from .. import tasks
 from ..config import schema as config_mod
 from ..errors import UserError
+from ..runtime.threads import configure_threads
 from .common import add_overrides
 
 
@@ -63,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
                                 f"{', '.join(config_mod.SAFE_RESUME_CHANGES)}")
         from ..training.recipe import resume_request, train
         cfg, request = resume_request(args.resume, overrides_of(args))
+        configure_threads()   # the CPUs this process may use, not the machine's: oversubscribed threads spin
         return train(cfg, replace(request, allow_changed_data=args.allow_changed_data))
     if args.allow_changed_data:
         raise UserError("--allow-changed-data goes with --resume (a new run fingerprints the data it starts with)")
     cfg = config_mod.load_config(args.config, overrides_of(args), test_mode=args.test_mode)
-    from ..training.recipe import TrainRequest, train   # after the config: a bad value answers before torch loads
+    from ..training.recipe import TrainRequest, train  # after the config: a bad value answers before torch loads
+    configure_threads()
     return train(cfg, TrainRequest(auto_batch=args.auto_batch, gpu_memory=args.gpu_memory))

@@ -8,6 +8,7 @@ import re
 
 from ..config import schema as config_mod
 from ..errors import UserError
+from ..runtime.threads import configure_threads
 from ..tune.space_file import DEFAULT_SPACE
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -53,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("etft tune needs Optuna: pip install 'enhanced-tft[tune]'") from None
     from ..tune.runner import run_tune
+    configure_threads()   # the CPUs this process may use, as in training
     return run_tune(base, args.space or DEFAULT_SPACE, args.study, args.trials, args.storage, args.heartbeat,
                     args.timeout, args.verbose)

@@ -1,8 +1,6 @@
-"""What a run must remember to continue exactly where it stopped, and the ways a run stops early."""
+"""What a run must remember to continue exactly where it stopped: the epoch loop's counters and the RNG states."""
 from __future__ import annotations
 
-import signal
-import threading
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -39,44 +37,6 @@ class TrainProgress:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainProgress":
         return cls(**values)
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the trainer checks it between optimizer steps."""
-
-    def __init__(self):
-        self._event = threading.Event()
-        self.signal_name = ""
-
-    def request(self, signum: int, _frame=None) -> None:
-        if self._event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt   # a second Ctrl-C: stop now, without waiting for the step to end
-        self.signal_name = signal.Signals(signum).name
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def clear(self) -> None:
-        self._event.clear()
-        self.signal_name = ""
-
-
-STOP = StopFlag()
-
-
-def install_signal_handlers() -> dict:
-    """Route SIGINT and SIGTERM to STOP; returns the previous handlers for restore_signal_handlers."""
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, STOP.request)
-    return previous
-
-
-def restore_signal_handlers(previous: dict) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-    STOP.clear()
 
 
 def rng_state(device: torch.device) -> dict:

@@ -25,11 +25,12 @@ from ..model.build import dims_for
 from ..model.tft import EnhancedTFT
 from ..runtime.memory import MemoryMonitor, is_out_of_memory, release_after_oom
 from ..runtime.precision import PrecisionPolicy
+from ..runtime.signals import STOP
 from ..serving.inference import InferredChunk, infer
 from .distributed import SINGLE, World
 from .optim import continue_schedule, lr_lambda, make_optimizer
 from .planner import warn_if_step_exceeds_memory
-from .resume import STOP, TrainProgress, rng_state, set_rng_state
+from .resume import TrainProgress, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
