@@ -158,7 +158,7 @@ def test_threads_follow_omp_num_threads_when_the_user_set_it(monkeypatch):
 
 FAULTS_SCRIPT = """
 import resource, statistics, sys
-from enhanced_tft.threads import tune_host_allocator
+from enhanced_tft.runtime.threads import tune_host_allocator
 tuned = tune_host_allocator() if sys.argv[1] == "tuned" else False
 import torch
 counts = []

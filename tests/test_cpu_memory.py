@@ -119,7 +119,7 @@ def test_cpu_allocator_failure_in_evaluation_halves_the_chunk(small_raw, caplog)
 
 def test_cpu_allocator_failure_at_micro_batch_one_gives_up_with_the_advice(small_raw):
     raw = _oom_raw(small_raw)
-    raw["train"].update(batch_size=2, gradient_accumulation_steps=1)
+    raw["train"].update(micro_batch_size=2, gradient_accumulation_steps=1)
     trainer, _ = make_trainer(raw)
     error = real_cpu_allocator_error()
 

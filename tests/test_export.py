@@ -90,7 +90,7 @@ def test_a_process_without_torch_serves_a_csv_file_as_the_torch_engine_predicts_
     script = f"""
 import sys
 sys.modules["torch"] = None   # any import of torch now fails
-from enhanced_tft.serve import OnnxModel
+from enhanced_tft.serving.onnx_model import OnnxModel
 model = OnnxModel.open({str(exported_run / "onnx")!r})
 model.predict("new.csv", batch_size=50).to_parquet("served.parquet")
 print(sorted(name for name in sys.modules if name == "torch" or name.startswith("torch.")))

@@ -43,7 +43,7 @@ def test_effective_batch_size_derives_accumulation():
 
 
 def test_effective_batch_size_must_be_a_multiple():
-    with pytest.raises(ConfigError, match="effective_batch_size=100 is not a multiple of batch_size=16"):
+    with pytest.raises(ConfigError, match="effective_batch_size=100 is not a multiple of micro_batch_size=16"):
         build_config({"train": {"micro_batch_size": 16, "effective_batch_size": 100}})
     with pytest.raises(ConfigError, match="differs from effective_batch_size=128"):
         build_config({"train": {"micro_batch_size": 16, "gradient_accumulation_steps": 4, "effective_batch_size": 128}})
@@ -113,7 +113,7 @@ class InjectOOM:
 
 def _oom_raw(small_raw):
     small_raw["model"]["dropout_rate"] = 0.0
-    small_raw["train"].update(batch_size=16, gradient_accumulation_steps=2, epochs=1, max_steps_per_epoch=6,
+    small_raw["train"].update(micro_batch_size=16, gradient_accumulation_steps=2, epochs=1, max_steps_per_epoch=6,
                               log_every_steps=2)
     return small_raw
 
@@ -161,7 +161,7 @@ def test_oom_during_validation_is_survived(small_raw, caplog):
 
 def test_give_up_at_micro_batch_one_names_the_keys(small_raw):
     raw = _oom_raw(small_raw)
-    raw["train"].update(batch_size=2, gradient_accumulation_steps=1)
+    raw["train"].update(micro_batch_size=2, gradient_accumulation_steps=1)
     trainer, _ = make_trainer(raw)
     trainer.fault_hook = lambda phase, step, index, indices: (_ for _ in ()).throw(torch.OutOfMemoryError("x"))
     with pytest.raises(OutOfMemoryGiveUp) as err:
@@ -236,7 +236,7 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
     assert [m["oom_recoveries"] for m in members] == [1, 0]
     assert [m["micro_batch_size"] for m in members] == [8, 8]
 
-    raw["train"].update(batch_size=1, gradient_accumulation_steps=2, ensemble_size=1)
+    raw["train"].update(micro_batch_size=1, gradient_accumulation_steps=2, ensemble_size=1)
     cfg = build_config(raw)
     run = RunFolder.create(tmp_path)
 

@@ -162,10 +162,16 @@ def test_tensorboard_scalars_are_the_records_of_metrics_jsonl(tracked_run):
 
 
 def _train_in_process(config: Path, logs: Path, epoch_hook) -> int:
+    """`etft train` in this process with the CLI's signal handlers (the library installs none)."""
     from enhanced_tft.runs import setup_console_logging
+    from enhanced_tft.runtime.signals import install_signal_handlers, restore_signal_handlers
     from enhanced_tft.training.recipe import TrainRequest, train
     setup_console_logging()
-    return train(load_config(config, [f"run.log_dir={logs}"]), TrainRequest(epoch_hook=epoch_hook))
+    previous = install_signal_handlers()
+    try:
+        return train(load_config(config, [f"run.log_dir={logs}"]), TrainRequest(epoch_hook=epoch_hook))
+    finally:
+        restore_signal_handlers(previous)
 
 
 def test_a_stopped_run_is_killed_and_its_resume_continues_the_same_mlflow_run(tmp_path, empty_store):
@@ -174,7 +180,7 @@ def test_a_stopped_run_is_killed_and_its_resume_continues_the_same_mlflow_run(tm
     shutil.copy(empty_store, logs / "mlflow.db")
     config = _yaml(tmp_path, train={"checkpoint_every_steps": 100}, run={"tracking": ["mlflow"]})
 
-    def sigterm_after_epoch_1(record):   # the real signal path: train_run's handler, a checkpoint, exit 143
+    def sigterm_after_epoch_1(record):   # the real signal path: the CLI's handler, a checkpoint, exit 143
         if record["epoch"] == 1:
             os.kill(os.getpid(), signal.SIGTERM)
     assert _train_in_process(config, logs, sigterm_after_epoch_1) == 143

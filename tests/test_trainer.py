@@ -28,11 +28,11 @@ def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def test_accumulation_gives_the_gradient_of_one_large_batch(small_raw):
     small_raw["model"]["dropout_rate"] = 0.0
-    small_raw["train"].update(batch_size=32, gradient_accumulation_steps=1)
+    small_raw["train"].update(micro_batch_size=32, gradient_accumulation_steps=1)
     large, data = make_trainer(small_raw)
     window = torch.arange(32)
     large_loss = large.accumulate(data.splits["train"], window)
-    small_raw["train"].update(batch_size=8, gradient_accumulation_steps=4)
+    small_raw["train"].update(micro_batch_size=8, gradient_accumulation_steps=4)
     micro, _ = make_trainer(small_raw, data)
     micro_loss = micro.accumulate(data.splits["train"], window)
     assert micro.micro_batch_size == 8 and micro.effective_batch_size == 32
@@ -46,10 +46,10 @@ def test_accumulation_gives_the_gradient_of_one_large_batch(small_raw):
 def test_uneven_last_micro_batch_still_matches(small_raw):
     """A window of 30 split as 8+8+8+6 weighs every sample equally, like one batch of 30."""
     small_raw["model"]["dropout_rate"] = 0.0
-    small_raw["train"].update(batch_size=30)
+    small_raw["train"].update(micro_batch_size=30)
     large, data = make_trainer(small_raw)
     large.accumulate(data.splits["train"], torch.arange(30))
-    small_raw["train"].update(batch_size=8, gradient_accumulation_steps=4)
+    small_raw["train"].update(micro_batch_size=8, gradient_accumulation_steps=4)
     micro, _ = make_trainer(small_raw, data)
     micro.accumulate(data.splits["train"], torch.arange(30))
     for name, grad in _grads(large).items():
