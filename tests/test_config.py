@@ -182,10 +182,10 @@ def test_batch_size_is_the_older_name_of_micro_batch_size(tmp_path):
     assert load_config(seed_style, ["train.micro_batch_size=4"]).train.micro_batch_size == 4
     assert load_config(seed_style, ["train.batch_size=2"]).train.micro_batch_size == 2
     assert with_overrides(cfg, ["train.batch_size=8"]).train.micro_batch_size == 8
-    assert build_config({"train": {"micro_batch_size": 8, "micro_batch_size": 8}}).train.micro_batch_size == 8
+    assert build_config({"train": {"batch_size": 8, "micro_batch_size": 8}}).train.micro_batch_size == 8
     with pytest.raises(ConfigError) as err:
-        build_config({"train": {"micro_batch_size": 8, "micro_batch_size": 32}})
+        build_config({"train": {"batch_size": 8, "micro_batch_size": 32}})
     assert ("train.batch_size=8 and train.micro_batch_size=32 are the same setting (batch_size is the older name "
             "of micro_batch_size); give one of them") in str(err.value)
-    effective = build_config({"train": {"micro_batch_size": 16, "effective_batch_size": 64}}).train
+    effective = build_config({"train": {"batch_size": 16, "effective_batch_size": 64}}).train
     assert (effective.micro_batch_size, effective.gradient_accumulation_steps) == (16, 4)

@@ -12,7 +12,7 @@ from enhanced_tft.data.synthetic import generate_bars
 from enhanced_tft.errors import ConfigError
 
 KEYS = ["model.d_model", "model.num_heads", "model.dropout_rate", "model.ff_dim", "data.sequence_length",
-        "data.horizon", "data.val_fraction", "data.test_fraction", "train.batch_size", "train.epochs",
+        "data.horizon", "data.val_fraction", "data.test_fraction", "train.micro_batch_size", "train.epochs",
         "train.gradient_accumulation_steps", "train.effective_batch_size", "train.learning_rate",
         "train.mixed_precision", "train.activation_checkpointing", "task", "data.return_lags", "model.typo",
         "train", "data.source", "data.skip_rows"]

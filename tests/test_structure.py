@@ -126,11 +126,11 @@ def test_test_mode_comes_before_set_so_the_users_values_win(tmp_path):
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1_while_bad_input_exits_2(monkeypatch, capsys, tmp_path):
-    import enhanced_tft.training.planner as planner
+    from enhanced_tft import api
 
     def broken(*args, **kwargs):
         raise ValueError("operands could not be broadcast together")   # what a numpy bug looks like
-    monkeypatch.setattr(planner, "plan", broken)
+    monkeypatch.setattr(api, "plan_step", broken)
     assert main(["plan"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "operands could not be broadcast" in err
