@@ -8,12 +8,13 @@ from test_trainer import make_trainer
 
 from enhanced_tft.errors import CheckpointError, NonFiniteGiveUp, StorageError
 from enhanced_tft.runs import RunFolder, load_checkpoint, save_checkpoint
+from enhanced_tft.training.checkpoint import FORMAT_VERSION, TrainState, load_step, save_step
 
 
-def _snapshot(state: dict) -> dict:
-    """A deep copy through serialisation, as a checkpoint file would hold it."""
+def _snapshot(state) -> dict:
+    """A deep copy through serialisation, as a checkpoint file would hold it (a TrainState, or best weights)."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(state.to_dict() if isinstance(state, TrainState) else state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
 
@@ -39,7 +40,7 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_with_identical_weights(resume_r
     best_file = [s for kind, s in events[:at] if kind == "best"][-1]
 
     resumed, _ = make_trainer(resume_raw, data, seed=123)   # a different init: everything must come from the files
-    resumed.load_state_dict(mid, best_file)
+    resumed.load_train_state(TrainState.from_dict(mid, "the mid-epoch snapshot"), best_file)
     resumed_records = []
     resumed.on_epoch_end = resumed_records.append
     result = resumed.fit()
@@ -126,13 +127,35 @@ def test_a_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]   # no temp file left behind
 
 
+def _state(step: int) -> TrainState:
+    return TrainState(member=1, global_step=step, model={"w": torch.tensor([float(step)])}, optimizer={}, scaler={},
+                      scheduler={}, progress={}, order_generator=torch.zeros(1), rng={}, micro_batch_size=4,
+                      eval_batch_size=8, oom_recoveries=0, skipped_steps=0)
+
+
 def test_rotation_keeps_the_newest(tmp_path):
     run = RunFolder.create(tmp_path)
     for step in (3, 10, 7, 12):
-        run.save_step_checkpoint(1, {"global_step": step, "w": torch.tensor([step])}, keep=2)
+        save_step(run, 1, _state(step), keep=2)
     assert [p.name for p in run.step_checkpoints(1)] == ["member_1_step_000000010.pt", "member_1_step_000000012.pt"]
     assert run.latest_step_checkpoint(1).name == "member_1_step_000000012.pt"
     assert run.step_checkpoints(0) == [] and run.latest_step_checkpoint(0) is None
+
+
+def test_a_step_checkpoint_holds_the_train_states_fields_and_its_format_version(tmp_path):
+    """TrainState's fields are the file's keys (nothing else lists them); a file lacking one, or written by a
+    newer format, is refused naming the file; a file of before the format version (0) still loads."""
+    run = RunFolder.create(tmp_path)
+    path = save_step(run, 1, _state(5), keep=2)
+    raw = load_checkpoint(path)
+    assert set(raw) == set(TrainState.__dataclass_fields__) and raw["format_version"] == FORMAT_VERSION == 1
+    assert load_step(path).model["w"].tolist() == [5.0]
+    with pytest.raises(CheckpointError, match=r"checkpoint 'x.pt': it lacks order_generator, rng$"):
+        TrainState.from_dict({k: v for k, v in raw.items() if k not in ("rng", "order_generator")}, "x.pt")
+    with pytest.raises(CheckpointError, match=r"its format version 99 is newer than this version's 1"):
+        TrainState.from_dict({**raw, "format_version": 99}, "x.pt")
+    older = {k: v for k, v in raw.items() if k not in ("format_version", "world_size", "schedule", "config")}
+    assert TrainState.from_dict(older, "x.pt").format_version == 0
 
 
 # --- the real CLI: kill -9 and SIGTERM, then --resume ------------------------------------------------

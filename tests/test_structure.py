@@ -162,12 +162,12 @@ def test_changing_epochs_on_resume_keeps_the_learning_rate_continuous(small_raw,
         first.train_window(data.splits["train"], torch.arange(32))
         first.optimizer_step()
         first.global_step += 1
-    state = first.state_dict()
+    state = first.train_state()
     lr_at_stop = first.scheduler.get_last_lr()[0]
     small_raw["train"]["epochs"] = 4                                          # 24 steps in all now
     resumed, _ = make_trainer(small_raw, data)
     with caplog.at_level("INFO"):
-        resumed.load_state_dict(state)
+        resumed.load_train_state(state)
     assert "24 optimizer steps in all now (was 12)" in caplog.text
     lrs = [resumed.scheduler.get_last_lr()[0]]
     for _ in range(16):
@@ -183,10 +183,10 @@ def test_changing_epochs_on_resume_keeps_the_learning_rate_continuous(small_raw,
     # a later resume with the same epochs rebuilds the continued schedule from the checkpoint, not a fresh one
     again, _ = make_trainer(small_raw, data)
     replay, _ = make_trainer(small_raw, data)
-    replay.load_state_dict(state)
+    replay.load_train_state(state)
     for _ in range(4):
         replay.scheduler.step()
-    again.load_state_dict(replay.state_dict())
+    again.load_train_state(replay.train_state())
     for _ in range(8):
         assert again.scheduler.get_last_lr()[0] == replay.scheduler.get_last_lr()[0] == lrs[4 + _]
         again.scheduler.step()

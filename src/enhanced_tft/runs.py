@@ -204,11 +204,9 @@ class RunFolder:
 
     # ---------------------------------------------------------------- writes
 
-    def save_step_checkpoint(self, member: int, state: dict, keep: int) -> None:
-        """member_<i>_step_<n>.pt; only the newest `keep` are kept."""
-        save_checkpoint(state, self.checkpoints / f"member_{member}_step_{state['global_step']:09d}.pt")
-        for old in self.step_checkpoints(member)[:-keep]:   # only once the new one is safely written
-            old.unlink(missing_ok=True)
+    def step_checkpoint(self, member: int, global_step: int) -> Path:
+        """member_<i>_step_<n>.pt: a resumable checkpoint (training/checkpoint.py writes and rotates them)."""
+        return self.checkpoints / f"member_{member}_step_{global_step:09d}.pt"
 
     def write_text(self, name: str, text: str) -> Path:
         write_text_atomic(self.path / name, text)

@@ -79,7 +79,8 @@ class SeriesBuffer:
     def finish(self) -> "SeriesArrays":
         """Trim to the rows filled and wrap them as tensors sharing the same memory (targets set later)."""
         self.trim()
-        from .windows import SeriesArrays   # torch: here, so that the torch-free ONNX serving path can import this module
+        from .windows import \
+            SeriesArrays  # torch: here, so that the torch-free ONNX serving path can import this module
         self._arrays = SeriesArrays.from_rows(self.rows(np.zeros(self.size, np.float32)))
         return self._arrays
 

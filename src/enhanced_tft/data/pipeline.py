@@ -268,7 +268,7 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
     buffer.set_target(make_targets(tasks.for_config(cfg), buffer.forward_target, buffer.forward_return, transform))
     if transform.binary_dead_zone:
         split_ends = _leave_out_dead_zone(split_ends, buffer.forward_return, transform.binary_dead_zone, data)
-    from .windows import WindowSet   # torch: here, so that the torch-free ONNX serving path can import this module
+    from .windows import WindowSet  # torch: here, so that the torch-free ONNX serving path can import this module
     splits = {s: WindowSet(arrays, split_ends[s], data.sequence_length, data.horizon) for s in SPLITS}
     log.info("samples: train %d, val %d, test %d (%s; sequence_length %d, horizon %d, purge gap %d)",
              len(splits["train"]), len(splits["val"]), len(splits["test"]), rule, data.sequence_length,
@@ -329,7 +329,7 @@ class PredictionRows:
 def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame | None = None) -> PredictionData:
     """Samples ending at every bar that has a full window, scaled with the run's transform (prediction_rows)."""
     found = prediction_rows(cfg, transform, bars)
-    from .windows import SeriesArrays, WindowSet   # torch: as in build_data
+    from .windows import SeriesArrays, WindowSet  # torch: as in build_data
     windows = WindowSet(SeriesArrays.from_rows(found.rows), found.sample_ends, transform.sequence_length,
                         transform.horizon)
     return PredictionData(windows, found.target_known, transform)

@@ -7,6 +7,8 @@ which also sets the CPU fast paths' switch to that device's stated default (mode
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..config.schema import Config, ModelConfig
@@ -45,8 +47,23 @@ def load_model(model: ModelConfig, dims: ModelDims, output_size: int, state_dict
                device: torch.device) -> EnhancedTFT:
     """A trained model: built from the config, given `state_dict`, moved to `device`, in eval mode."""
     built = build_model(model, dims, output_size)
-    try:
-        built.load_state_dict(state_dict)
-    except RuntimeError as err:   # missing or misshapen weights: another model's checkpoint
-        raise WeightsMismatch(str(err).splitlines()[0][:300]) from None
+    problem = weights_problem(state_dict, {k: tuple(v.shape) for k, v in built.state_dict().items()})
+    if problem:   # missing or misshapen weights: another model's checkpoint
+        raise WeightsMismatch(problem)
+    built.load_state_dict(state_dict)
     return move_to_device(built, device).eval()
+
+
+def weights_problem(weights: Any, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why saved weights do not fit a model whose weights have the names and shapes `expected` (missing,
+    unexpected or misshapen names), or None."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return "its weights are not a mapping of names to tensors"
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misshapen = [f"{k} {tuple(weights[k].shape)} (the config's model: {expected[k]})" for k in expected
+                 if k in weights and tuple(weights[k].shape) != expected[k]]
+    parts = [f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+             for label, names in (("shapes differ", misshapen), ("missing weights", missing),
+                                  ("weights the model lacks", unexpected)) if names]
+    return "; ".join(parts) or None

@@ -27,9 +27,9 @@ from ..runs import STRONG_BASELINE_JSON, SUMMARY_JSON, RunFolder, load_checkpoin
 from ..runtime.memory import release_memory
 from ..runtime.precision import PrecisionPolicy
 from ..tasks import Task
+from .checkpoint import load_best, load_step, save_best, save_step
 from .compile import apply_compile
 from .distributed import SINGLE, World
-from .resume import TrainProgress
 from .trainer import FaultHook, Trainer
 
 log = logging.getLogger(__name__)
@@ -139,19 +139,18 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
             epoch_hook(record)
     trainer = Trainer(model, member_data, cfg, device, policy, seed=seed, member=member, task=task,
                       micro_batch_size=micro_batch_size, on_epoch_end=on_epoch_end,
-                      on_best=(lambda state, epoch: save_checkpoint(state, best_path)) if writes else None,
-                      on_checkpoint=(lambda state: run.save_step_checkpoint(
-                          member, {**state, "config": config_record}, cfg.train.keep_checkpoints)) if writes else None,
+                      on_best=(lambda weights, epoch: save_best(weights, best_path)) if writes else None,
+                      on_checkpoint=(lambda state: save_step(run, member, dataclasses.replace(state, config=config_record),
+                                                             cfg.train.keep_checkpoints)) if writes else None,
                       fault_hook=fault_hook, world=world)
     latest = world.broadcast(run.latest_step_checkpoint(member) if resume else None)   # one file for all ranks
     if latest is not None:
-        best = load_checkpoint(best_path) if best_path.is_file() else None
-        state = load_checkpoint(latest)
-        trainer.load_state_dict(state, best)
+        state = load_step(latest)
+        trainer.load_train_state(state, load_best(best_path))
         log.info("member %d resumed from %s (epoch %d, step %d of it%s)", member, latest.name,
                  trainer.progress.epoch, trainer.progress.step_in_epoch,
-                 f"; written by {state.get('world_size', 1)} rank(s), continued by {world.size}"
-                 if state.get("world_size", 1) != world.size else "")
+                 f"; written by {state.world_size} rank(s), continued by {world.size}"
+                 if state.world_size != world.size else "")
     try:
         fit = trainer.fit()
         prediction, weights = _test_pass(trainer, len(data.symbols))
@@ -248,57 +247,6 @@ def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
     if strong is not None:
         out["quant"]["strong_baseline"] = quant_of(cfg, data.transform, test, predictions["LightGBM"])
     return out, equity_curves(cfg, data.transform, test, predictions), strong
-
-
-# what Trainer.load_state_dict reads from a resumable checkpoint
-STEP_CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "scheduler", "progress", "order_generator", "rng",
-                        "global_step", "micro_batch_size", "eval_batch_size", "oom_recoveries", "skipped_steps")
-
-
-def expected_shapes(cfg: Config, task: Task, dims) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the weights the config's model has, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = build_training_model(cfg, task, dims)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-
-
-def weights_problem(weights: Any, expected: dict[str, tuple[int, ...]]) -> str | None:
-    """Why saved weights do not fit the config's model (missing, unexpected or misshapen names), or None."""
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        return "its weights are not a mapping of names to tensors"
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    misshapen = [f"{k} {tuple(weights[k].shape)} (the config's model: {expected[k]})" for k in expected
-                 if k in weights and tuple(weights[k].shape) != expected[k]]
-    parts = [f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-             for label, names in (("shapes differ", misshapen), ("missing weights", missing),
-                                  ("weights the model lacks", unexpected)) if names]
-    return "; ".join(parts) or None
-
-
-def verify_resumable(cfg: Config, task: Task, dims, run: RunFolder) -> None:
-    """Before a resume rewrites anything: every checkpoint it will load is readable, holds what the trainer
-    reads, and has the weights of the model config.yaml describes; else CheckpointError naming the file."""
-    expected = expected_shapes(cfg, task, dims)
-    for member in range(cfg.train.ensemble_size):
-        if run.result_file(member).is_file():
-            continue   # finished: its result is reused as it is (MemberResult.from_dict checks it)
-        for path, keys in ((run.latest_step_checkpoint(member), STEP_CHECKPOINT_KEYS), (run.best_checkpoint(member), ())):
-            if path is None or not path.is_file():
-                continue
-            state = load_checkpoint(path)
-            absent = [k for k in keys if k not in state]
-            unknown = (sorted(set(state["progress"]) - set(TrainProgress.__dataclass_fields__))
-                       if keys and isinstance(state.get("progress"), dict) else [])
-            problem = (f"it lacks {', '.join(absent)}" if absent else
-                       f"its progress record has unknown fields {', '.join(unknown)}" if unknown else
-                       weights_problem(state["model"] if keys else state, expected))
-            if problem:
-                raise CheckpointError(
-                    f"checkpoint {str(path)!r} cannot be resumed with this run's config.yaml ({problem}); nothing "
-                    "was changed in the run folder. It belongs to another run or version: restore the run's own "
-                    "checkpoints, or start a new run")
-            del state
 
 
 def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,

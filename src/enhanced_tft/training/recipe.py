@@ -36,8 +36,9 @@ from ..serving.predict import write_test_predictions
 from ..serving.saved_run import transform_differences
 from ..tracking import tracker as tracking
 from .auto_batch import auto_batch
+from .checkpoint import verify_resumable
 from .distributed import SINGLE, RankFilter, build_shared_data, close_world, init_world, restart_count, run_id
-from .ensemble import train_ensemble, verify_resumable
+from .ensemble import train_ensemble
 
 log = logging.getLogger("enhanced_tft.train")
 

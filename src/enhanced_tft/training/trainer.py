@@ -27,6 +27,7 @@ from ..runtime.memory import MemoryMonitor, is_out_of_memory, release_after_oom
 from ..runtime.precision import PrecisionPolicy
 from ..runtime.signals import STOP
 from ..serving.inference import InferredChunk, infer
+from .checkpoint import TrainState
 from .distributed import SINGLE, World
 from .optim import continue_schedule, lr_lambda, make_optimizer
 from .planner import warn_if_step_exceeds_memory
@@ -372,40 +373,38 @@ class Trainer:
         return FitResult(p.best_epoch, p.best_loss, p.epochs_done, p.stopped_early, p.total_samples / max(p.total_seconds, 1e-9), p.peak_bytes, self.scheduler.last_epoch,
                          self.micro_batch_size, self.oom_recoveries)
 
-    def state_dict(self) -> dict:
+    def train_state(self) -> TrainState:
         """Everything needed to continue exactly: weights, optimizer, scaler, schedule, counters, RNG."""
-        return {
-            "member": self.member, "global_step": self.global_step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "progress": self.progress.to_dict(),
-            "order_generator": self.order_generator.get_state(), "rng": rng_state(self.device),
-            "micro_batch_size": self.micro_batch_size, "eval_batch_size": self.eval_batch_size,
-            "oom_recoveries": self.oom_recoveries, "skipped_steps": self.skipped_steps,
-            "schedule": self.schedule,
-            "world_size": self.world.size,   # any other world size may resume it: the same windows and mathematics
-        }
+        return TrainState(
+            member=self.member, global_step=self.global_step, model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+            scheduler=self.scheduler.state_dict(), progress=self.progress.to_dict(),
+            order_generator=self.order_generator.get_state(), rng=rng_state(self.device),
+            micro_batch_size=self.micro_batch_size, eval_batch_size=self.eval_batch_size,
+            oom_recoveries=self.oom_recoveries, skipped_steps=self.skipped_steps, schedule=self.schedule,
+            world_size=self.world.size)   # any other world size may resume it: the same windows and mathematics
 
-    def load_state_dict(self, state: dict, best_state: dict[str, torch.Tensor] | None = None) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.progress = TrainProgress.from_dict(state["progress"])
-        self.order_generator.set_state(state["order_generator"])
-        set_rng_state(state["rng"], self.device)
-        self.global_step = state["global_step"]
-        self.micro_batch_size, self.eval_batch_size = state["micro_batch_size"], state["eval_batch_size"]
-        self.oom_recoveries, self.skipped_steps = state["oom_recoveries"], state["skipped_steps"]
+    def load_train_state(self, state: TrainState, best_state: dict[str, torch.Tensor] | None = None) -> None:
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scaler.load_state_dict(state.scaler)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.progress = TrainProgress.from_dict(state.progress)
+        self.order_generator.set_state(state.order_generator)
+        set_rng_state(state.rng, self.device)
+        self.global_step = state.global_step
+        self.micro_batch_size, self.eval_batch_size = state.micro_batch_size, state.eval_batch_size
+        self.oom_recoveries, self.skipped_steps = state.oom_recoveries, state.skipped_steps
         self.best_state = best_state
         # train.epochs changed since the checkpoint: continue from the rate reached (kept for later resumes too)
-        self.schedule, note = continue_schedule(self.scheduler, state.get("schedule", self.schedule), self.total_steps,
+        self.schedule, note = continue_schedule(self.scheduler, state.schedule or self.schedule, self.total_steps,
                                                 self.cfg.train.min_lr_ratio)
         if note:
             log.info("member %d: %s", self.member, note)
 
     def checkpoint(self) -> None:
         if self.on_checkpoint:
-            self.on_checkpoint(self.state_dict())
+            self.on_checkpoint(self.train_state())
 
     def close(self) -> None:
         """Drop optimizer state and gradients so that the caller can release memory."""
