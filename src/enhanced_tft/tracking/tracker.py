@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import statistics
 import sys
 import time
@@ -98,11 +97,6 @@ def member_metrics(member: dict) -> dict[str, float]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-def _main_process() -> bool:
-    """Only torchrun's rank 0 tracks (also where train.distribute=members hands a rank a whole fold)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _stop_status(finished: bool, error: BaseException | None = None) -> str:
@@ -200,11 +194,12 @@ class RunTracker(Tracker):
         self._each(lambda b: b.close(status))
 
 
-def open_run(cfg: Config, run: RunFolder, parent: "Group | None" = None, resuming: bool = False) -> Tracker:
+def open_run(cfg: Config, run: RunFolder, parent: "Group | None" = None, resuming: bool = False,
+             main: bool = True) -> Tracker:
     """The trackers of one run, subscribed to its folder's records; a no-op Tracker unless run.tracking asks
-    and this is rank 0. A store that cannot be opened is a UserError before training, except for a run of a
+    and `main` (the process is torchrun's rank 0, also where train.distribute=members hands a rank a fold). A store that cannot be opened is a UserError before training, except for a run of a
     group (a fold, a trial), which then goes on untracked with a warning."""
-    if not cfg.run.tracking or not _main_process():
+    if not cfg.run.tracking or not main:
         return Tracker()
     require(cfg.run.tracking)
     saved = run.read_json(TRACKING_JSON) if resuming and (run.path / TRACKING_JSON).is_file() else {}
@@ -300,11 +295,11 @@ def fold_name(cfg: Config) -> str:
     return f"fold_{cfg.data.fold}"
 
 
-def open_group(cfg: Config, name: str, child_name: Callable[[Config], str]) -> Group:
+def open_group(cfg: Config, name: str, child_name: Callable[[Config], str], main: bool = True) -> Group:
     """The parent run `name`_<time> of a walk-forward or a tune study, in cfg's store; its children are named
-    by child_name(their config)."""
+    by child_name(their config). Only where `main` (torchrun's rank 0)."""
     require(cfg.run.tracking)
-    if "mlflow" not in cfg.run.tracking or not _main_process():
+    if "mlflow" not in cfg.run.tracking or not main:
         return Group()
     log_dir = Path(cfg.run.log_dir)
     try:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..data.shared import export_bundle, map_bundle
-from ..errors import UserError
+from ..errors import RankLost, UserError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,38 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on rank 0 alone and give its result to every rank; a UserError it raises is raised on
+        every rank (the others wait for the verdict), with its own class where that class takes a message alone
+        (CheckpointError, ConfigError, ...)."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = (None, work())
+            except UserError as err:
+                outcome = ((type(err), str(err)), None)
+        error, result = self.broadcast(outcome)
+        if error is not None:
+            try:
+                refusal = error[0](error[1])
+            except TypeError:
+                refusal = UserError(error[1])
+            raise refusal
+        return result
+
+    @contextmanager
+    def peer_loss(self):
+        """Turn a collective that failed because another rank went away into RankLost: one line, exit 1 (the
+        rank that failed says why in its own log). gloo and NCCL word the failure in their own ways."""
+        try:
+            yield
+        except RuntimeError as err:
+            if not self.distributed or not _peer_failure(err):
+                raise
+            raise RankLost(f"rank {self.rank}: another rank stopped while this one waited on it "
+                           f"({str(err).splitlines()[0][:200]}); its own log says why. Under torchrun "
+                           "--max-restarts K the group restarts and resumes from the newest checkpoint") from None
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -115,6 +148,13 @@ class World:
 
 
 SINGLE = World()
+
+
+def _peer_failure(err: RuntimeError) -> bool:
+    import torch.distributed as dist
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL"))
 
 
 def launched_by_torchrun() -> bool:

@@ -21,7 +21,7 @@ from ..data import fingerprint as fp
 from ..data.fingerprint import data_fingerprint
 from ..data.pipeline import build_data
 from ..data.transform import Transform
-from ..errors import RankLost, StorageError, TrainingInterrupted, UserError
+from ..errors import StorageError, TrainingInterrupted, UserError
 from ..evaluation.interpret import interpretation_frames, total
 from ..evaluation.scorecard import scorecard_table
 from ..evaluation.walk_forward import fold_record, format_walk_forward, walk_forward_summary
@@ -54,6 +54,7 @@ class TrainRequest:
     allow_changed_data: bool = False   # resume although the data's fingerprint changed (its scaling must match)
     epoch_hook: Callable[[dict], None] | None = None   # called with each epoch's record (etft tune reports val loss)
     bars: object | None = None         # data.source=frame: the checked bars (sources.load_frame_bars) of a DataFrame
+    tracked: bool = True               # False on ranks other than 0 training a fold alone (distribute=members)
 
 
 def resume_request(folder: str | Path, overrides: list[str]) -> tuple[Config, TrainRequest]:
@@ -87,18 +88,13 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
             if restarted is not request:   # continue what the first attempt trained, with its own config
                 cfg = config_mod.load_run_config(RunFolder(restarted.resume_folder).file(CONFIG_YAML))
             request = restarted
-        try:
+        with world.peer_loss():
             if request.resume_folder is None and cfg.data.walk_forward_folds and cfg.data.fold is None:
-                with tracking.open_group(cfg, "walk_forward", tracking.fold_name) as group:   # folds: nested runs
+                # folds: nested runs
+                with tracking.open_group(cfg, "walk_forward", tracking.fold_name, world.is_main) as group:
                     code = group.ended(walk_forward(cfg, request, world, group))
             else:
                 code = train_run(cfg, request, world)[0]
-        except RuntimeError as err:
-            if not world.distributed or not _peer_failure(err):
-                raise
-            raise RankLost(f"rank {world.rank}: another rank stopped while this one waited on it "
-                           f"({str(err).splitlines()[0][:200]}); its own log says why. Under torchrun "
-                           "--max-restarts K the group restarts and resumes from the newest checkpoint") from None
         marker = restart_marker(cfg.run.log_dir)
         if code == 0 and world.is_main and marker is not None:
             marker.unlink(missing_ok=True)   # finished: no restart will look for it
@@ -107,14 +103,6 @@ def train(cfg: Config, request: TrainRequest | None = None) -> int:
         for handler in handlers:
             handler.removeFilter(rank_filter)
         close_world(world)
-
-
-def _peer_failure(err: RuntimeError) -> bool:
-    """Whether a collective failed because a peer went away (gloo and NCCL word it in their own ways)."""
-    import torch.distributed as dist
-    text = str(err)
-    return isinstance(err, dist.DistError) or any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL"))
 
 
 def _resume_after_restart(cfg: Config, request: TrainRequest, world) -> TrainRequest:
@@ -153,7 +141,8 @@ def walk_forward(cfg: Config, request: TrainRequest, world, group: tracking.Grou
     for fold in mine:
         log.info("walk-forward fold %d of %d", fold, folds)
         # a fold is not resumed after a torchrun restart: the restart would train the last fold in its folder
-        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}), replace(request, restartable=False),
+        code, run_path = train_run(config_mod.update(cfg, data={"fold": fold}),
+                                   replace(request, restartable=False, tracked=world.is_main),
                                    SINGLE if spread else world, group)
         if code != 0:
             break
@@ -181,20 +170,15 @@ def walk_forward(cfg: Config, request: TrainRequest, world, group: tracking.Grou
 def _open_run_folder(cfg: Config, request: TrainRequest, world, held: ExitStack) -> RunFolder:
     """The run's folder: rank 0 makes it (or reopens the one to resume), takes its lock into `held`, and tells
     the other ranks."""
-    error, path = None, None
-    if world.is_main:
-        try:
-            path = request.resume_folder or RunFolder.create(cfg.run.log_dir).path
-            held.enter_context(RunFolder(path).lock())   # one trainer per folder: a second --resume is refused
-            marker = restart_marker(cfg.run.log_dir)
-            if marker is not None and request.resume_folder is None and request.restartable:
-                write_text_atomic(marker, f"{path}\n")
-        except UserError as err:
-            error = str(err)
-    error, path = world.broadcast((error, str(path) if path else None))
-    if error:
-        raise UserError(error)
-    return RunFolder(path)
+    def open_folder() -> str:
+        path = request.resume_folder or RunFolder.create(cfg.run.log_dir).path
+        held.enter_context(RunFolder(path).lock())   # one trainer per folder: a second --resume is refused
+        marker = restart_marker(cfg.run.log_dir)
+        if marker is not None and request.resume_folder is None and request.restartable:
+            write_text_atomic(marker, f"{path}\n")
+        return str(path)
+
+    return RunFolder(world.on_main(open_folder))
 
 
 def _shared_data_folder(cfg: Config, run: RunFolder) -> Path:
@@ -262,7 +246,8 @@ def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Gr
         if world.is_main and not resuming:   # a resume checked that its data gives the saved one
             run.write_json(SCALER_JSON, data.scaler)
             run.write_json(DATA_JSON, fingerprint)
-        tracker = held.enter_context(tracking.open_run(cfg, run, group, resuming))   # closed before the lock
+        tracker = held.enter_context(   # closed before the lock
+            tracking.open_run(cfg, run, group, resuming, main=request.tracked and world.is_main))
         training_started = True
         # only rank 0 shows progress bars; the redirect would also drop the other ranks' console filter
         redirect = logging_redirect_tqdm(loggers=[logging.getLogger("enhanced_tft")]) if world.is_main else nullcontext()
@@ -303,23 +288,6 @@ def _fingerprint(cfg: Config, world, bars) -> dict | None:
     return data_fingerprint(cfg, bars) if world.is_main else None
 
 
-def _on_main(world, check) -> None:
-    """Run `check` on rank 0 only and raise its UserError on every rank (the others wait for the verdict)."""
-    error = None
-    if world.is_main:
-        try:
-            check()
-        except UserError as err:
-            error = (type(err), str(err))
-    error = world.broadcast(error)
-    if error is not None:
-        try:   # the same class on every rank where it takes a message alone (CheckpointError, ConfigError, ...)
-            refusal = error[0](error[1])
-        except TypeError:
-            refusal = UserError(error[1])
-        raise refusal
-
-
 def _check_data_unchanged(cfg: Config, run: RunFolder, request: TrainRequest, world) -> None:
     """A resume trains on the data the run started with: a changed file is refused with the difference, unless
     --allow-changed-data (then the scaling check after building the data still applies)."""
@@ -338,7 +306,7 @@ def _check_data_unchanged(cfg: Config, run: RunFolder, request: TrainRequest, wo
                                   "scaling differs)"),
             "resuming on changed data", request.bars)
 
-    _on_main(world, check)
+    world.on_main(check)
 
 
 def _check_resumable(cfg: Config, task, data, run: RunFolder, world) -> None:
@@ -354,7 +322,7 @@ def _check_resumable(cfg: Config, task, data, run: RunFolder, world) -> None:
                             "data the run started with, or start a new run")
         verify_resumable(cfg, task, dims_for(saved), run)
 
-    _on_main(world, check)
+    world.on_main(check)
 
 
 def write_test_outputs(run: RunFolder, data, result) -> None:
