@@ -63,6 +63,18 @@ def trained_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture
+def inject_faults(monkeypatch):
+    """install(hook): hook(phase, step, index, indices) runs at every fault point of this test's trainings and
+    inference loops (runtime/faults.py), and may raise there; removed after the test."""
+    from enhanced_tft.runtime import faults
+
+    def install(hook):
+        monkeypatch.setattr(faults, "hook", hook)
+        return hook
+    return install
+
+
 def training_model(cfg, data):
     """The model `etft train` builds for this config and data (its task's head, its checkpointing policy)."""
     from enhanced_tft import tasks

@@ -11,11 +11,10 @@ import sys
 import torch
 
 from enhanced_tft.cli import main
-from enhanced_tft.training import trainer as trainer_module
+from enhanced_tft.runtime import faults
 
 kind, rank, step, micro = os.environ["ETFT_TEST_FAULT"].split(":")
 fired = []
-original_init = trainer_module.Trainer.__init__
 
 
 def fault(phase, global_step, index, indices):
@@ -28,9 +27,5 @@ def fault(phase, global_step, index, indices):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def init_with_fault(self, *args, **kwargs):
-    original_init(self, *args, **{**kwargs, "fault_hook": fault})
-
-
-trainer_module.Trainer.__init__ = init_with_fault
+faults.hook = fault   # this process is the test's own entry point: the hook lives as long as it does
 sys.exit(main(sys.argv[1:]))

@@ -83,13 +83,13 @@ def test_other_errors_are_not_out_of_memory(monkeypatch):
 
 # --- recovery in the trainer -------------------------------------------------------------------------
 
-def test_cpu_allocator_failure_halves_the_micro_batch_and_keeps_every_step_exact(small_raw, caplog):
+def test_cpu_allocator_failure_halves_the_micro_batch_and_keeps_every_step_exact(small_raw, caplog, inject_faults):
     raw = _oom_raw(small_raw)   # micro-batch 16 x 2 = effective batch 32, 6 steps, fp32, dropout 0
     reference, data = make_trainer(raw)
     reference.fit()
     hook = InjectError({("train", 1, 0): real_cpu_allocator_error(), ("train", 3, 1): MemoryError("numpy")})
     trainer, _ = make_trainer(raw, data)
-    trainer.fault_hook = hook
+    inject_faults(hook)
     with caplog.at_level("WARNING"):
         result = trainer.fit()
     assert [f[:3] for f in hook.fired] == [("train", 1, 0), ("train", 3, 1)]
@@ -103,12 +103,12 @@ def test_cpu_allocator_failure_halves_the_micro_batch_and_keeps_every_step_exact
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_cpu_allocator_failure_in_evaluation_halves_the_chunk(small_raw, caplog):
+def test_cpu_allocator_failure_in_evaluation_halves_the_chunk(small_raw, caplog, inject_faults):
     raw = _oom_raw(small_raw)
     reference, data = make_trainer(raw)
     expected = reference.evaluate("val")
     trainer, _ = make_trainer(raw, data)
-    trainer.fault_hook = InjectError({("val", 0, 1): real_cpu_allocator_error()})
+    inject_faults(InjectError({("val", 0, 1): real_cpu_allocator_error()}))
     with caplog.at_level("WARNING"):
         got = trainer.evaluate("val")
     assert trainer.eval_batch_size == 16 and trainer.micro_batch_size == 16 and trainer.oom_recoveries == 1
@@ -117,7 +117,7 @@ def test_cpu_allocator_failure_in_evaluation_halves_the_chunk(small_raw, caplog)
     assert "out of memory in val: evaluation chunk 32 -> 16; redoing the chunk" in caplog.text
 
 
-def test_cpu_allocator_failure_at_micro_batch_one_gives_up_with_the_advice(small_raw):
+def test_cpu_allocator_failure_at_micro_batch_one_gives_up_with_the_advice(small_raw, inject_faults):
     raw = _oom_raw(small_raw)
     raw["train"].update(micro_batch_size=2, gradient_accumulation_steps=1)
     trainer, _ = make_trainer(raw)
@@ -125,7 +125,7 @@ def test_cpu_allocator_failure_at_micro_batch_one_gives_up_with_the_advice(small
 
     def always(phase, step, index, indices):
         raise error
-    trainer.fault_hook = always
+    inject_faults(always)
     with pytest.raises(OutOfMemoryGiveUp) as err:
         trainer.fit()
     assert trainer.oom_recoveries == 1 and trainer.micro_batch_size == 1   # 2 -> 1, then 1 failed too
@@ -136,28 +136,29 @@ def test_cpu_allocator_failure_at_micro_batch_one_gives_up_with_the_advice(small
         assert key in message
 
 
-def test_other_runtime_errors_propagate_unchanged(small_raw):
+def test_other_runtime_errors_propagate_unchanged(small_raw, inject_faults):
     raw = _oom_raw(small_raw)
     trainer, data = make_trainer(raw)
     for phase, run in (("train", lambda: trainer.train_window(data.splits["train"], torch.arange(32))),
                        ("val", lambda: trainer.evaluate("val"))):
         error = RuntimeError(SHAPE_ERROR)
-        trainer.fault_hook = InjectError({(phase, 0, 0): error})
+        inject_faults(InjectError({(phase, 0, 0): error}))
         with pytest.raises(RuntimeError) as raised:
             run()
         assert raised.value is error
     assert trainer.oom_recoveries == 0 and trainer.micro_batch_size == 16 and trainer.eval_batch_size == 32
 
 
-def test_inference_outside_training_halves_its_batch_on_the_cpu_allocators_failure(small_raw, caplog):
-    """`etft predict` and `evaluate` run infer() with its own halving (halve_after_oom)."""
+def test_inference_outside_training_halves_its_batch_on_the_cpu_allocators_failure(small_raw, caplog, inject_faults):
+    """`etft predict` and `evaluate` run infer() with its own back-off (runtime.memory.OomBackoff)."""
     from enhanced_tft.serving.inference import infer
     trainer, data = make_trainer(_oom_raw(small_raw))
     args = ([trainer.model], trainer.task, data.splits["val"], trainer.device, trainer.policy, 32)
     expected = torch.cat([chunk.predictions[0] for chunk in infer(*args)])
     hook = InjectError({("inference", 0, 1): real_cpu_allocator_error()})
     with caplog.at_level("WARNING"):
-        chunks = list(infer(*args, before_chunk=lambda index, chunk: hook("inference", 0, index, chunk)))
+        inject_faults(hook)
+        chunks = list(infer(*args))
     assert [chunk.indices.numel() for chunk in chunks[:4]] == [32, 16, 16, 16]
     torch.testing.assert_close(torch.cat([chunk.predictions[0] for chunk in chunks]), expected)
     assert "out of memory in inference: batch 32 -> 16; redoing the batch" in caplog.text

@@ -118,13 +118,13 @@ def _oom_raw(small_raw):
     return small_raw
 
 
-def test_oom_at_first_and_middle_micro_batch_keeps_every_step_exact(small_raw, caplog):
+def test_oom_at_first_and_middle_micro_batch_keeps_every_step_exact(small_raw, caplog, inject_faults):
     raw = _oom_raw(small_raw)
     reference, data = make_trainer(raw)
     reference.fit()
     hook = InjectOOM({("train", 1, 0), ("train", 3, 1)})
     trainer, _ = make_trainer(raw, data)
-    trainer.fault_hook = hook
+    inject_faults(hook)
     with caplog.at_level("WARNING"):
         result = trainer.fit()
     assert [f[:3] for f in hook.fired] == [("train", 1, 0), ("train", 3, 1)]
@@ -145,12 +145,12 @@ def test_oom_at_first_and_middle_micro_batch_keeps_every_step_exact(small_raw, c
     assert "micro-batch 8 -> 4, accumulation steps -> 8" in caplog.text
 
 
-def test_oom_during_validation_is_survived(small_raw, caplog):
+def test_oom_during_validation_is_survived(small_raw, caplog, inject_faults):
     raw = _oom_raw(small_raw)
     reference, data = make_trainer(raw)
     expected = reference.evaluate("val")
     trainer, _ = make_trainer(raw, data)
-    trainer.fault_hook = InjectOOM({("val", 0, 1), ("val", 0, 4)})
+    inject_faults(InjectOOM({("val", 0, 1), ("val", 0, 4)}))
     with caplog.at_level("WARNING"):
         got = trainer.evaluate("val")
     assert trainer.eval_batch_size == 8 and trainer.micro_batch_size == 16
@@ -159,11 +159,11 @@ def test_oom_during_validation_is_survived(small_raw, caplog):
     assert "out of memory in val: evaluation chunk 32 -> 16; redoing the chunk" in caplog.text
 
 
-def test_give_up_at_micro_batch_one_names_the_keys(small_raw):
+def test_give_up_at_micro_batch_one_names_the_keys(small_raw, inject_faults):
     raw = _oom_raw(small_raw)
     raw["train"].update(micro_batch_size=2, gradient_accumulation_steps=1)
     trainer, _ = make_trainer(raw)
-    trainer.fault_hook = lambda phase, step, index, indices: (_ for _ in ()).throw(torch.OutOfMemoryError("x"))
+    inject_faults(lambda phase, step, index, indices: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(OutOfMemoryGiveUp) as err:
         trainer.fit()
     message = str(err.value)
@@ -216,7 +216,7 @@ def test_gpu_precision_choices(monkeypatch, bf16_ok, requested, name, scaler):
     assert policy.autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
 
 
-def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, tmp_path):
+def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, tmp_path, inject_faults):
     """After an OOM the next member starts at the working size; at micro-batch 1 the run stops with a checkpoint."""
     import json
 
@@ -230,8 +230,8 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
     cfg = build_config(raw)
     data = build_data(cfg)
     run = RunFolder.create(tmp_path)
-    summary = train_ensemble(cfg, tasks.for_config(cfg), data, CPU, resolve_precision("fp32", CPU), run,
-                             fault_hook=InjectOOM({("train", 2, 0)})).summary
+    inject_faults(InjectOOM({("train", 2, 0)}))
+    summary = train_ensemble(cfg, tasks.for_config(cfg), data, CPU, resolve_precision("fp32", CPU), run).summary
     members = summary["ensemble"]["members"]
     assert [m["oom_recoveries"] for m in members] == [1, 0]
     assert [m["micro_batch_size"] for m in members] == [8, 8]
@@ -242,8 +242,9 @@ def test_ensemble_keeps_the_shrunk_micro_batch_and_gives_up_cleanly(small_raw, t
 
     def always(phase, step, index, indices):
         raise torch.OutOfMemoryError("injected")
+    inject_faults(always)
     with pytest.raises(OutOfMemoryGiveUp, match=r"Last weights: .*member_0_step_000000000\.pt"):
-        train_ensemble(cfg, tasks.for_config(cfg), data, CPU, resolve_precision("fp32", CPU), run, fault_hook=always)
+        train_ensemble(cfg, tasks.for_config(cfg), data, CPU, resolve_precision("fp32", CPU), run)
     assert (run.path / "checkpoints" / "member_0_step_000000000.pt").is_file()
     saved = json.loads((run.path / "summary.json").read_text())
     assert saved["status"] == "out_of_memory" and "even at micro-batch 1" in saved["error"]

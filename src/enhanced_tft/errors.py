@@ -72,6 +72,12 @@ class OutOfMemoryGiveUp(GiveUp):
                    "model.variable_hidden_size; `etft plan` shows what fits.")
 
     @classmethod
+    def in_inference(cls, what: str) -> "OutOfMemoryGiveUp":
+        """What to change when even one window per batch runs out of memory in a forward pass."""
+        return cls(f"out of memory in {what} even at one sample per batch; `etft plan` shows what fits; lower "
+                   "model.d_model or model.ff_dim, or predict on a larger device")
+
+    @classmethod
     def outside_a_step(cls, err: BaseException) -> "OutOfMemoryGiveUp":
         """Out of memory where nothing can be halved (moving the model, building data, say)."""
         return cls(f"out of memory outside a training step ({str(err).splitlines()[0]}); `etft plan` shows what "

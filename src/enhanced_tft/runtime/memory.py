@@ -9,9 +9,11 @@ import os
 import resource
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
+
+from ..errors import OutOfMemoryGiveUp
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,33 @@ def release_after_oom(device: torch.device) -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):   # not glibc: nothing kept to give back
         pass
+
+
+class OomBackoff:
+    """A batch size that halves after each out-of-memory, down to one sample, then gives up with advice: one
+    object for training's micro-batch, its evaluation chunks and the inference loop's batches.
+
+    `give_up(what)` makes the OutOfMemoryGiveUp that says what to change; `announce(what, failed, size)` tells
+    the log (default: "out of memory in WHAT: batch FAILED -> SIZE; redoing the batch")."""
+
+    def __init__(self, size: int, device: torch.device, give_up: Callable[[str], OutOfMemoryGiveUp],
+                 announce: Callable[[str, int, int], None] | None = None):
+        self.size, self.device, self._give_up, self._announce = size, device, give_up, announce
+        self.recoveries = 0
+
+    def halve(self, what: str) -> int:
+        """Free what the failed attempt held, then halve the size (OutOfMemoryGiveUp when it already was one
+        sample); returns the size that failed."""
+        release_after_oom(self.device)
+        if self.size <= 1:
+            raise self._give_up(what)
+        failed, self.size = self.size, self.size // 2
+        self.recoveries += 1
+        if self._announce:
+            self._announce(what, failed, self.size)
+        else:
+            log.warning("out of memory in %s: batch %d -> %d; redoing the batch", what, failed, self.size)
+        return failed
 
 
 def _nvml_handle(device: torch.device):

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from ..data.windows import WindowSet
 from ..errors import OutOfMemoryGiveUp
 from ..model.tft import EnhancedTFT, TFTOutput
-from ..runtime.memory import is_out_of_memory, release_after_oom
+from ..runtime import faults
+from ..runtime.memory import OomBackoff, is_out_of_memory
 from ..runtime.precision import PrecisionPolicy
 from ..tasks import Task
 
@@ -56,34 +57,23 @@ def forward_chunk(models: list[EnhancedTFT], task: Task, split: WindowSet, chunk
                          outputs if with_weights else None)
 
 
-def halve_after_oom(size: int, device: torch.device, what: str) -> int:
-    """Free what a failed chunk held and return half its size; at one sample, give up."""
-    release_after_oom(device)
-    if size <= 1:
-        raise OutOfMemoryGiveUp(f"out of memory in {what} even at one sample per batch; `etft plan` shows what "
-                                "fits; lower model.d_model or model.ff_dim, or predict on a larger device")
-    log.warning("out of memory in %s: batch %d -> %d; redoing the batch", what, size, size // 2)
-    return size // 2
-
-
 def infer(models: list[EnhancedTFT], task: Task, split: WindowSet, device: torch.device, policy: PrecisionPolicy,
-          batch_size: int, *, with_loss: bool = False, with_weights: bool = False,
-          before_chunk: Callable[[int, torch.Tensor], None] | None = None,
-          on_oom: Callable[[int], int] | None = None, what: str = "inference") -> Iterator[InferredChunk]:
+          batches: int | OomBackoff, *, with_loss: bool = False, with_weights: bool = False,
+          what: str = "inference") -> Iterator[InferredChunk]:
     """Yield every chunk of `split` through `models`, in split order, halving the chunk after an OOM.
 
-    `before_chunk(index, chunk)` runs before each chunk (tests inject faults there); `on_oom(size)` returns the
-    next size (default: halve_after_oom).
+    `batches`: the chunk size, or the caller's OomBackoff (training keeps its evaluation chunk shrunk for the
+    rest of the run).
     """
+    backoff = batches if isinstance(batches, OomBackoff) else OomBackoff(batches, device, OutOfMemoryGiveUp.in_inference)
     for model in models:
         model.eval()
     indices = split.all_indices()
     position, chunk_index = 0, 0
     while position < len(split):
-        chunk = indices[position:position + batch_size]
+        chunk = indices[position:position + backoff.size]
         try:
-            if before_chunk:
-                before_chunk(chunk_index, chunk)
+            faults.point(what, 0, chunk_index, chunk)
             result = forward_chunk(models, task, split, chunk, device, policy, with_loss, with_weights)
         except Exception as err:   # a CUDA OOM, or the CPU allocator's failure under a ulimit
             if not is_out_of_memory(err):
@@ -95,4 +85,4 @@ def infer(models: list[EnhancedTFT], task: Task, split: WindowSet, device: torch
             chunk_index += 1
             continue
         result = None
-        batch_size = on_oom(batch_size) if on_oom else halve_after_oom(batch_size, device, what)
+        backoff.halve(what)

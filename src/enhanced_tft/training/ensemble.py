@@ -30,7 +30,7 @@ from ..tasks import Task
 from .checkpoint import load_best, load_step, save_best, save_step
 from .compile import apply_compile
 from .distributed import SINGLE, World
-from .trainer import FaultHook, Trainer
+from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _test_pass(trainer: Trainer, num_symbols: int) -> tuple[torch.Tensor, Weight
 
 
 def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
-                 run: RunFolder, member: int, micro_batch_size: int, fault_hook: FaultHook | None = None,
+                 run: RunFolder, member: int, micro_batch_size: int,
                  resume: bool = False, world: World = SINGLE, writes: bool | None = None,
                  epoch_hook: Callable[[dict], None] | None = None) -> MemberResult:
     """Train member `member` (seed + member), continuing from its newest checkpoint if `resume`, then score it
@@ -142,7 +142,7 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
                       on_best=(lambda weights, epoch: save_best(weights, best_path)) if writes else None,
                       on_checkpoint=(lambda state: save_step(run, member, dataclasses.replace(state, config=config_record),
                                                              cfg.train.keep_checkpoints)) if writes else None,
-                      fault_hook=fault_hook, world=world)
+                      world=world)
     latest = world.broadcast(run.latest_step_checkpoint(member) if resume else None)   # one file for all ranks
     if latest is not None:
         state = load_step(latest)
@@ -250,7 +250,7 @@ def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
 
 
 def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
-                   run: RunFolder, fault_hook: FaultHook | None = None, resume: bool = False,
+                   run: RunFolder, resume: bool = False,
                    world: World = SINGLE, epoch_hook: Callable[[dict], None] | None = None) -> EnsembleResult:
     """Train `ensemble_size` members (reusing those a stopped run finished), then write summary.json (rank 0).
 
@@ -268,7 +268,7 @@ def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.devi
                                                   str(run.result_file(member))))
             log.info("member %d finished before the interruption: its results are reused", member)
         else:
-            members.append(train_member(cfg, task, data, device, policy, run, member, micro_batch_size, fault_hook,
+            members.append(train_member(cfg, task, data, device, policy, run, member, micro_batch_size,
                                         resume, SINGLE if spread else world, writes=True if spread else None,
                                         epoch_hook=epoch_hook))
         micro_batch_size = members[-1].summary["micro_batch_size"]

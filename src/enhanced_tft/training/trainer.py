@@ -23,7 +23,8 @@ from ..data.windows import WindowSet
 from ..errors import NonFiniteGiveUp, OutOfMemoryGiveUp, TrainingInterrupted
 from ..model.build import dims_for
 from ..model.tft import EnhancedTFT
-from ..runtime.memory import MemoryMonitor, is_out_of_memory, release_after_oom
+from ..runtime import faults
+from ..runtime.memory import MemoryMonitor, OomBackoff, is_out_of_memory
 from ..runtime.precision import PrecisionPolicy
 from ..runtime.signals import STOP
 from ..serving.inference import InferredChunk, infer
@@ -37,9 +38,6 @@ log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("observed", "known", "symbol", "target")
 
-# fault_hook(phase, step, micro_index, indices) runs before each micro-batch's forward ("train") and each evaluation
-# chunk ("val", "test"); an out-of-memory error raised there (memory.is_out_of_memory) is handled like a real one.
-FaultHook = Callable[[str, int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -69,21 +67,22 @@ class Trainer:
                  micro_batch_size: int | None = None,
                  on_epoch_end: Callable[[dict], None] | None = None,
                  on_best: Callable[[dict[str, torch.Tensor], int], None] | None = None,
-                 on_checkpoint: Callable[[dict], None] | None = None,
-                 fault_hook: FaultHook | None = None, world: World = SINGLE):
+                 on_checkpoint: Callable[[TrainState], None] | None = None, world: World = SINGLE):
         self.model, self.data, self.cfg, self.device, self.policy = model, data, cfg, device, policy
         self.world = world
         self.stop_agreed = False     # every rank saw a SIGINT/SIGTERM request by the last window's agreement
         self.member = member
         self.task = task or tasks.for_config(cfg)
-        self.on_epoch_end, self.on_best, self.fault_hook = on_epoch_end, on_best, fault_hook
+        self.on_epoch_end, self.on_best = on_epoch_end, on_best
         self.on_checkpoint = on_checkpoint
         self.progress = TrainProgress()
         self.best_state: dict[str, torch.Tensor] | None = None
         self.effective_batch_size = cfg.train.samples_per_step
         # may shrink on OOM (and start shrunk for later ensemble members); the effective batch never does
-        self.micro_batch_size = min(micro_batch_size or cfg.train.micro_batch_size, self.effective_batch_size)
-        self.eval_batch_size = 2 * self.micro_batch_size
+        micro = min(micro_batch_size or cfg.train.micro_batch_size, self.effective_batch_size)
+        give_up = lambda phase: OutOfMemoryGiveUp.at_one_sample(cfg, phase)   # noqa: E731
+        self.micro = OomBackoff(micro, device, give_up, self._micro_halved)
+        self.eval_chunks = OomBackoff(2 * micro, device, give_up, self._eval_halved)
         self.oom_recoveries = 0
         self.monitor = MemoryMonitor(device)
         self.global_step = 0
@@ -121,8 +120,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         share = self.world.share(window)
         for index, micro in enumerate(share.split(self.micro_batch_size) if share.numel() else ()):
-            if self.fault_hook:
-                self.fault_hook("train", self.global_step, index, micro)
+            faults.point("train", self.global_step, index, micro)
             batch = self._to_device(split.batch(micro))
             with self.policy.autocast():
                 output = self.model(batch["observed"], batch["known"], batch["symbol"]).output
@@ -132,24 +130,24 @@ class Trainer:
             total += loss_sum.detach()
         return total
 
-    def _shrink_after_oom(self, phase: str, size_attr: str) -> int:
-        """Free what the failed attempt held, then halve the batch size named by `size_attr`; return it."""
-        self.optimizer.zero_grad(set_to_none=True)   # the interrupted window's partial gradients
-        release_after_oom(self.device)
-        old = getattr(self, size_attr)
-        if old <= 1:
-            raise OutOfMemoryGiveUp.at_one_sample(self.cfg, phase)
-        setattr(self, size_attr, old // 2)
+    @property
+    def micro_batch_size(self) -> int:
+        return self.micro.size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.eval_chunks.size
+
+    def _micro_halved(self, phase: str, failed: int, size: int) -> None:
         self.oom_recoveries += 1
-        if size_attr == "micro_batch_size":
-            self.eval_batch_size = min(self.eval_batch_size, 2 * self.micro_batch_size)
-            log.warning("out of memory in train step %d: micro-batch %d -> %d, accumulation steps -> %d, effective "
-                        "batch %d kept; redoing the window from its first micro-batch", self.global_step, old,
-                        self.micro_batch_size, self.accumulation_steps, self.effective_batch_size)
-        else:
-            log.warning("out of memory in %s: evaluation chunk %d -> %d; redoing the chunk", phase, old,
-                        getattr(self, size_attr))
-        return getattr(self, size_attr)
+        self.eval_chunks.size = min(self.eval_chunks.size, 2 * size)
+        log.warning("out of memory in train step %d: micro-batch %d -> %d, accumulation steps -> %d, effective "
+                    "batch %d kept; redoing the window from its first micro-batch", self.global_step, failed, size,
+                    self.accumulation_steps, self.effective_batch_size)
+
+    def _eval_halved(self, phase: str, failed: int, size: int) -> None:
+        self.oom_recoveries += 1
+        log.warning("out of memory in %s: evaluation chunk %d -> %d; redoing the chunk", phase, failed, size)
 
     def train_window(self, split: WindowSet, window: torch.Tensor) -> torch.Tensor:
         """accumulate() with OOM recovery: retried at half the micro-batch until it fits, no sample lost or doubled;
@@ -167,7 +165,8 @@ class Trainer:
             if not out_of_memory:
                 self.world.sum_gradients(self.model.parameters())   # nothing to do in a single process
                 return self.world.sum_(total)
-            self._shrink_after_oom("train", "micro_batch_size")
+            self.optimizer.zero_grad(set_to_none=True)   # the interrupted window's partial gradients
+            self.micro.halve("train")
 
     def optimizer_step(self, loss: torch.Tensor | None = None) -> None:
         """Clip, step, schedule; `loss` (the window's sum) tells fp16 loss-scale calibration from a NaN/inf loss."""
@@ -291,13 +290,10 @@ class Trainer:
                   with_weights: bool = False) -> Iterator[InferredChunk]:
         """This rank's share of the split through the model in evaluation chunks (inference.infer); an OOM halves
         the chunk for the rest of the run. Chunk indices are positions within the share."""
-        hook = self.fault_hook
         split = self.data.splits[split_name]
         shard = split.subset(self.world.share(split.all_indices())) if self.world.distributed else split
-        return infer([self.model], self.task, shard, self.device, self.policy,
-                     self.eval_batch_size, with_loss=with_loss, with_weights=with_weights,
-                     before_chunk=(lambda index, chunk: hook(split_name, self.global_step, index, chunk)) if hook else None,
-                     on_oom=lambda size: self._shrink_after_oom(split_name, "eval_batch_size"), what=split_name)
+        return infer([self.model], self.task, shard, self.device, self.policy, self.eval_chunks,
+                     with_loss=with_loss, with_weights=with_weights, what=split_name)
 
     def evaluate(self, split_name: str) -> Evaluation:
         """Loss and predictions on a whole split, in order (each rank scores its share; all get the whole)."""
@@ -393,7 +389,7 @@ class Trainer:
         self.order_generator.set_state(state.order_generator)
         set_rng_state(state.rng, self.device)
         self.global_step = state.global_step
-        self.micro_batch_size, self.eval_batch_size = state.micro_batch_size, state.eval_batch_size
+        self.micro.size, self.eval_chunks.size = state.micro_batch_size, state.eval_batch_size
         self.oom_recoveries, self.skipped_steps = state.oom_recoveries, state.skipped_steps
         self.best_state = best_state
         # train.epochs changed since the checkpoint: continue from the rate reached (kept for later resumes too)
