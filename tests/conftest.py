@@ -31,16 +31,45 @@ def small_raw() -> dict:
     }
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300):
-    """Run a real command line in a subprocess with the project's interpreter."""
+ETFT_MODULES = (["-m", "enhanced_tft.cli"], ["-m", "enhanced_tft"])
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, process: bool = False):
+    """Run a real command line with the project's interpreter; `etft` itself (`-m enhanced_tft[.cli] ...`) runs
+    its own main() in this process unless `process` (what `etft` runs, without the seconds of a new interpreter
+    importing torch); anything else (a script, `-c`) in a subprocess. Returns returncode, stdout and stderr."""
     import subprocess
 
+    if not process and args[:2] in ETFT_MODULES:
+        return _run_etft_here(args[2:], cwd)
     # the caller's PYTHONPATH stays after ours (a package installed beside the environment, say)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p))
     if "ETFT_TEST_THREADS" in os.environ:
         env["OMP_NUM_THREADS"] = os.environ["ETFT_TEST_THREADS"]
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _run_etft_here(argv: list[str], cwd: Path):
+    """`etft ARGV` through its main() in this process, in `cwd`, with stdout and stderr captured."""
+    import contextlib
+    import io
+    import subprocess
+
+    from enhanced_tft.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    before, threads = os.getcwd(), torch.get_num_threads()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as stop:   # argparse's usage errors
+                code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(before)
+        torch.set_num_threads(threads)   # the command sized them for itself
+    return subprocess.CompletedProcess(["etft", *argv], code, out.getvalue(), err.getvalue())
 
 
 SMALL_RUN_YAML = """

@@ -71,7 +71,7 @@ def test_a_checkpoint_link_is_refused(received_run, tmp_path, capsys):
 def test_a_second_trainer_in_the_same_folder_is_refused_with_the_holders_pid(received_run, tmp_path):
     import os
     with RunFolder(received_run).lock():
-        result = run_cli(["-m", "enhanced_tft", "train", "--resume", str(received_run)], cwd=tmp_path)
+        result = run_cli(["-m", "enhanced_tft", "train", "--resume", str(received_run)], cwd=tmp_path, process=True)
     assert result.returncode == 2
     assert f"is in use by process {os.getpid()} (another etft train or --resume of this run)" in result.stderr
     with RunFolder(received_run).lock():                                  # released when the holder ends
