@@ -55,16 +55,14 @@ class World:
         """Each flag OR-ed over the ranks: one small all-reduce, so that every rank takes the same branch."""
         if not self.distributed:
             return list(flags)
-        import torch.distributed as dist
         tensor = torch.tensor([float(f) for f in flags], device=self._device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        self._all_reduce(tensor, "max")
         return [bool(v) for v in tensor.tolist()]
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """All-reduce a tensor in place (sum over ranks) and return it."""
         if self.distributed:
-            import torch.distributed as dist
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            self._all_reduce(tensor, "sum")
         return tensor
 
     def sum_gradients(self, parameters) -> None:
@@ -91,19 +89,13 @@ class World:
         """Every rank's `value` (picklable; tensors travel on the CPU), in rank order."""
         if not self.distributed:
             return [value]
-        import torch.distributed as dist
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, value)
-        return out
+        return self._all_gather_object(value)
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
         if not self.distributed:
             return value
-        import torch.distributed as dist
-        box = [value if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return self._broadcast_object(value)
 
     def on_main(self, work: Callable[[], Any]) -> Any:
         """Run `work` on rank 0 alone and give its result to every rank; a UserError it raises is raised on
@@ -141,6 +133,24 @@ class World:
         if self.distributed:
             import torch.distributed as dist
             dist.barrier()
+
+    # the process group's primitives: every collective above goes through these three (tests/thread_world.py
+    # gives two ranks in one process the same semantics with threads)
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> None:
+        import torch.distributed as dist
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+
+    def _all_gather_object(self, value: Any) -> list[Any]:
+        import torch.distributed as dist
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+    def _broadcast_object(self, value: Any) -> Any:
+        import torch.distributed as dist
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _device(self) -> torch.device:
         import torch.distributed as dist
