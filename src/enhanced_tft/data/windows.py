@@ -77,6 +77,12 @@ class WindowSet:
             "raw_return": take(a.raw_return, ends),
         }
 
+    def outcomes(self, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What followed each sample (those of `mask` (N,) bool, or all): the task's target (N,) and the raw
+        forward return (N,), in the set's order."""
+        ends = self.sample_ends if mask is None else self.sample_ends[mask]
+        return self.arrays.target.index_select(0, ends), self.arrays.raw_return.index_select(0, ends)
+
     def all_indices(self) -> torch.Tensor:
         return torch.arange(len(self))
 

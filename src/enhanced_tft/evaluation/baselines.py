@@ -201,7 +201,7 @@ def _plain(record: dict) -> dict:
 
 
 def _labels(windows: WindowSet) -> np.ndarray:
-    return windows.arrays.target.numpy()[windows.sample_ends.numpy()]
+    return windows.outcomes()[0].numpy()
 
 
 def _outputs(boosters: list, features_NK: np.ndarray) -> np.ndarray:
@@ -280,8 +280,7 @@ def fit_strong_baseline(cfg: Config, task: tasks.Task, data: DataBundle, lags: i
     output_val_t, output_test_t = torch.from_numpy(output_val), torch.from_numpy(output_test)
     prediction_val, prediction_test = task.predict(output_val_t), task.predict(output_test_t)
     scale = data.target_scale()
-    split_metrics = {name: task.metrics(prediction, split.arrays.target[split.sample_ends],
-                                        split.arrays.raw_return[split.sample_ends], scale)
+    split_metrics = {name: task.metrics(prediction, *split.outcomes(), scale)
                      for name, split, prediction in (("val", val, prediction_val), ("test", test, prediction_test))}
     gain = np.sum([b.feature_importance("gain", iteration=b.best_iteration) for b in boosters], axis=0)
     order = np.argsort(-gain, kind="stable")[:20]

@@ -190,13 +190,12 @@ def evaluate_windows(run: SavedRun, windows: WindowSet, target_known: np.ndarray
     members = [torch.cat(store) for store in kept]
     mask = torch.ones(len(windows), dtype=torch.bool) if target_known is None else torch.from_numpy(target_known)
     if run.transform.binary_dead_zone:   # scored as in training: the samples of the dead zone are left out
-        mask &= windows.arrays.raw_return.index_select(0, windows.sample_ends).abs() > run.transform.binary_dead_zone
+        mask &= windows.outcomes()[1].abs() > run.transform.binary_dead_zone
     if not bool(mask.any()):
         raise UserError(f"no window of the data has its outcome {run.transform.horizon} bar(s) ahead: nothing to score")
-    ends = windows.sample_ends[mask]
+    target, raw = windows.outcomes(mask)
     saved = run.summary["baseline"]
-    scores = score(task, [m[mask] for m in members], windows.arrays.target.index_select(0, ends),
-                   windows.arrays.raw_return.index_select(0, ends), run.transform.target_scale(), saved["output"])
+    scores = score(task, [m[mask] for m in members], target, raw, run.transform.target_scale(), saved["output"])
     result = {"task": task.name, "test": scores["test"], "baseline": {"rule": saved["rule"], **scores["baseline"]},
               "ensemble": {"size": len(members), "members": [{"member": i, "test": m}
                                                              for i, m in enumerate(scores["members"])],
@@ -204,9 +203,7 @@ def evaluate_windows(run: SavedRun, windows: WindowSet, target_known: np.ndarray
     strong = _strong_baseline(run, windows)
     if strong is not None:
         result["strong_baseline"] = {"rule": run.summary.get("strong_baseline", {}).get("rule", "LightGBM"),
-                                     **task.metrics(strong[mask], windows.arrays.target.index_select(0, ends),
-                                                    windows.arrays.raw_return.index_select(0, ends),
-                                                    run.transform.target_scale())}
+                                     **task.metrics(strong[mask], target, raw, run.transform.target_scale())}
     quant = quant_of(run.cfg, run.transform, windows, members, target_known)
     if quant is not None:
         result["quant"] = {"model": quant}

@@ -164,8 +164,7 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
         del trainer, model
         release_memory(device)
     test = data.splits["test"]
-    metrics = task.metrics(prediction, test.arrays.target.index_select(0, test.sample_ends),
-                           test.arrays.raw_return.index_select(0, test.sample_ends), data.target_scale())
+    metrics = task.metrics(prediction, *test.outcomes(), data.target_scale())
     summary = {
         "member": member, "seed": seed, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
         "stopped_early": fit.stopped_early, "best_val_loss": fit.best_val_loss,
@@ -186,10 +185,8 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
     """summary.json: the ensemble's test metrics (mean of member predictions) beside the mean member and the
     naive baseline fitted on the train split, each member's record, and how the run went."""
     test, train = data.splits["test"], data.splits["train"]
-    target = test.arrays.target.index_select(0, test.sample_ends)
-    raw = test.arrays.raw_return.index_select(0, test.sample_ends)
-    baseline = baseline_output(task, train.arrays.target.index_select(0, train.sample_ends),
-                               train.arrays.raw_return.index_select(0, train.sample_ends), data.target_scale())
+    target, raw = test.outcomes()
+    baseline = baseline_output(task, *train.outcomes(), data.target_scale())
     scores = score(task, [m.prediction for m in members], target, raw, data.target_scale(), baseline)
     records = [m.summary for m in members]
     return {

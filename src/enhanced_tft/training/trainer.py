@@ -302,9 +302,8 @@ class Trainer:
         for chunk in self.inference(split_name, with_loss=True):
             loss_sum += chunk.loss_sums[0]
             predictions.append(chunk.predictions[0])
-        arrays, ends = split.arrays, split.sample_ends
         return Evaluation(float(self.world.sum_(loss_sum)) / max(len(split), 1), self.gather_split(predictions),
-                          arrays.target.index_select(0, ends), arrays.raw_return.index_select(0, ends))
+                          *split.outcomes())
 
     def gather_split(self, local: list[torch.Tensor]) -> torch.Tensor:
         """The ranks' predictions of their shares, joined in rank order: the split's order, each sample once."""
