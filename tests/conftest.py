@@ -14,6 +14,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("dev", print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+DEV_EXAMPLES = 5   # HYPOTHESIS_PROFILE=dev draws this many times each test's examples
+
+
+def examples(ci: int) -> int:
+    """A property test's number of examples: `ci` by default (and in CI), DEV_EXAMPLES times more under dev."""
+    return ci * (DEV_EXAMPLES if os.environ.get("HYPOTHESIS_PROFILE") == "dev" else 1)
 
 # ETFT_TEST_THREADS=1 keeps a test run from oversubscribing a machine that is busy with other work
 torch.set_num_threads(int(os.environ.get("ETFT_TEST_THREADS", min(2, os.cpu_count() or 1))))

@@ -4,6 +4,7 @@ of one rank runs in this process with two threads (tests/test_ranks_in_process.p
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +81,19 @@ def _epochs(run: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
 
 
-def test_two_ranks_train_the_weights_and_metrics_of_one_process(single_run, tmp_path):
-    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
-    result = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs"), tmp_path)
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The same config trained by two torchrun ranks: its run folder and what torchrun printed."""
+    folder = tmp_path_factory.mktemp("ddp_two_ranks")
+    (folder / "ddp.yaml").write_text(DDP_YAML)
+    result = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs"), folder)
     assert result.returncode == 0, result.stderr
-    run = _only_run(tmp_path / "logs")                                   # one run folder for both ranks
-    assert not list((tmp_path / "logs").glob(".torchrun_*"))             # the restart marker is gone when done
+    return _only_run(folder / "logs"), result
+
+
+def test_two_ranks_train_the_weights_and_metrics_of_one_process(single_run, two_rank_run):
+    run, result = two_rank_run                                           # one run folder for both ranks
+    assert not list(run.parent.glob(".torchrun_*"))                      # the restart marker is gone when done
     _assert_same_weights(single_run, run)
     one, two = _epochs(single_run), _epochs(run)
     assert [r["epoch"] for r in two] == [1, 2] and len(one) == len(two)
@@ -121,15 +129,13 @@ def test_a_killed_worker_is_restarted_and_resumes_the_same_run(single_run, tmp_p
     _assert_same_weights(single_run, run)
 
 
-def test_a_two_rank_checkpoint_resumes_in_one_process(single_run, tmp_path):
+def test_a_two_rank_checkpoint_resumes_in_one_process(single_run, two_rank_run, tmp_path):
     """Stopped mid-epoch by 2 ranks, finished by 1 process: the weights of the uninterrupted run."""
-    (tmp_path / "ddp.yaml").write_text(DDP_YAML)
-    first = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs"), tmp_path)
-    assert first.returncode == 0, first.stderr
-    run = _only_run(tmp_path / "logs")
+    run = tmp_path / "logs" / two_rank_run[0].name
+    shutil.copytree(two_rank_run[0], run)   # the two ranks' folder, as if stopped at step 25 of 30
     steps = sorted((run / "checkpoints").glob("member_0_step_*.pt"))
     assert [p.name for p in steps] == ["member_0_step_000000025.pt", "member_0_step_000000030.pt"]
-    steps[-1].unlink()                                                    # as if stopped at step 25 of 30,
+    steps[-1].unlink()                                                    # stopped at step 25 of 30,
     (run / "checkpoints" / "member_0_result.pt").unlink()               # mid-way through epoch 2
     (run / "summary.json").unlink()
     resumed = _run(_etft("train", "--resume", str(run)), tmp_path)
@@ -187,6 +193,23 @@ def test_members_spread_over_ranks_are_the_members_of_the_serial_run(tmp_path):
     assert "[rank 1] member 1 epoch 1/1" in log and "member 2 epoch 1/1" in log   # rank 0 trained 0 and 2
 
 
+@pytest.fixture(scope="module")
+def traces_once():
+    """The plan's traces are a pure function of their arguments: the three device counts below share them."""
+    from enhanced_tft.training import planner
+    cache = {}
+    original = planner.trace_step
+
+    def cached(cfg, dims, micro_batch, precision, checkpointing):
+        key = (cfg.model_dump_json(), repr(dims), micro_batch, precision, checkpointing)
+        if key not in cache:
+            cache[key] = original(cfg, dims, micro_batch, precision, checkpointing)
+        return cache[key]
+    planner.trace_step = cached
+    yield
+    planner.trace_step = original
+
+
 @functools.cache
 def _needed_bytes(config: Path, micro: int) -> float:
     """The traced step at `micro` with the plan's context and fragmentation margins (bf16: seed_original's
@@ -202,7 +225,7 @@ def _assert_largest_that_fits(config: Path, max_micro: int, budget: int) -> None
 
 
 @pytest.mark.parametrize("devices, micro, steps", [(2, 32, 2), (3, 32, 2), (8, 16, 1)])
-def test_plan_fits_each_devices_share_of_the_effective_batch(devices, micro, steps, tmp_path):
+def test_plan_fits_each_devices_share_of_the_effective_batch(devices, micro, steps, tmp_path, traces_once):
     """seed_original (effective batch 128) where about 50 samples fit one device (32 to 63 give these sizes):
     each device runs ceil(128 / N)."""
     import contextlib

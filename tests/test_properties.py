@@ -5,6 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
 from enhanced_tft.config.schema import Config, build_config, load_config
 from enhanced_tft.config.yaml_io import load_yaml_text
 from enhanced_tft.data.pipeline import build_data
@@ -25,7 +26,7 @@ def _one_paragraph(message: str) -> None:
     assert message.strip() and "\n\n" not in message and "Traceback" not in message
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4))
 def test_any_config_value_is_accepted_or_named_in_the_error(assignments):
     overrides = [f"{key}={override_text(key, value)}" for key, value in assignments.items()]
@@ -97,7 +98,7 @@ def clean_frame():
     return _clean_frame()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kinds=st.lists(st.sampled_from(CORRUPTIONS), min_size=1, max_size=2), row=st.integers(0, 599),
        column=st.sampled_from(["open", "high", "low", "close", "volume"]),
        policy=st.sampled_from([("error", "error"), ("keep_last", "drop")]))
@@ -144,7 +145,7 @@ OUTCOMES = {
 }
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(OUTCOMES)), row=st.integers(0, 599),
        column=st.sampled_from(["open", "high", "low", "close", "volume"]), strict=st.booleans())
 def test_each_corruption_has_its_own_outcome(tmp_path_factory, clean_frame, kind, row, column, strict):
@@ -166,7 +167,7 @@ def test_each_corruption_has_its_own_outcome(tmp_path_factory, clean_frame, kind
         _one_paragraph(str(caught.value))
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(4), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(CORRUPTIONS), row=st.integers(0, 599),
        column=st.sampled_from(["open", "high", "low", "close", "volume"]))
 @pytest.mark.slow

@@ -71,7 +71,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
             print(f"etft {args.command}: internal error: {ISSUES_HINT}", file=sys.stderr)
         return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
