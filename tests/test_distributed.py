@@ -13,12 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from enhanced_tft.config.schema import load_config
 from enhanced_tft.training.plan_report import plan_dims
 from enhanced_tft.training.planner import CONTEXT_BYTES, FRAGMENTATION_MARGIN, parse_bytes, trace_step
-
-pytestmark = pytest.mark.slow   # trainings in subprocesses: minutes, not seconds
 
 # dropout 0 and fp32: the same windows must give the same weights, whatever the number of ranks
 DDP_YAML = """
@@ -27,6 +25,7 @@ data: {num_symbols: 2, num_bars: 700, sequence_length: 16}
 model: {d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 32, variable_hidden_size: 4, dropout_rate: 0.0}
 train: {micro_batch_size: 16, gradient_accumulation_steps: 4, epochs: 2, log_every_steps: 4, checkpoint_every_steps: 5,
         mixed_precision: fp32, early_stopping_patience: 5, strong_baseline: false}
+run: {report: false}
 """
 
 
@@ -44,6 +43,19 @@ def _run(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 240
 def _torchrun(ranks: int, program: list[str], cwd: Path, extra: list[str] = (), env: dict | None = None):
     return _run(["-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--standalone", *extra, *program],
                 cwd, env)
+
+
+def _one_thread_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`etft ARGS` in this process on one thread, as each torchrun rank runs (OMP_NUM_THREADS=1 in _env)."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"   # configure_threads follows it
+    try:
+        return run_cli(["-m", "enhanced_tft", *args], cwd)
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def _etft(*args: str) -> list[str]:
@@ -71,7 +83,7 @@ def single_run(tmp_path_factory) -> Path:
     """The reference: one process, the same config."""
     folder = tmp_path_factory.mktemp("ddp_single")
     (folder / "ddp.yaml").write_text(DDP_YAML)
-    result = _run(_etft("train", "--config", "ddp.yaml", "--log_dir", "logs"), folder)
+    result = _one_thread_here(["train", "--config", "ddp.yaml", "--log_dir", "logs"], folder)
     assert result.returncode == 0, result.stderr
     return _only_run(folder / "logs")
 
@@ -91,6 +103,7 @@ def two_rank_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return _only_run(folder / "logs"), result
 
 
+@pytest.mark.slow   # torchrun: processes
 def test_two_ranks_train_the_weights_and_metrics_of_one_process(single_run, two_rank_run):
     run, result = two_rank_run                                           # one run folder for both ranks
     assert not list(run.parent.glob(".torchrun_*"))                      # the restart marker is gone when done
@@ -115,6 +128,7 @@ def test_two_ranks_train_the_weights_and_metrics_of_one_process(single_run, two_
     assert result.stderr.count("member 0 epoch 2/2") == 1                # and alone prints progress
 
 
+@pytest.mark.slow   # torchrun: processes
 def test_a_killed_worker_is_restarted_and_resumes_the_same_run(single_run, tmp_path):
     (tmp_path / "ddp.yaml").write_text(DDP_YAML)
     env = dict(_env(), ETFT_TEST_FAULT="kill:1:12:0")                    # after the checkpoint of step 10
@@ -129,6 +143,7 @@ def test_a_killed_worker_is_restarted_and_resumes_the_same_run(single_run, tmp_p
     _assert_same_weights(single_run, run)
 
 
+@pytest.mark.slow   # torchrun: processes
 def test_a_two_rank_checkpoint_resumes_in_one_process(single_run, two_rank_run, tmp_path):
     """Stopped mid-epoch by 2 ranks, finished by 1 process: the weights of the uninterrupted run."""
     run = tmp_path / "logs" / two_rank_run[0].name
@@ -138,7 +153,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(single_run, two_rank_run, 
     steps[-1].unlink()                                                    # stopped at step 25 of 30,
     (run / "checkpoints" / "member_0_result.pt").unlink()               # mid-way through epoch 2
     (run / "summary.json").unlink()
-    resumed = _run(_etft("train", "--resume", str(run)), tmp_path)
+    resumed = _one_thread_here(["train", "--resume", str(run)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     log = (run / "training.log").read_text()
     assert "member_0_step_000000025.pt (epoch 2, step 10 of it; written by 2 rank(s), continued by 1)" in log
@@ -147,6 +162,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(single_run, two_rank_run, 
     _assert_same_weights(single_run, run)
 
 
+@pytest.mark.slow   # torchrun: processes
 def test_two_machines_rendezvous_on_localhost_and_train_the_single_process_result(single_run, tmp_path):
     """Two torchrun launches, one a "machine" (--nnodes 2), meeting through a c10d rendezvous on localhost."""
     import socket
@@ -173,9 +189,10 @@ def test_two_machines_rendezvous_on_localhost_and_train_the_single_process_resul
 MEMBERS = ["--set", "train.ensemble_size=3", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=6"]
 
 
+@pytest.mark.slow   # torchrun: processes
 def test_members_spread_over_ranks_are_the_members_of_the_serial_run(tmp_path):
     (tmp_path / "ddp.yaml").write_text(DDP_YAML)
-    serial = _run(_etft("train", "--config", "ddp.yaml", "--log_dir", "serial", *MEMBERS), tmp_path)
+    serial = _one_thread_here(["train", "--config", "ddp.yaml", "--log_dir", "serial", *MEMBERS], tmp_path)
     assert serial.returncode == 0, serial.stderr
     spread = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "spread", *MEMBERS,
                                 "--set", "train.distribute=members"), tmp_path)
@@ -244,6 +261,7 @@ def test_plan_fits_each_devices_share_of_the_effective_batch(devices, micro, ste
     assert micro * steps * devices >= 128 > micro * (steps - 1) * devices  # the shares cover the batch once
 
 
+@pytest.mark.slow   # torchrun: processes
 def test_sigterm_to_the_launcher_checkpoints_every_rank_once_and_the_run_resumes(tmp_path):
     """torchrun passes SIGTERM to its workers; they agree at the next window, rank 0 writes one checkpoint."""
     import signal
@@ -265,11 +283,12 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_once_and_the_run_resumes
     assert 1 <= len(checkpoints) <= 2                                     # the epoch's and the stop's, nothing else
     stopped_at = torch.load(checkpoints[-1], weights_only=True)
     assert stopped_at["world_size"] == 2 and not (run / "summary.json").exists()
-    resumed = _torchrun(2, _etft("train", "--resume", str(run), "--set", "train.epochs=2"), tmp_path)
+    resumed = _one_thread_here(["train", "--resume", str(run), "--set", "train.epochs=2"], tmp_path)   # one rank now
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow   # torchrun: processes
 def test_bad_input_under_restarts_stays_bad_input_and_leaves_nothing(tmp_path):
     (tmp_path / "ddp.yaml").write_text(DDP_YAML)
     result = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs", "--data", "missing.csv"),

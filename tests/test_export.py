@@ -139,7 +139,7 @@ def test_onnx_predicts_what_torch_predicts_for_every_task(task, target, tmp_path
     # no LightGBM baseline: it would take most of the time and is not exported
     assert main(["train", "--test_mode", "--task", task, "--log_dir", str(tmp_path / "logs"), "--set",
                  f"data.target={target}", "--set", "train.max_steps_per_epoch=4", "--set", "data.num_bars=400",
-                 "--set", "train.epochs=1", "--set", "train.strong_baseline=false"]) == 0
+                 "--set", "train.epochs=1", "--set", "train.strong_baseline=false", "--set", "run.report=false"]) == 0
     (run,) = (tmp_path / "logs").glob("training_*")
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
     shutil.move(tmp_path / "export", run / "onnx")                            # an export folder can move

@@ -144,8 +144,9 @@ def test_predict_and_evaluate_every_task_and_the_volatility_target(task, target,
     predict writes the task's columns, and the written values score as the summary says."""
     assert main(["train", "--test_mode", "--task", task, "--log_dir", str(tmp_path / "logs"), "--set",
                  f"data.target={target}", "--set", "train.max_steps_per_epoch=4", "--set", "data.num_bars=400",
-                 "--set", "train.epochs=1"]) == 0
+                 "--set", "train.epochs=1", "--set", "run.report=false"]) == 0
     (run,) = (tmp_path / "logs").glob("training_*")
+    assert not (run / "report.html").exists()                              # run.report=false
     summary = json.loads((run / "summary.json").read_text())
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--json"]) == 0

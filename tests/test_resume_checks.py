@@ -28,7 +28,8 @@ SETTINGS = ["--set", "seed=7", "--set", "data.sequence_length=16", "--set", "mod
             "--set", "model.num_heads=2", "--set", "model.num_transformer_blocks=1", "--set", "model.ff_dim=32",
             "--set", "model.variable_hidden_size=4", "--set", "train.batch_size=32", "--set", "train.epochs=1",
             "--set", "train.max_steps_per_epoch=6", "--set", "train.checkpoint_every_steps=3",
-            "--set", "train.strong_baseline=false"]   # LightGBM has its own tests
+            "--set", "train.strong_baseline=false",   # LightGBM has its own tests
+            "--set", "run.report=false"]              # and so has report.html
 
 
 def _digests(run: Path) -> dict[str, str]:

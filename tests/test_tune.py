@@ -26,14 +26,13 @@ def tune(args: list[str]) -> int:
     return etft_main(["tune", *args])
 
 
-pytestmark = pytest.mark.slow   # trainings in subprocesses: minutes, not seconds
-
 # two symbols x 600 bars, d_model 8-16, one block, 2 epochs of 2 steps, no LightGBM: a trial takes seconds
 TINY_YAML = """
 seed: 7
 data: {num_symbols: 2, num_bars: 600, sequence_length: 16}
 model: {d_model: 16, num_heads: 2, num_transformer_blocks: 1, ff_dim: 16, variable_hidden_size: 4}
 train: {micro_batch_size: 32, epochs: 2, max_steps_per_epoch: 2, log_every_steps: 2, strong_baseline: false}
+run: {report: false}
 """
 SPACE_YAML = """
 model.d_model: {type: categorical, choices: [8, 16]}
@@ -63,6 +62,7 @@ def _study(folder, name: str = "etft") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'logs' / f'tune_{name}.db'}")
 
 
+@pytest.mark.slow   # trainings, some in subprocesses
 def test_two_processes_share_one_study_of_n_trials_and_write_a_trainable_best_config(study_dir):
     """--trials N is the study's total: two processes on one SQLite file finish 4 trials between them, each trial
     number run by exactly one of them, each in its own run folder."""
@@ -96,6 +96,7 @@ def test_two_processes_share_one_study_of_n_trials_and_write_a_trainable_best_co
     assert "Search history" in page and "data:image/png;base64," in page and "Parameter importances" in page
 
 
+@pytest.mark.slow   # trainings, some in subprocesses
 def test_a_trial_worse_than_the_median_is_pruned_and_an_invalid_config_is_skipped(study_dir):
     """Three earlier trials reported val loss 0 at every epoch: any real trial is above that median at epoch 1,
     so MedianPruner stops it there, deterministically. A queued trial with num_heads=3 (not dividing
@@ -130,6 +131,7 @@ def test_a_trial_worse_than_the_median_is_pruned_and_an_invalid_config_is_skippe
     assert load_config(study_dir / "logs" / "tune_etft" / BEST_CONFIG_YAML).train.learning_rate == 1e-3
 
 
+@pytest.mark.slow   # trainings, some in subprocesses
 def test_a_killed_process_trial_fails_by_heartbeat_is_retried_and_the_study_resumes(study_dir):
     """SIGKILL mid-trial: the trial stays RUNNING until 2 heartbeats (1 s each) go by without news; the next
     `etft tune` on the storage fails it, runs it again as a new trial with its params, keeps the complete trial

@@ -276,6 +276,8 @@ class BacktestConfig(_Section):
 class RunConfig(_Section):
     log_dir: str = Field("logs", description="run folders go to LOG_DIR/training_<timestamp>")
     test_mode: bool = Field(False, description="the seed's smoke run: small data, small model, 2 epochs")
+    report: bool = Field(True, description="write report.html when training ends (about a second of figures); "
+                                           "false: none, `etft report --run RUN` writes it later")
     tracking: list[Literal["mlflow", "tensorboard"]] = Field([], description="also record each run in MLflow and/or "
                                                        "TensorBoard (pip install \"enhanced-tft[tracking]\")")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite:///LOG_DIR/mlflow.db, artifacts in LOG_DIR/mlartifacts")

@@ -262,7 +262,7 @@ def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Gr
             f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB, {time.time() - started:.0f} s in all",
             f"run folder: {run.path}"]))
         if world.is_main:
-            write_test_outputs(run, data, result)
+            write_test_outputs(run, data, result, cfg.run.report)
         tracker.finish(result.summary)   # after the test outputs: the folder's files go too
         return 0, run.path
     except StorageError as err:
@@ -325,9 +325,9 @@ def _check_resumable(cfg: Config, task, data, run: RunFolder, world) -> None:
     world.on_main(check)
 
 
-def write_test_outputs(run: RunFolder, data, result) -> None:
-    """Interpretation CSVs, predictions_test.csv and report.html, from the members' one test pass each. The
-    trained run is already saved, so a failure here is reported and leaves the exit code alone."""
+def write_test_outputs(run: RunFolder, data, result, report: bool = True) -> None:
+    """Interpretation CSVs, predictions_test.csv and (with `report`) report.html, from the members' one test pass
+    each. The trained run is already saved, so a failure here is reported and leaves the exit code alone."""
     try:
         frames = interpretation_frames(total([m.weights for m in result.members]), data.transform,
                                        data.splits["test"].sequence_length)
@@ -339,6 +339,8 @@ def write_test_outputs(run: RunFolder, data, result) -> None:
             run.write_csv(BACKTEST_CSV, result.curves.reset_index())
     except Exception:
         log.exception("interpretation or test predictions failed (the trained run is saved)")
+    if not report:
+        return
     try:
         write_report(run.path)
     except Exception:
