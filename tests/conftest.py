@@ -47,7 +47,9 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, process: bool = Fals
     import subprocess
 
     if not process and args[:2] in ETFT_MODULES:
-        return _run_etft_here(args[2:], cwd)
+        return _run_here(lambda: _etft_main(args[2:]), ["etft", *args[2:]], cwd)
+    if not process and args and args[0] == str(SEED_SCRIPT):   # the seed's script forwards to etft train
+        return _run_here(lambda: _seed_script(args[1:]), args, cwd)
     # the caller's PYTHONPATH stays after ours (a package installed beside the environment, say)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p))
     if "ETFT_TEST_THREADS" in os.environ:
@@ -56,26 +58,63 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, process: bool = Fals
                           timeout=timeout)
 
 
-def _run_etft_here(argv: list[str], cwd: Path):
-    """`etft ARGV` through its main() in this process, in `cwd`, with stdout and stderr captured."""
+SEED_SCRIPT = REPO / "train_universal_transformer_v2.py"
+
+
+def _etft_main(argv: list[str]) -> int:
+    from enhanced_tft.cli import main
+    return main(argv)
+
+
+def _seed_script(argv: list[str]) -> int:
+    """The seed's script as `python train_universal_transformer_v2.py ARGV` runs it (it exits with etft's code)."""
+    import runpy
+    saved = sys.argv
+    sys.argv = [str(SEED_SCRIPT), *argv]
+    try:
+        runpy.run_path(str(SEED_SCRIPT), run_name="__main__")
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _run_here(command, args: list[str], cwd: Path):
+    """command() in this process, in `cwd`, with stdout and stderr captured; its exit code (or SystemExit's)."""
     import contextlib
     import io
     import subprocess
 
-    from enhanced_tft.cli import main
     out, err = io.StringIO(), io.StringIO()
     before, threads = os.getcwd(), torch.get_num_threads()
     try:
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main(argv)
-            except SystemExit as stop:   # argparse's usage errors
-                code = stop.code if isinstance(stop.code, int) else 1
+                code = command()
+            except SystemExit as stop:   # argparse's usage errors, the script's sys.exit
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     finally:
         os.chdir(before)
         torch.set_num_threads(threads)   # the command sized them for itself
-    return subprocess.CompletedProcess(["etft", *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def traces_once():
+    """The memory plan's traces are a pure function of their arguments (no real tensor, no RNG draw that
+    reaches the caller): every test shares them instead of tracing the same model again."""
+    from enhanced_tft.training import planner
+    cache = {}
+    original = planner.trace_step
+
+    def cached(cfg, dims, micro_batch, precision, checkpointing):
+        key = (cfg.model_dump_json(), repr(dims), micro_batch, precision, checkpointing)
+        if key not in cache:
+            cache[key] = original(cfg, dims, micro_batch, precision, checkpointing)
+        return cache[key]
+    planner.trace_step = cached
+    yield
+    planner.trace_step = original
 
 
 SMALL_RUN_YAML = """

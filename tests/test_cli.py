@@ -43,8 +43,9 @@ def _check_run_folder(run: Path, task: str, members: int) -> dict:
 
 @pytest.mark.slow
 def test_seed_entry_point_test_mode(tmp_path: Path):
+    """The seed's script in a process of its own, as its users run it."""
     result = run_cli([str(REPO / "train_universal_transformer_v2.py"), "--test_mode", "--task",
-                      "classification_binary", "--log_dir", str(tmp_path / "logs")], cwd=tmp_path)
+                      "classification_binary", "--log_dir", str(tmp_path / "logs")], cwd=tmp_path, process=True)
     assert result.returncode == 0, result.stderr
     summary = _check_run_folder(_only_run_folder(tmp_path / "logs"), "classification_binary", 1)
     for key in ("accuracy", "balanced_accuracy", "auc"):

@@ -210,23 +210,6 @@ def test_members_spread_over_ranks_are_the_members_of_the_serial_run(tmp_path):
     assert "[rank 1] member 1 epoch 1/1" in log and "member 2 epoch 1/1" in log   # rank 0 trained 0 and 2
 
 
-@pytest.fixture(scope="module")
-def traces_once():
-    """The plan's traces are a pure function of their arguments: the three device counts below share them."""
-    from enhanced_tft.training import planner
-    cache = {}
-    original = planner.trace_step
-
-    def cached(cfg, dims, micro_batch, precision, checkpointing):
-        key = (cfg.model_dump_json(), repr(dims), micro_batch, precision, checkpointing)
-        if key not in cache:
-            cache[key] = original(cfg, dims, micro_batch, precision, checkpointing)
-        return cache[key]
-    planner.trace_step = cached
-    yield
-    planner.trace_step = original
-
-
 @functools.cache
 def _needed_bytes(config: Path, micro: int) -> float:
     """The traced step at `micro` with the plan's context and fragmentation margins (bf16: seed_original's
@@ -242,7 +225,7 @@ def _assert_largest_that_fits(config: Path, max_micro: int, budget: int) -> None
 
 
 @pytest.mark.parametrize("devices, micro, steps", [(2, 32, 2), (3, 32, 2), (8, 16, 1)])
-def test_plan_fits_each_devices_share_of_the_effective_batch(devices, micro, steps, tmp_path, traces_once):
+def test_plan_fits_each_devices_share_of_the_effective_batch(devices, micro, steps, tmp_path):
     """seed_original (effective batch 128) where about 50 samples fit one device (32 to 63 give these sizes):
     each device runs ceil(128 / N)."""
     import contextlib

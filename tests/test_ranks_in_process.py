@@ -8,7 +8,6 @@ import torch
 from test_trainer import make_trainer
 from thread_world import run_ranks
 
-from enhanced_tft.config.schema import build_config
 from enhanced_tft.training.trainer import Trainer
 
 
