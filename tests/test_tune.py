@@ -52,9 +52,10 @@ def _args(folder, trials: int, *extra: str) -> list[str]:
             "--log_dir", str(folder / "logs"), *extra]
 
 
-def _spawn(folder, trials: int, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")   # two processes share 2 cores
-    return subprocess.Popen([sys.executable, "-m", "enhanced_tft", "tune", *_args(folder, trials, *extra)],
+def _spawn(folder, trials: int, *extra: str, program: tuple[str, ...] = ("-m", "enhanced_tft")) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(REPO / "src"), str(REPO / "tests"))),
+               OMP_NUM_THREADS="1")   # two processes share 2 cores
+    return subprocess.Popen([sys.executable, *program, "tune", *_args(folder, trials, *extra)],
                             cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -136,7 +137,7 @@ def test_a_killed_process_trial_fails_by_heartbeat_is_retried_and_the_study_resu
     """SIGKILL mid-trial: the trial stays RUNNING until 2 heartbeats (1 s each) go by without news; the next
     `etft tune` on the storage fails it, runs it again as a new trial with its params, keeps the complete trial
     and numbers on."""
-    process = _spawn(study_dir, 3, "--heartbeat", "1")
+    process = _spawn(study_dir, 3, "--heartbeat", "1", program=(str(REPO / "tests" / "held_trial_entry.py"),))
     storage = f"sqlite:///{study_dir / 'logs' / 'tune_etft.db'}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -149,8 +150,7 @@ def test_a_killed_process_trial_fails_by_heartbeat_is_retried_and_the_study_resu
         time.sleep(0.2)
     else:
         pytest.fail(f"no second trial started: {process.communicate()[1][-3000:]}")
-    time.sleep(0.5)   # into its training
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)   # trial 1 is held at its first micro-batch (held_trial_entry.py)
     process.communicate()
     before = _study(study_dir).get_trials()
     assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
