@@ -45,7 +45,8 @@ def _check_run_folder(run: Path, task: str, members: int) -> dict:
 def test_seed_entry_point_test_mode(tmp_path: Path):
     """The seed's script in a process of its own, as its users run it."""
     result = run_cli([str(REPO / "train_universal_transformer_v2.py"), "--test_mode", "--task",
-                      "classification_binary", "--log_dir", str(tmp_path / "logs")], cwd=tmp_path, process=True)
+                      "classification_binary", "--log_dir", str(tmp_path / "logs"), "--set",
+                      "train.max_steps_per_epoch=8"], cwd=tmp_path, process=True)
     assert result.returncode == 0, result.stderr
     summary = _check_run_folder(_only_run_folder(tmp_path / "logs"), "classification_binary", 1)
     for key in ("accuracy", "balanced_accuracy", "auc"):
@@ -67,7 +68,8 @@ def test_seed_entry_point_defaults_to_logs_in_the_working_folder(tmp_path: Path)
 @pytest.mark.slow
 def test_etft_ensemble_reports_members_and_the_ensemble(tmp_path: Path):
     result = run_cli(["-m", "enhanced_tft.cli", "train", "--test_mode", "--task", "quantile", "--ensemble_size", "3",
-                      "--set", "train.epochs=1", "--log_dir", str(tmp_path)], cwd=tmp_path)
+                      "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=8", "--log_dir", str(tmp_path)],
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = _check_run_folder(_only_run_folder(tmp_path), "quantile", 3)
     ensemble = summary["ensemble"]

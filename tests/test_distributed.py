@@ -274,8 +274,8 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_once_and_the_run_resumes
 @pytest.mark.slow   # torchrun: processes
 def test_bad_input_under_restarts_stays_bad_input_and_leaves_nothing(tmp_path):
     (tmp_path / "ddp.yaml").write_text(DDP_YAML)
-    result = _torchrun(2, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs", "--data", "missing.csv"),
-                       tmp_path, extra=["--max-restarts=1"])
+    result = _torchrun(1, _etft("train", "--config", "ddp.yaml", "--log_dir", "logs", "--data", "missing.csv"),
+                       tmp_path, extra=["--max-restarts=1"])   # one rank is enough: each attempt fails alike
     assert result.returncode != 0
     assert result.stderr.count("etft train: error: data file") >= 2          # both attempts: the same message
     assert "does not exist (data.path)" in result.stderr and "this is a bug" not in result.stderr

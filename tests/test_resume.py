@@ -160,7 +160,7 @@ def test_a_step_checkpoint_holds_the_train_states_fields_and_its_format_version(
 
 # --- the real CLI: kill -9 and SIGTERM, then --resume ------------------------------------------------
 
-CLI_SETTINGS = ["--set", "data.num_symbols=3", "--set", "data.num_bars=1500", "--set", "data.sequence_length=24",
+CLI_SETTINGS = ["--set", "data.num_symbols=3", "--set", "data.num_bars=1000", "--set", "data.sequence_length=24",
                 "--set", "model.d_model=32", "--set", "model.num_transformer_blocks=1", "--set", "model.ff_dim=64",
                 "--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "train.checkpoint_every_steps=5",
                 "--set", "train.strong_baseline=false",   # LightGBM has its own tests
