@@ -26,6 +26,7 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow   # a training, then its ONNX export
 def test_a_notebook_trains_predicts_and_evaluates_a_dataframe_writing_only_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bars = _bars()

@@ -224,6 +224,7 @@ def _assert_largest_that_fits(config: Path, max_micro: int, budget: int) -> None
     assert _needed_bytes(config, max_micro) <= budget < _needed_bytes(config, max_micro + 1), max_micro
 
 
+@pytest.mark.slow   # traces of the full-size seed model
 @pytest.mark.parametrize("devices, micro, steps", [(2, 32, 2), (3, 32, 2), (8, 16, 1)])
 def test_plan_fits_each_devices_share_of_the_effective_batch(devices, micro, steps, tmp_path):
     """seed_original (effective batch 128) where about 50 samples fit one device (32 to 63 give these sizes):
