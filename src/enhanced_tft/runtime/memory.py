@@ -186,7 +186,6 @@ class OomBackoff:
     def __init__(self, size: int, device: torch.device, give_up: Callable[[str], OutOfMemoryGiveUp],
                  announce: Callable[[str, int, int], None] | None = None):
         self.size, self.device, self._give_up, self._announce = size, device, give_up, announce
-        self.recoveries = 0
 
     def halve(self, what: str) -> int:
         """Free what the failed attempt held, then halve the size (OutOfMemoryGiveUp when it already was one
@@ -195,7 +194,6 @@ class OomBackoff:
         if self.size <= 1:
             raise self._give_up(what)
         failed, self.size = self.size, self.size // 2
-        self.recoveries += 1
         if self._announce:
             self._announce(what, failed, self.size)
         else:

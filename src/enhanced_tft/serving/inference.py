@@ -9,7 +9,6 @@ Legend: B chunk, M models, O head outputs.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,8 +21,6 @@ from ..runtime import faults
 from ..runtime.memory import OomBackoff, is_out_of_memory
 from ..runtime.precision import PrecisionPolicy
 from ..tasks import Task
-
-log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("observed", "known", "symbol")
 

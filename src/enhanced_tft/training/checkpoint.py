@@ -49,19 +49,28 @@ class TrainState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, raw: Any, source: str) -> "TrainState":
-        """The state a checkpoint file holds; CheckpointError naming `source` when it lacks a key the trainer
-        reads, or was written by a newer format."""
+    def problem(cls, raw: Any) -> str | None:
+        """Why a checkpoint file's contents are not a state to continue from (not a mapping, a key the trainer
+        reads missing, a newer format), or None."""
         if not isinstance(raw, dict):
-            raise CheckpointError(f"checkpoint {source!r}: it holds no training state (a {type(raw).__name__})")
+            return f"it holds no training state (a {type(raw).__name__})"
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         absent = [k for k in required if k not in raw]
         if absent:
-            raise CheckpointError(f"checkpoint {source!r}: it lacks {', '.join(absent)}")
+            return f"it lacks {', '.join(absent)}"
         version = raw.get("format_version", 0)
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {source!r}: its format version {version!r} is newer than this "
-                                  f"version's {FORMAT_VERSION}; resume it with the Enhanced TFT that wrote it")
+            return (f"its format version {version!r} is newer than this version's {FORMAT_VERSION}; resume it with "
+                    "the Enhanced TFT that wrote it")
+        return None
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str) -> "TrainState":
+        """The state a checkpoint file holds; CheckpointError naming `source` and the problem where there is one."""
+        problem = cls.problem(raw)
+        if problem:
+            raise CheckpointError(f"checkpoint {source!r}: {problem}")
+        version = raw.get("format_version", 0)
         known = {f.name for f in fields(cls)}
         state = cls(**{k: v for k, v in raw.items() if k in known})
         state.format_version = FORMAT_VERSION if version else 0
@@ -107,13 +116,8 @@ def verify_resumable(cfg: Config, task: Task, dims, run: RunFolder) -> None:
             if path is None or not path.is_file():
                 continue
             raw = load_checkpoint(path)
-            try:
-                weights = TrainState.from_dict(raw, str(path)).model if resumable else raw
-                problem = _progress_problem(raw) if resumable else None
-            except CheckpointError as err:
-                problem = str(err).split(f"{str(path)!r}: ", 1)[-1]
-                weights = None
-            problem = problem or weights_problem(weights, expected)
+            problem = (TrainState.problem(raw) or _progress_problem(raw)) if resumable else None
+            problem = problem or weights_problem(raw["model"] if resumable else raw, expected)
             if problem:
                 raise CheckpointError(
                     f"checkpoint {str(path)!r} cannot be resumed with this run's config.yaml ({problem}); nothing "
