@@ -199,7 +199,7 @@ def test_a_training_run_reports_lightgbm_and_the_quant_metrics_beside_the_model(
                                                                       rel=1e-5)
     assert summary["quant"]["strong_baseline"]["num_rows"] == len(frame)
     log = (trained_run / "training.log").read_text()
-    assert "LightGBM    baseline" in log and "quant: signal 2 p_up - 1" in log
+    assert "LightGBM       blend    baseline" in log and "quant: signal 2 p_up - 1" in log
 
 
 def test_the_equity_curves_and_the_report_section_agree_with_the_summary(trained_run):
@@ -208,7 +208,7 @@ def test_the_equity_curves_and_the_report_section_agree_with_the_summary(trained
     import pandas as pd
     summary = json.loads((trained_run / "summary.json").read_text())
     curves = pd.read_csv(trained_run / "backtest_test.csv")
-    assert list(curves.columns) == ["timestamp", "model", "LightGBM", "equal-weight long"]
+    assert list(curves.columns) == ["timestamp", "model", "LightGBM", "blend", "equal-weight long"]
     for column, quant in (("model", summary["quant"]["model"]), ("LightGBM", summary["quant"]["strong_baseline"])):
         assert curves[column].iloc[-1] - 1 == pytest.approx(quant["backtest"]["sign"]["total_return"], abs=1e-5)
     benchmark = summary["quant"]["model"]["benchmark"]["total_return"]

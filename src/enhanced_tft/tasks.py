@@ -69,6 +69,11 @@ class Task:
         """The naive rule's constant prediction, fitted on the train split: shape () or (O,)."""
         raise NotImplementedError
 
+    def prediction_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses (N,) of predictions as `predict` gives them (not raw head outputs): what a blend
+        of two forecasters' predictions is fitted to (evaluation/blend.py). A proper scoring rule of the task."""
+        raise NotImplementedError
+
     def baseline_rule(self) -> str:
         raise NotImplementedError
 
@@ -183,6 +188,10 @@ class BinaryClassification(Task):
     def baseline_rule(self):
         return "majority class of the train split"
 
+    def prediction_loss(self, prediction, target):   # log loss of P(up)
+        import torch.nn.functional as F
+        return F.binary_cross_entropy(prediction.float().clamp(1e-7, 1 - 1e-7), target.float(), reduction="none")
+
     def hard_class(self, mean_BO):
         return mean_BO[:, 0] > 0.5
 
@@ -223,6 +232,11 @@ class MulticlassClassification(Task):
     def baseline_rule(self):
         return "class frequencies of the train split"
 
+    def prediction_loss(self, prediction, target):   # log loss of the true class's probability
+        import torch
+        chosen = prediction.float().gather(1, target.long().unsqueeze(1))[:, 0]
+        return -torch.log(chosen.clamp_min(1e-7))
+
     def hard_class(self, mean_BO):
         return mean_BO.argmax(axis=1)
 
@@ -237,6 +251,16 @@ class _TargetValues(Task):
 
     def make_targets(self, forward_target, forward_return, target_scale, dead_zone):
         return ((forward_target - target_scale.mean) / target_scale.std).astype(np.float32)
+
+    def prediction_loss(self, prediction, target):
+        """Squared error of the scaled value (quantiles: the mean pinball loss), whatever the training loss."""
+        import torch
+        prediction, target = prediction.float(), target.float()
+        if prediction.ndim == 1:
+            return (prediction - target) ** 2
+        levels = torch.tensor(QUANTILES, device=prediction.device)
+        error = target.unsqueeze(1) - prediction                                               # (N, Q)
+        return torch.maximum(levels * error, (levels - 1) * error).mean(dim=1)
 
 
 class Regression(_TargetValues):

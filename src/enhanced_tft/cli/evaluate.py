@@ -29,5 +29,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     what = args.data or f"the run's {args.split} split"
     print(scorecard_table(run.task, result, f"{what}: {result['test']['num_samples']} samples scored",
-                          f"{result['baseline']['rule']} (fitted on the run's train split)", result.get("strong_baseline")))
+                          f"{result['baseline']['rule']} (fitted on the run's train split)", result.get("strong_baseline"),
+                          result.get("blend")))
     return 0

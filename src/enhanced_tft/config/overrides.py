@@ -60,7 +60,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 # what may change when a stopped run resumes: nothing that would change what was trained
 SAFE_RESUME_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.log_every_steps", "train.distribute",
                        "train.checkpoint_every_steps", "train.keep_checkpoints", "train.max_nonfinite_steps",
-                       "train.strong_baseline", "backtest.cost_bps", "backtest.quantile", "backtest.periods_per_year",
+                       "train.strong_baseline", "train.blend", "backtest.cost_bps", "backtest.quantile", "backtest.periods_per_year",
                        "run.tracking", "run.mlflow_uri", "run.mlflow_experiment", "run.report")   # tracking: a resume continues or replays
 
 

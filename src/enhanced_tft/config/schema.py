@@ -234,6 +234,9 @@ class TrainConfig(_Section):
         True, description="after the model, fit LightGBM on the same features, splits and target (early-stopped "
                           "on val) and report it beside the model as strong_baseline (pip install "
                           "'enhanced-tft[baseline]')")
+    blend: Literal["none", "strong_baseline"] = Field(
+        "strong_baseline", description="strong_baseline: also report (and write as blend_*) w x model + (1 - w) x "
+                                       "LightGBM, w fitted on val; needs train.strong_baseline; none: no blend")
     max_steps_per_epoch: int | None = Field(None, ge=1, le=1_000_000_000, description="cap on optimizer steps per epoch (smoke runs)")
 
     @model_validator(mode="before")

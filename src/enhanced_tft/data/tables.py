@@ -61,15 +61,20 @@ def outcome_columns(rows: RowArrays, ends_B: np.ndarray, known_B: np.ndarray | N
 
 def table_batches(rows: RowArrays, sample_ends: np.ndarray, target_known: np.ndarray | None, transform,
                   chunks: Iterable[tuple[object, list]], with_members: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """(sample positions (B,), [member prediction (B,) or (B, O)]) batches -> the table's columns of each batch.
+    """(sample positions (B,), [member prediction (B,) or (B, O)][, {name: prediction (B,) or (B, O)}]) batches ->
+    the table's columns of each batch; another forecaster's predictions (the blend's) add `name_<column>` columns.
 
     `sample_ends` (S,) are the rows of the samples' last bars, `target_known` (S,) whether each outcome is in the
     data (None: all are); positions and predictions may be torch tensors on the CPU or numpy arrays."""
     task = tasks.for_transform(transform)
     symbols = np.asarray(transform.symbols, dtype=object)
     scale = transform.target_scale()
-    for positions_B, member_predictions in chunks:
+    for positions_B, member_predictions, *others in chunks:
         index = np.asarray(positions_B)
         known = None if target_known is None else target_known[index]
-        yield {**outcome_columns(rows, sample_ends[index], known, transform, symbols),
-               **task.prediction_columns(member_predictions, scale, with_members)}
+        columns = {**outcome_columns(rows, sample_ends[index], known, transform, symbols),
+                   **task.prediction_columns(member_predictions, scale, with_members)}
+        for name, prediction in (others[0] if others else {}).items():   # another forecaster's: blend_p_up, ...
+            own = task.prediction_columns([prediction], scale, with_members=False)
+            columns.update({f"{name}_{column}": own[column] for column in task.columns})
+        yield columns

@@ -315,9 +315,9 @@ def _row(label: str, s: dict) -> str:
     return f"  {label:<26}" + "".join(f"{c:>10}" for c in cells)
 
 
-def format_quant(metrics: dict, strong: dict | None = None) -> str:
+def format_quant(metrics: dict, strong: dict | None = None, blend: dict | None = None) -> str:
     """A few console lines: IC, then each backtest beside the benchmark; with `strong` (LightGBM's metrics on the
-    same rows), its IC and backtests below the model's."""
+    same rows) and `blend` (the blend's), their IC and backtests below the model's."""
     ic = metrics["information_coefficient"]
     lines = [f"quant: signal {metrics['signal']} on {ic['num_symbols']} symbol(s), {metrics['num_rows']:,} rows "
              f"({metrics['num_rows_left_out']:,} without outcome left out)"]
@@ -345,12 +345,14 @@ def format_quant(metrics: dict, strong: dict | None = None) -> str:
         lines.append(f"  {name:<26}{run['skipped']}" if "skipped" in run else _row(name, run))
     if "benchmark" in metrics:
         lines.append(_row("equal-weight long", metrics["benchmark"]))
-    if strong is not None:
-        cross = strong["information_coefficient"]["cross_sectional"]
-        for name, run in strong["backtest"].items():
+    for label, other in (("LightGBM", strong), ("blend", blend)):
+        if other is None:
+            continue
+        cross = other["information_coefficient"]["cross_sectional"]
+        for name, run in other["backtest"].items():
             if "skipped" not in run:
-                lines.append(_row(f"LightGBM {name}", run))
+                lines.append(_row(f"{label} {name}", run))
         if cross is not None:
-            lines.append(f"  LightGBM IC mean {_fmt(cross['pearson']['mean'], '+.4f')}, rank IC mean "
+            lines.append(f"  {label} IC mean {_fmt(cross['pearson']['mean'], '+.4f')}, rank IC mean "
                          f"{_fmt(cross['rank']['mean'], '+.4f')}")
     return "\n".join(lines)

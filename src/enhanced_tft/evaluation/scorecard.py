@@ -38,31 +38,38 @@ def score(task: Task, member_predictions: list[torch.Tensor], target: torch.Tens
 
 
 def metrics_table(task: Task, test: dict, baseline: dict, rule: str, mean_member: dict | None, title: str,
-                  strong: dict | None = None) -> str:
-    """The console table: model (or ensemble), mean member when there are several, LightGBM when fitted, the naive
-    baseline; then the rule and what the split itself looks like."""
+                  strong: dict | None = None, blend: dict | None = None) -> str:
+    """The console table: model (or ensemble), mean member when there are several, LightGBM when fitted, the blend
+    of the two (`blend`: summary.json's record), the naive baseline; then the rules and what the split looks like."""
     keys = [k for k in test if k not in SPLIT_STATS and k in baseline]
     label = "ensemble" if mean_member else "model"
     columns = [(label, test, 12)] + ([("mean member", mean_member, 14)] if mean_member else [])
-    columns += ([("LightGBM", strong, 12)] if strong else []) + [("baseline", baseline, 12)]
+    columns += ([("LightGBM", strong, 12)] if strong else []) + ([("blend", blend["test"], 12)] if blend else [])
+    columns += [("baseline", baseline, 12)]
     lines = [title, f"  {'metric':<20}" + "".join(f"{name:>{width}}" for name, _, width in columns)]
     lines += [f"  {k:<20}" + "".join(f"{values[k]:>{width}.4f}" if k in values else f"{'-':>{width}}"
                                      for _, values, width in columns) for k in keys]
     lines.append(f"baseline: {rule}")
+    if blend:
+        lines.append(f"blend: {blend['weight_model']:.2f} x {label} + {blend['weight_strong_baseline']:.2f} x LightGBM, "
+                     "the weight fitted on the val split")
     note = task.split_note(test)
     if note:
         lines.append(f"class balance: {note}")
     return "\n".join(lines)
 
 
-def scorecard_table(task: Task, card: dict, title: str, rule: str, strong: dict | None = None) -> str:
+def scorecard_table(task: Task, card: dict, title: str, rule: str, strong: dict | None = None,
+                    blend: dict | None = None) -> str:
     """The console lines of a scorecard (summary.json's after training, `etft evaluate`'s after): the metrics
-    table, then the quant lines when the card has them. `strong`: LightGBM's metrics on the same samples."""
+    table, then the quant lines when the card has them. `strong`: LightGBM's metrics on the same samples;
+    `blend`: the blend's record (weight and test metrics)."""
     several = card["ensemble"]["size"] > 1
     lines = [metrics_table(task, card["test"], card["baseline"], rule,
-                           card["ensemble"]["mean_member"] if several else None, title, strong)]
+                           card["ensemble"]["mean_member"] if several else None, title, strong, blend)]
     if "quant" in card:
-        lines.append(format_quant(card["quant"]["model"], card["quant"].get("strong_baseline")))
+        lines.append(format_quant(card["quant"]["model"], card["quant"].get("strong_baseline"),
+                                  card["quant"].get("blend")))
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Walk-forward results side by side: each fold's test numbers (model, naive rule, LightGBM, the quant
+"""Walk-forward results side by side: each fold's test numbers (model, naive rule, LightGBM, blend, the quant
 figures), and their mean and standard deviation over the folds; the console table. training.recipe.walk_forward
 trains the folds; report.plots.walk_forward_figure draws them."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ def fold_record(fold: int, run_path: Path) -> dict:
     summary = RunFolder(run_path).read_json(SUMMARY_JSON)
     record = {"fold": fold, "run": str(run_path), "test": summary["test"],
               "baseline": {k: v for k, v in summary["baseline"].items() if k not in ("rule", "output")},
-              "strong_baseline": summary.get("strong_baseline", {}).get("test")}
+              "strong_baseline": summary.get("strong_baseline", {}).get("test"),
+              "blend": summary.get("blend", {}).get("test")}
     quant = summary.get("quant")
     if quant:
         record["quant"] = {name: {"rank_ic": ((q["information_coefficient"]["cross_sectional"] or {}).get("rank")
@@ -40,12 +41,13 @@ def walk_forward_summary(results: list[dict]) -> dict:
     baseline and LightGBM (where fitted), and the quant numbers (rank IC, the sign backtest's Sharpe)."""
     keys = [k for k, v in results[0]["test"].items() if isinstance(v, float)]
     compared = {"model": [r["test"] for r in results], "baseline": [r["baseline"] for r in results]}
-    if all(r.get("strong_baseline") for r in results):
-        compared["strong_baseline"] = [r["strong_baseline"] for r in results]
+    for name in ("strong_baseline", "blend"):
+        if all(r.get(name) for r in results):
+            compared[name] = [r[name] for r in results]
     over_folds = {name: {k: _mean_sd([m.get(k) for m in metrics]) for k in keys}
                   for name, metrics in compared.items()}
     quant = {}
-    for name in ("model", "strong_baseline"):
+    for name in ("model", "strong_baseline", "blend"):
         rows = [r.get("quant", {}).get(name) for r in results]
         if all(rows):
             quant[name] = {k: _mean_sd([row[k] for row in rows]) for k in rows[0]}
@@ -56,8 +58,8 @@ def walk_forward_summary(results: list[dict]) -> dict:
 def format_walk_forward(summary: dict) -> str:
     """The console table: each metric's mean +- sd over the folds, model beside LightGBM and the naive rule."""
     folds = summary["folds"]
-    names = [n for n in ("model", "strong_baseline", "baseline") if n in summary["over_folds"]]
-    labels = {"model": "model", "strong_baseline": "LightGBM", "baseline": "naive baseline"}
+    names = [n for n in ("model", "strong_baseline", "blend", "baseline") if n in summary["over_folds"]]
+    labels = {"model": "model", "strong_baseline": "LightGBM", "blend": "blend", "baseline": "naive baseline"}
     lines = [f"walk-forward test metrics ({len(folds)} folds), mean +- sd over folds:",
              f"  {'metric':<20}" + "".join(f"{labels[n]:>24}" for n in names)]
     for key in summary["over_folds"]["model"]:

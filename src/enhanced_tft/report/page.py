@@ -125,14 +125,18 @@ def section_metrics(run: RunFiles) -> str:
     keys = [k for k in test if k not in tasks.SPLIT_STATS and k in baseline]
     label = "ensemble" if s["ensemble"]["size"] > 1 else "model"
     strong = s.get("strong_baseline", {}).get("test", {})
+    blend = s.get("blend", {}).get("test", {})
     header = (["metric", label] + (["mean member"] if mean_member else []) + (["LightGBM"] if strong else [])
-              + ["naive baseline"])
+              + (["blend"] if blend else []) + ["naive baseline"])
     rows = [[k, test[k]] + ([mean_member[k]] if mean_member else []) + ([strong.get(k, "-")] if strong else [])
-            + [baseline[k]] for k in keys]
+            + ([blend.get(k, "-")] if blend else []) + [baseline[k]] for k in keys]
     png = plots.metrics_bars([(k, test[k], mean_member.get(k), baseline[k]) for k in keys], label)
     text = f"{test['num_samples']:,} test samples; baseline: {baseline['rule']}."
     if strong:
         text += f" Strong baseline: {s['strong_baseline'].get('rule', 'LightGBM')}."
+    if blend:
+        text += (f" Blend: {s['blend']['weight_model']:.2f} x {label} + {s['blend']['weight_strong_baseline']:.2f} x "
+                 "LightGBM, the weight fitted on the val split.")
     elif "strong_baseline" in s:
         text += f" LightGBM: {s['strong_baseline'].get('skipped') or s['strong_baseline'].get('error')}"
     note = run.task().split_note(test) if run.task else ""
@@ -147,8 +151,8 @@ def section_quant(run: RunFiles) -> str:
     quant = run.summary.get("quant")
     if not quant:
         return ""
-    sources = [("model", quant["model"])] + ([("LightGBM", quant["strong_baseline"])]
-                                             if quant.get("strong_baseline") else [])
+    sources = [("model", quant["model"])] + [(label, quant[key]) for key, label in
+                                             (("strong_baseline", "LightGBM"), ("blend", "blend")) if quant.get(key)]
     ic_rows = []
     for name, q in sources:
         cross = q["information_coefficient"]["cross_sectional"]

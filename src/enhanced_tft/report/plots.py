@@ -219,6 +219,7 @@ def ensemble_spread(metric: str, member_values: list[float], ensemble_value: flo
 
 
 STRONG = "#2ca02c"
+BLEND = "#9467bd"
 
 
 def walk_forward_figure(summary: dict) -> Figure:
@@ -227,13 +228,13 @@ def walk_forward_figure(summary: dict) -> Figure:
     folds = summary["folds"]
     keys = [k for k in summary["over_folds"]["model"] if k not in SPLIT_STATS]   # metrics, not what the split holds
     sources = [(n, label, color) for n, label, color in (("model", "model", MODEL), ("strong_baseline", "LightGBM", STRONG),
-                                                         ("baseline", "naive baseline", BASELINE))
+                                                         ("blend", "blend", BLEND), ("baseline", "naive baseline", BASELINE))
                if n in summary["over_folds"]]
     fig = new_figure(3.0 * len(keys) + 0.4, 3.2)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     width = 0.8 / len(sources)
     x = np.arange(len(folds))
-    field = {"model": "test", "strong_baseline": "strong_baseline", "baseline": "baseline"}
+    field = {"model": "test", "strong_baseline": "strong_baseline", "blend": "blend", "baseline": "baseline"}
     for ax, key in zip(axes, keys):
         shown = []
         for i, (name, label, color) in enumerate(sources):

@@ -25,10 +25,12 @@ from ..data.tables import READ_KEYS, new_data_config, table_batches
 from ..data.transform import Transform
 from ..data.windows import WindowSet
 from ..errors import UserError
+from ..evaluation import blend
 from ..evaluation.baselines import predict_saved
 from ..evaluation.scorecard import quant_of, score
 from ..runs import PREDICTIONS_TEST_CSV, STRONG_BASELINE_JSON, RunFolder, atomic_path, spreadsheet_safe
 from ..runtime.precision import PrecisionPolicy, resolve_device, resolve_precision
+from ..tasks import ensemble_mean, member_stack
 from .inference import infer
 from .saved_run import SavedRun, check_own_data, transform_differences
 
@@ -163,12 +165,15 @@ def predict_frame(job: "PredictionJob", engine: str = "torch"):
 
 
 def write_test_predictions(folder: RunFolder, windows: WindowSet, transform: Transform,
-                           member_predictions: list[torch.Tensor], chunk_size: int = 4096) -> Path:
+                           member_predictions: list[torch.Tensor], chunk_size: int = 4096,
+                           others: dict[str, list[torch.Tensor]] | None = None) -> Path:
     """predictions_test.csv, as `etft predict` writes it, from the members' test predictions kept after
-    training (no further pass through the models)."""
+    training (no further pass through the models); `others` ({"blend": [predictions]}) add their columns."""
     out = folder.file(PREDICTIONS_TEST_CSV)
     indices = windows.all_indices()
-    chunks = ((indices[i:i + chunk_size], [p[i:i + chunk_size] for p in member_predictions])
+    others = {name: predictions[0] for name, predictions in (others or {}).items()}
+    chunks = ((indices[i:i + chunk_size], [p[i:i + chunk_size] for p in member_predictions],
+               {name: p[i:i + chunk_size] for name, p in others.items()})
               for i in range(0, len(windows), chunk_size))
     with atomic_path(out) as tmp:
         writer = TableWriter(tmp)
@@ -201,14 +206,24 @@ def evaluate_windows(run: SavedRun, windows: WindowSet, target_known: np.ndarray
                                                              for i, m in enumerate(scores["members"])],
                            "mean_member": scores["mean_member"]}}
     strong = _strong_baseline(run, windows)
+    scale = run.transform.target_scale()
+    blended = None
     if strong is not None:
         result["strong_baseline"] = {"rule": run.summary.get("strong_baseline", {}).get("rule", "LightGBM"),
-                                     **task.metrics(strong[mask], target, raw, run.transform.target_scale())}
+                                     **task.metrics(strong[mask], target, raw, scale)}
+        saved_blend = run.summary.get("blend")
+        if saved_blend:   # the weight fitted on the run's val split, applied unchanged
+            model = torch.from_numpy(ensemble_mean(member_stack(members)))
+            blended = blend.mix(model, strong, float(saved_blend["weight_model"]))
+            result["blend"] = {"rule": saved_blend["rule"], "weight_model": saved_blend["weight_model"],
+                               "weight_strong_baseline": saved_blend["weight_strong_baseline"],
+                               "test": task.metrics(blended[mask], target, raw, scale)}
     quant = quant_of(run.cfg, run.transform, windows, members, target_known)
     if quant is not None:
         result["quant"] = {"model": quant}
-        if strong is not None:
-            result["quant"]["strong_baseline"] = quant_of(run.cfg, run.transform, windows, [strong], target_known)
+        for key, predictions in (("strong_baseline", strong), ("blend", blended)):
+            if predictions is not None:
+                result["quant"][key] = quant_of(run.cfg, run.transform, windows, [predictions], target_known)
     return result
 
 

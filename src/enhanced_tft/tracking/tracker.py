@@ -73,11 +73,12 @@ def numeric_leaves(tree: dict, prefix: str = "") -> dict[str, float]:
 
 def summary_metrics(summary: dict) -> dict[str, float]:
     """The numbers of summary.json: the ensemble's test metrics (test/...), the naive rule's (baseline/...), LightGBM's
-    (strong_baseline/...), the quant figures (quant/...), the mean member's (mean_member/..., with several), and
+    (strong_baseline/...), the blend's (blend/...), the quant figures (quant/...), the mean member's (mean_member/..., with several), and
     best_val_loss, the mean over members of each one's best (what etft tune minimizes)."""
     ensemble = summary["ensemble"]
     parts = {"test": summary["test"], "baseline": {k: v for k, v in summary["baseline"].items() if k != "output"},
              "strong_baseline": (summary.get("strong_baseline") or {}).get("test") or {},
+             "blend": (summary.get("blend") or {}).get("test") or {},
              "quant": summary.get("quant") or {}}
     if ensemble["size"] > 1:
         parts["mean_member"] = ensemble["mean_member"]

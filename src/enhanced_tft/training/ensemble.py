@@ -19,6 +19,7 @@ from ..config.schema import Config
 from ..data.pipeline import DataBundle
 from ..data.windows import WindowSet
 from ..errors import CheckpointError, NonFiniteGiveUp, OutOfMemoryGiveUp, UserError
+from ..evaluation import blend
 from ..evaluation.baselines import fit_strong_baseline
 from ..evaluation.interpret import WeightSums
 from ..evaluation.scorecard import baseline_output, equity_curves, quant_of, score
@@ -26,7 +27,7 @@ from ..model.build import build_training_model, dims_for
 from ..runs import STRONG_BASELINE_JSON, SUMMARY_JSON, RunFolder, load_checkpoint, save_checkpoint
 from ..runtime.memory import release_memory
 from ..runtime.precision import PrecisionPolicy
-from ..tasks import Task
+from ..tasks import Task, ensemble_mean, member_stack
 from .checkpoint import load_best, load_step, save_best, save_step
 from .compile import apply_compile
 from .distributed import SINGLE, World
@@ -40,9 +41,11 @@ class MemberResult:
     summary: dict[str, Any]       # summary.json's record of the member
     prediction: torch.Tensor      # (N,) or (N, O): its predictions on the test split, as Task.predict gives them
     weights: WeightSums           # its selection and attention weights summed over the test split
+    val_prediction: torch.Tensor | None = None   # its predictions on the val split (None: a result saved before)
 
     def to_dict(self) -> dict:
-        return {"summary": self.summary, "prediction": self.prediction, "weights": self.weights.to_dict()}
+        return {"summary": self.summary, "prediction": self.prediction, "weights": self.weights.to_dict(),
+                "val_prediction": self.val_prediction}
 
     @classmethod
     def from_dict(cls, state: dict, source: str = "a member's result") -> "MemberResult":
@@ -51,7 +54,8 @@ class MemberResult:
                                   f"{', '.join(sorted({'summary', 'prediction', 'weights'} - state.keys()))}); "
                                   "delete it and resume: that member's test split is scored again from its saved "
                                   "weights")
-        return cls(state["summary"], state["prediction"], WeightSums.from_dict(state["weights"]))
+        return cls(state["summary"], state["prediction"], WeightSums.from_dict(state["weights"]),
+                   state.get("val_prediction"))
 
 
 @dataclass
@@ -59,6 +63,7 @@ class EnsembleResult:
     summary: dict[str, Any]
     members: list[MemberResult]
     curves: Any = None   # pandas DataFrame of equity curves on the test split (backtest_test.csv), or None
+    blend: list[torch.Tensor] | None = None   # the blend's test predictions (blend_* columns), or None
 
 
 def bootstrap_windows(data: DataBundle, seed: int) -> DataBundle:
@@ -109,6 +114,11 @@ def _test_pass(trainer: Trainer, num_symbols: int) -> tuple[torch.Tensor, Weight
     return trainer.gather_split(predictions), sums
 
 
+def _val_pass(trainer: Trainer) -> torch.Tensor:
+    """The best weights' predictions of the val split (what a blend's weight is fitted to)."""
+    return trainer.gather_split([chunk.predictions[0] for chunk in trainer.inference("val")])
+
+
 def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
                  run: RunFolder, member: int, micro_batch_size: int,
                  resume: bool = False, world: World = SINGLE, writes: bool | None = None,
@@ -154,6 +164,7 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
     try:
         fit = trainer.fit()
         prediction, weights = _test_pass(trainer, len(data.symbols))
+        val_prediction = _val_pass(trainer)
         micro_batch_size = trainer.micro_batch_size
     except OutOfMemoryGiveUp as err:
         _stop_with_checkpoint(cfg, run, trainer, member, "out_of_memory", err, writes)
@@ -172,7 +183,7 @@ def train_member(cfg: Config, task: Task, data: DataBundle, device: torch.device
         "peak_memory_bytes": fit.peak_memory_bytes, "micro_batch_size": micro_batch_size,
         "oom_recoveries": fit.oom_recoveries, "checkpoint": str(best_path.relative_to(run.path)), "test": metrics,
     }
-    result = MemberResult(summary, prediction, weights)
+    result = MemberResult(summary, prediction, weights, val_prediction)
     if writes:
         save_checkpoint(result.to_dict(), run.result_file(member))
     log.info("member %d test: %s", member, "  ".join(
@@ -214,11 +225,12 @@ STRONG_RULE = "LightGBM on the model's features (recent bars' features, calendar
 
 
 def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
-                              members: list[MemberResult]) -> tuple[dict, Any, Any]:
-    """The summary's `strong_baseline` (LightGBM fitted on the same features, splits and target) and `quant`
-    (IC, rank IC and backtests of the model and of LightGBM on the test split), and the equity curves of the
-    long/short-by-sign backtests (None where quant metrics do not apply), and the fitted baseline (or None).
-    Neither stops a trained run: a failure is logged and recorded."""
+                              members: list[MemberResult]) -> tuple[dict, Any, Any, list[torch.Tensor] | None]:
+    """The summary's `strong_baseline` (LightGBM fitted on the same features, splits and target), `blend` (model
+    and LightGBM mixed, evaluation/blend.py) and `quant` (IC, rank IC and backtests of each on the test split); the
+    equity curves of the long/short-by-sign backtests (None where quant metrics do not apply), the fitted
+    baseline (or None) and the blend's test predictions (or None). None of it stops a trained run: a LightGBM
+    failure is logged and recorded."""
 
     out: dict[str, Any] = {}
     strong = None
@@ -237,13 +249,44 @@ def strong_baseline_and_quant(cfg: Config, task: Task, data: DataBundle,
     predictions = {"model": [m.prediction for m in members]}
     if strong is not None:
         predictions["LightGBM"] = [strong.prediction_test]
+    blended = _blend(cfg, task, data, members, strong)
+    if blended is not None:
+        out["blend"], predictions["blend"] = blended
     model = quant_of(cfg, data.transform, test, predictions["model"])
     if model is None:
-        return out, None, strong
+        return out, None, strong, predictions.get("blend")
     out["quant"] = {"model": model}
-    if strong is not None:
-        out["quant"]["strong_baseline"] = quant_of(cfg, data.transform, test, predictions["LightGBM"])
-    return out, equity_curves(cfg, data.transform, test, predictions), strong
+    for name, key in (("LightGBM", "strong_baseline"), ("blend", "blend")):
+        if name in predictions:
+            out["quant"][key] = quant_of(cfg, data.transform, test, predictions[name])
+    return out, equity_curves(cfg, data.transform, test, predictions), strong, predictions.get("blend")
+
+
+def _blend(cfg: Config, task: Task, data: DataBundle, members: list[MemberResult],
+           strong) -> tuple[dict, list[torch.Tensor]] | None:
+    """The summary's `blend` (weight fitted on val, metrics on val and test) and its test predictions, or None
+    where train.blend is none, LightGBM is missing, or a member's val predictions were saved by an older version."""
+    if cfg.train.blend == "none":
+        return None
+    if strong is None:
+        log.info("blend left out: it needs LightGBM's predictions (train.strong_baseline)")
+        return None
+    if any(m.val_prediction is None for m in members):
+        log.info("blend left out: a member's result was saved without its val predictions (an older version)")
+        return None
+    val, test = data.splits["val"], data.splits["test"]
+    model_val = torch.from_numpy(ensemble_mean(member_stack([m.val_prediction for m in members])))
+    model_test = torch.from_numpy(ensemble_mean(member_stack([m.prediction for m in members])))
+    weight = blend.fit_weight(task, model_val, strong.prediction_val, val.outcomes()[0])
+    blended_val = blend.mix(model_val, strong.prediction_val, weight.model)
+    blended_test = blend.mix(model_test, strong.prediction_test, weight.model)
+    scale = data.target_scale()
+    record = {"rule": blend.RULE, **weight.to_summary(), "val": task.metrics(blended_val, *val.outcomes(), scale),
+              "test": task.metrics(blended_test, *test.outcomes(), scale)}
+    log.info("blend: %.2f x model + %.2f x LightGBM (val loss %.5f; model alone %.5f, LightGBM alone %.5f); test: %s",
+             weight.model, 1 - weight.model, weight.val_loss, weight.val_loss_model, weight.val_loss_strong,
+             "  ".join(f"{k} {v:.4f}" for k, v in record["test"].items() if isinstance(v, float)))
+    return record, [blended_test]
 
 
 def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.device, policy: PrecisionPolicy,
@@ -275,10 +318,10 @@ def train_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.devi
     summary = summarize_ensemble(cfg, task, data, device, policy, members, time.time() - started)
     summary["world_size"] = world.size
     if world.is_main:   # the other ranks are done: LightGBM may take every CPU
-        extra, curves, strong = strong_baseline_and_quant(cfg, task, data, members)
+        extra, curves, strong, blended = strong_baseline_and_quant(cfg, task, data, members)
         summary.update(extra)
         if strong is not None:
             run.write_json(STRONG_BASELINE_JSON, strong.saved())
         run.write_json(SUMMARY_JSON, summary)
-        return EnsembleResult(summary, members, curves)
+        return EnsembleResult(summary, members, curves, blended)
     return EnsembleResult(summary, members)

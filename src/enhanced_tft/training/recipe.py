@@ -257,7 +257,8 @@ def train_run(cfg: Config, request: TrainRequest, world=None, group: tracking.Gr
         summary = result.summary
         log.info("\n".join([
             scorecard_table(task, summary, f"test metrics ({summary['test']['num_samples']} samples):",
-                            summary["baseline"]["rule"], summary.get("strong_baseline", {}).get("test")),
+                            summary["baseline"]["rule"], summary.get("strong_baseline", {}).get("test"),
+                            summary.get("blend")),
             f"train speed {summary['samples_per_s']:.0f} samples/s, peak memory "
             f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB, {time.time() - started:.0f} s in all",
             f"run folder: {run.path}"]))
@@ -334,7 +335,8 @@ def write_test_outputs(run: RunFolder, data, result, report: bool = True) -> Non
         for name, key in ((IMPORTANCE_CSV, "importance"), (IMPORTANCE_BY_SYMBOL_CSV, "importance_by_symbol"),
                           (ATTENTION_CSV, "attention")):
             run.write_csv(name, frames[key])
-        write_test_predictions(run, data.splits["test"], data.transform, [m.prediction for m in result.members])
+        write_test_predictions(run, data.splits["test"], data.transform, [m.prediction for m in result.members],
+                               others={"blend": result.blend} if result.blend is not None else None)
         if result.curves is not None:
             run.write_csv(BACKTEST_CSV, result.curves.reset_index())
     except Exception:
