@@ -300,3 +300,33 @@ def test_variable_selection_under_bf16_autocast_stays_close_to_fp32(position):
     for (name, param), full, half in zip(vsn.named_parameters(), grads["fp32"], grads["bf16"]):
         assert half.dtype == torch.float32 and torch.isfinite(half).all(), name
         assert (half - full).norm() <= 0.05 * full.norm() + 1e-6, name
+
+
+def test_the_linear_skip_adds_a_linear_map_of_the_last_bars_inputs(small_raw):
+    """model.linear_skip: output = head(body) + W x observed[:, -1] + b. With the head zeroed the output is that
+    linear map alone, to the bit; without the skip the model has no such weights and reads the body only."""
+    model = _model({**small_raw, "task": "quantile"}).eval()
+    observed, known, symbol = _inputs(batch=5)
+    with torch.no_grad():
+        model.head.linear.weight.zero_()
+        model.head.linear.bias.zero_()
+        out = model(observed, known, symbol).output
+        assert torch.equal(out, model.skip.linear(observed[:, -1]))
+        changed = observed.clone()
+        changed[:, :-1] += 1.0                            # earlier bars reach the output through the body only
+        assert torch.equal(model(changed, known, symbol).output, out)
+    plain = _model({**small_raw, "task": "quantile", "model": {**small_raw["model"], "linear_skip": False}})
+    assert plain.skip is None and not any(name.startswith("skip.") for name in plain.state_dict())
+    assert {name for name in model.state_dict() if name.startswith("skip.")} == {"skip.linear.weight", "skip.linear.bias"}
+    assert model.skip.linear.weight.shape == (3, DIMS.num_observed)
+
+
+def test_a_run_saved_before_the_linear_skip_rebuilds_without_it(tmp_path, small_raw):
+    """A config.yaml written before model.linear_skip existed ran without the skip: its weights have none, and
+    the run rebuilds the model it trained (EARLIER_DEFAULTS), while a new config gets the skip by default."""
+    import yaml
+
+    from enhanced_tft.config.schema import load_run_config
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(small_raw))
+    assert load_run_config(tmp_path / "config.yaml").model.linear_skip is False
+    assert build_config(small_raw).model.linear_skip is True

@@ -188,6 +188,8 @@ class ModelConfig(_Section):
     dropout_rate: float = Field(0.1, ge=0.0, lt=1.0, description="dropout everywhere, in [0, 1)")
     variable_hidden_size: int = Field(16, ge=1, le=65_536, description="per-variable GRN width in variable selection")
     lstm_layers: int = Field(1, ge=1, le=64, description="layers of the LSTM encoder")
+    linear_skip: bool = Field(True, description="add a linear map of the last bar's observed inputs to the head's "
+                                                "output (TiDE's global residual); false: the head reads the body only")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -354,7 +356,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # defaults that changed: a run folder's config.yaml written before the key existed ran with the old value
-EARLIER_DEFAULTS = {("data", "split"): "per_symbol"}
+EARLIER_DEFAULTS = {("data", "split"): "per_symbol", ("model", "linear_skip"): False}
 
 
 def load_run_config(path: str | Path) -> Config:

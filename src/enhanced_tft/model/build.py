@@ -35,7 +35,7 @@ def build_training_model(cfg: Config, task, dims: ModelDims, device: torch.devic
 def build_model(model: ModelConfig, dims: ModelDims, output_size: int) -> EnhancedTFT:
     """The model of a config's `model` section for inputs of `dims` and a head of `output_size` outputs."""
     return EnhancedTFT(dims, output_size, model.d_model, model.num_heads, model.num_transformer_blocks,
-                       model.ff_dim, model.dropout_rate, model.variable_hidden_size, model.lstm_layers)
+                       model.ff_dim, model.dropout_rate, model.variable_hidden_size, model.lstm_layers, model.linear_skip)
 
 
 def move_to_device(model: EnhancedTFT, device: torch.device | str) -> EnhancedTFT:

@@ -87,10 +87,17 @@ def _last_row_weights(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 class EnhancedTFT(nn.Module):
-    """Inputs: observed (B, T, F_obs), known (B, L, F_known), symbol (B,). Output: the head's (B, O)."""
+    """Inputs: observed (B, T, F_obs), known (B, L, F_known), symbol (B,). Output: the head's (B, O).
+
+    With `linear_skip`, the output adds a linear map of the last bar's observed inputs (as scaled) to the head's
+    read-out of the body, as TiDE's global residual does: a linear rule on the newest features (what a logistic
+    or linear regression would fit) is there from the first step, and the body learns what it leaves. On noisy
+    targets the body alone, fitted by a few thousand steps, reaches that rule only with noise of its own
+    (docs/performance.md has the measurements behind the default)."""
 
     def __init__(self, dims: ModelDims, output_size: int, d_model: int, num_heads: int, num_transformer_blocks: int,
-                 ff_dim: int, dropout_rate: float, variable_hidden_size: int, lstm_layers: int = 1):
+                 ff_dim: int, dropout_rate: float, variable_hidden_size: int, lstm_layers: int = 1,
+                 linear_skip: bool = False):
         super().__init__()
         self.dims = dims
         self.lstm_layers = lstm_layers
@@ -109,6 +116,7 @@ class EnhancedTFT(nn.Module):
         self.blocks = nn.ModuleList(
             CausalSelfAttentionBlock(d_model, num_heads, ff_dim, dropout_rate) for _ in range(num_transformer_blocks))
         self.head = OutputHead(d_model, output_size)
+        self.skip = OutputHead(dims.num_observed, output_size) if linear_skip else None   # (B, F_obs) -> (B, O)
         self.activation_checkpointing = "none"   # set through set_activation_checkpointing()
 
     def _run(self, level: str, fn, *args):
@@ -150,6 +158,8 @@ class EnhancedTFT(nn.Module):
             else:
                 x = self._run("blocks", partial(block, last_only=index == last), x)[0]
         output = self.head(x[:, -1])                                                  # (B, O)
+        if self.skip is not None:
+            output = output + self.skip(observed[:, -1])
         if not return_weights:
             return TFTOutput(output)
         return TFTOutput(output, past_weights, future_weights, attention)
