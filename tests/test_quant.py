@@ -134,7 +134,12 @@ def test_sign_backtest_with_costs_on_a_hand_computed_path():
     assert stats["total_return"] == pytest.approx(0.02865173927, abs=EXACT)
     assert stats["max_drawdown"] == pytest.approx(-0.101, abs=EXACT)   # peak 1.110891 -> 0.998691009: x 0.899
     assert (stats["num_periods"], stats["hit_rate"], stats["turnover_per_period"]) == (4, 0.75, 0.75)
-    assert stats["annualised_return"] == pytest.approx(1.02865173927 ** (252 / 4) - 1, rel=1e-9)
+    # 4 periods at 252 a year: a span of 4/252 years (5.8 days) is not compounded to a year
+    assert stats["annualised_return"] is None
+    assert stats["span_days"] == pytest.approx(4 / 252 * 365, abs=EXACT)
+    # the costs and the turnover that stand beside the Sharpe
+    assert (stats["cost_bps"], stats["turnover_per_year"]) == (10.0, pytest.approx(0.75 * 252, abs=EXACT))
+    assert stats["costs_total"] == pytest.approx(3 * 10e-4, abs=EXACT)
     assert stats["annualised_volatility"] == pytest.approx(statistics.stdev(net) * math.sqrt(252), abs=EXACT)
     assert stats["sharpe"] == pytest.approx(statistics.mean(net) / statistics.stdev(net) * math.sqrt(252), rel=1e-9)
     # benchmark: (.5, .5) throughout, bought once: gross .06, -.01, .10, -.03; net .059, -.01, .10, -.03
@@ -268,6 +273,58 @@ def test_quant_metrics_is_plain_json_without_nan():
     console = quant.format_quant(metrics)
     assert console.startswith("quant: signal 2 p_up - 1 on 3 symbol(s), 177 rows (3 without outcome left out)")
     assert "rank IC  mean" in console and "equal-weight long" in console
+
+
+def test_a_span_of_a_year_or_more_is_annualised_by_hand():
+    # the same 4 periods at 2 a year: 2 years, equity 1.02865173927 -> (1.02865173927) ** (1 / 2) - 1
+    result = quant.backtest(_path(), quant.signal_of(_path(), "regression"), cost_bps=10, periods_per_year=2)
+    stats = result.strategy.stats
+    assert stats["span_days"] == pytest.approx(730, abs=EXACT)
+    assert stats["annualised_return"] == pytest.approx(math.sqrt(1.02865173927) - 1, abs=EXACT)
+    net = [.059, .049, -.101, .03]
+    assert stats["sharpe"] == pytest.approx(statistics.mean(net) / statistics.stdev(net) * math.sqrt(2), rel=1e-9)
+    # exactly one year still counts: 4 periods at 4 a year
+    one_year = quant.backtest(_path(), quant.signal_of(_path(), "regression"), cost_bps=10, periods_per_year=4)
+    assert one_year.strategy.stats["annualised_return"] == pytest.approx(0.02865173927, abs=EXACT)
+
+
+def _console_rows(console: str) -> dict[str, list[str]]:
+    """The backtest table's cells by row label (labels are single words here)."""
+    lines = console.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["total", "ann.ret"])
+    return {line.split()[0]: line.split()[1:] for line in lines[start + 1:] if not line.startswith("  equal")}
+
+
+def test_console_states_the_span_and_costs_beside_each_sharpe():
+    short = quant.quant_metrics(_path(), "regression", cost_bps=10, periods_per_year=365)   # 4 daily periods
+    console = quant.format_quant(short)
+    assert "backtest over 4 days: 10 bps per unit of turnover" in console
+    assert "Sharpe and vol annualised (x sqrt(365 periods/yr)); ann.ret not shown: the span is under a year" in console
+    assert "  total   ann.ret       vol    Sharpe     costs  turnover     maxDD       hit" in console
+    sign = _console_rows(console)["sign"]
+    net = [.059, .049, -.101, .03]
+    sharpe = statistics.mean(net) / statistics.stdev(net) * math.sqrt(365)
+    assert sign[:6] == ["2.9%", "-", f"{statistics.stdev(net) * math.sqrt(365):.1%}", f"{sharpe:.2f}", "10bps",
+                        "0.750"]
+    long_span = quant.format_quant(quant.quant_metrics(_path(), "regression", cost_bps=10, periods_per_year=2))
+    assert "backtest over 2.0 years" in long_span and "ann.ret compounded over the span's years" in long_span
+    assert _console_rows(long_span)["sign"][1] == f"{math.sqrt(1.02865173927) - 1:.1%}"
+
+
+def test_report_section_shows_the_span_and_no_annualised_return_when_short():
+    from types import SimpleNamespace
+
+    from enhanced_tft.report.page import section_quant
+    short = quant.quant_metrics(_path(), "regression", cost_bps=10, periods_per_year=365)
+    page = section_quant(SimpleNamespace(summary={"quant": {"model": short}}, csv=lambda name: None))
+    assert "<th>return over 4 days</th>" in page and "annualised return" not in page
+    assert "<th>Sharpe (ann.)</th><th>costs (bps)</th><th>turnover / period</th>" in page
+    assert "x sqrt(365)" in page and "The span is under a year: its own return is shown" in page
+    assert "<td>model: sign</td><td>0.0287</td>" in page and "<td>10</td><td>0.7500</td>" in page
+    long_span = quant.quant_metrics(_path(), "regression", cost_bps=10, periods_per_year=2)
+    page = section_quant(SimpleNamespace(summary={"quant": {"model": long_span}}, csv=lambda name: None))
+    assert "<th>return over 2.0 years</th><th>annualised return</th>" in page
+    assert f"<td>model: sign</td><td>0.0287</td><td>{math.sqrt(1.02865173927) - 1:.4f}</td>" in page
 
 
 def test_equity_png_has_the_expected_size(tmp_path):
