@@ -1,12 +1,14 @@
 """etft tune: real Optuna studies in a real SQLite file, each trial a real (tiny) training through train_run; the
 command through cli.main(["tune", ...]) or `python -m enhanced_tft tune` in subprocesses (two at once, one killed)."""
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -222,3 +224,127 @@ def test_the_default_space_is_valid_and_each_of_its_configs_builds():
         for heads in space["model.num_heads"].choices:
             trial_config(base, {"model.d_model": width, "model.num_heads": heads})   # raises if invalid
     assert yaml.safe_load(DEFAULT_SPACE.read_text()).keys() == space.keys()
+
+
+def _split_plan(cfg):
+    from enhanced_tft.data.pipeline import bar_source, split_plan
+    return split_plan(cfg, bar_source(cfg))
+
+
+def _run_score(run) -> float:
+    """A run's score as its summary.json gives it: the mean over members of each member's best val loss."""
+    members = json.loads((Path(run) / "summary.json").read_text())["ensemble"]["members"]
+    return sum(m["best_val_loss"] for m in members) / len(members)
+
+
+@pytest.mark.slow   # trainings
+def test_folds_2_scores_the_mean_of_its_folds_and_no_fold_reaches_the_test_split(study_dir):
+    assert tune(_args(study_dir, 2, "--folds", "2")) == 0
+    trials = _study(study_dir).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    base = load_config(study_dir / "tiny.yaml")
+    (test_lo, test_hi), = {tuple(rows["test"]) for rows in _split_plan(base)["rows"].values()}   # same per symbol
+    table = pd.read_csv(study_dir / "logs" / "tune_etft" / TRIALS_CSV)
+    for trial, row in zip(trials, table.itertuples()):
+        folds = trial.user_attrs["folds"]
+        assert [f["fold"] for f in folds] == [0, 1]
+        losses = [f["val_loss"] for f in folds]
+        assert trial.value == pytest.approx(sum(losses) / 2, rel=1e-12)
+        assert (row.fold_0_val_loss, row.fold_1_val_loss) == pytest.approx(losses, rel=1e-12)
+        for fold in folds:   # the recorded loss is the fold run's own, and that run trained fold k of 2
+            assert fold["val_loss"] == pytest.approx(_run_score(fold["run"]), rel=1e-12)
+            assert load_config(Path(fold["run"]) / "config.yaml").data.model_dump(
+                include={"walk_forward_folds", "fold"}) == {"walk_forward_folds": 2, "fold": fold["fold"]}
+        # every fold trains and validates on rows before the base test split ([lo, hi) ranges); the validation
+        # blocks are the last two before it. Fold 1 is the walk-forward cut of the base split: its val block ends at
+        # the base test start (the base's purge gap row is its last, by rounding), its test block inside the base's
+        for symbol, rows in folds[0]["splits"]["rows"].items():
+            later = folds[1]["splits"]["rows"][symbol]
+            assert rows["train"][1] <= rows["val"][0] < rows["val"][1] <= later["val"][0] < later["val"][1] <= test_lo
+            assert later["train"][1] <= later["val"][0] and rows["test"][1] <= test_lo
+            assert test_lo <= later["test"][0] and later["test"][1] == test_hi   # its test metrics: never scored
+        assert trial.user_attrs["run"] == folds[1]["run"]
+    summary = json.loads((study_dir / "logs" / "tune_etft" / "tune_summary.json").read_text())
+    assert summary["folds"] == 2 and summary["objective"].startswith("mean over 2 walk-forward folds")
+    assert summary["trial_folds"]["0"] == trials[0].user_attrs["folds"]
+
+
+def test_bad_folds_exit_2_with_the_allowed_range(study_dir, capsys):
+    for folds in ("0", "-1"):
+        assert tune(_args(study_dir, 2, "--folds", folds)) == 2
+        assert f"--folds={folds}; allowed: 1 to 4 (1 = the one split)" in capsys.readouterr().err
+    assert tune(_args(study_dir, 2, "--folds", "5")) == 2   # 0.15 + 5 x 0.15 leaves under 10% to train on
+    assert "--folds=5; allowed: 1 to 4 (each fold's validation block" in capsys.readouterr().err
+    assert tune(_args(study_dir, 2, "--folds", "4", "--set", "data.test_fraction=0.2")) == 2
+    assert "--folds=4; allowed: 1 to 3 (" in capsys.readouterr().err   # 0.15 + 3 x 0.2 = 0.75, 4 x 0.2: 0.95
+    assert tune(_args(study_dir, 2, "--folds", "2", "--set", "data.walk_forward_folds=3", "--set",
+                      "data.fold=1")) == 2
+    assert "the base config already sets data.walk_forward_folds" in capsys.readouterr().err
+    assert tune(_args(study_dir, 2, "--workers", "0")) == 2
+    assert "--workers=0; allowed: an integer from 1 to 64" in capsys.readouterr().err
+    assert tune(_args(study_dir, 2, "--refits", "-1")) == 2
+    assert "--refits=-1; allowed: an integer from 0 to 20" in capsys.readouterr().err
+    assert not (study_dir / "logs").exists()   # nothing opened, nothing trained
+
+
+@pytest.mark.slow   # worker processes
+def test_two_workers_share_one_study_and_the_parent_refits_the_base_config(study_dir):
+    assert tune(_args(study_dir, 4, "--workers", "2", "--refits", "1")) == 0
+    study = _study(study_dir)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    workers = study.user_attrs["workers"]
+    assert [(w["index"], w["exit_code"]) for w in workers] == [(0, 0), (1, 0)]
+    pids = {t.user_attrs["pid"] for t in trials}
+    assert pids == {w["pid"] for w in workers} and len(pids) == 2 and os.getpid() not in pids
+    refits = study.user_attrs["refits"]   # trained by the parent once the workers were done
+    assert [r["seed"] for r in refits] == [7, 8]
+    for refit in refits:
+        assert refit["value"] == pytest.approx(_run_score(refit["run"]), rel=1e-12)
+        assert f"refit_seed_{refit['seed']}" in refit["run"]
+    summary = json.loads((study_dir / "logs" / "tune_etft" / "tune_summary.json").read_text())
+    assert summary["workers"] == workers and summary["noise"]["seed_noise"]["scores"] == [r["value"] for r in refits]
+    page = (study_dir / "logs" / "tune_etft" / TUNE_REPORT_HTML).read_text()
+    assert "Worker processes" in page and "Best trial against the seed noise" in page
+
+
+def _study_with(folder, values: list[float], refits: list[tuple[int, float]]) -> optuna.Study:
+    """A study of complete trials with these scores (no training), and the base config's refits."""
+    study = optuna.create_study(study_name="etft", storage=f"sqlite:///{folder / 'noise.db'}")
+    distribution = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for i, value in enumerate(values):
+        study.add_trial(optuna.trial.create_trial(params={"train.learning_rate": 1e-3 * (i + 1)},
+                                                  distributions=distribution, value=value))
+    if refits:
+        study.set_user_attr("refits", [{"seed": s, "value": v, "run": ""} for s, v in refits])
+    return study
+
+
+def test_the_report_says_when_the_best_trial_is_within_the_seed_noise(tmp_path):
+    from enhanced_tft.tune.outputs import write_outputs
+    base = load_config(None, ["seed=7"])
+    folder = tmp_path / "tune_etft"
+    folder.mkdir()
+    # base 0.695 (seed 7) and 0.715 (seed 8): mean 0.705, sd 0.02 / sqrt(2) = 0.0141421, threshold 2 sd = 0.0282843;
+    # trials 0.700, 0.701, 0.702: best - base = -0.005, range 0.002, both inside it
+    write_outputs(_study_with(tmp_path, [0.702, 0.700, 0.701], [(7, 0.695), (8, 0.715)]), folder, base)
+    noise = json.loads((folder / "tune_summary.json").read_text())["noise"]
+    assert noise["seed_noise"]["sd"] == pytest.approx(0.02 / math.sqrt(2), rel=1e-9)
+    assert noise["best_minus_base"] == pytest.approx(-0.005, abs=1e-12)
+    assert (noise["distinguishable"], noise["all_trials_within_noise"]) == (False, True)
+    assert noise["trials"]["sd"] == pytest.approx(0.001, rel=1e-9) and noise["trials"]["range"] == pytest.approx(0.002)
+    page = (folder / TUNE_REPORT_HTML).read_text()
+    assert ("<b>the best trial is not distinguishable from the base config: best - base = -0.005 (base: mean over 2 "
+            "seeds 0.705); seed noise: sd 0.0141, 2 sd = 0.0283. All 3 complete trials lie within the seed noise of "
+            "each other (range 0.002)") in page
+    # a best trial 0.1 below a base whose seeds agree to 1e-4 stands out
+    (tmp_path / "b").mkdir()
+    write_outputs(_study_with(tmp_path / "b", [0.6, 0.7], [(7, 0.7), (8, 0.7001)]), folder, base)
+    noise = json.loads((folder / "tune_summary.json").read_text())["noise"]
+    assert (noise["distinguishable"], noise["all_trials_within_noise"]) == (True, False)
+    assert "<b>the best trial beats the base config by more than the seed noise: best - base = -0.10005" in (
+        folder / TUNE_REPORT_HTML).read_text()
+    (tmp_path / "c").mkdir()
+    write_outputs(_study_with(tmp_path / "c", [0.6, 0.7], []), folder, base)
+    assert "<b>seed noise not measured (etft tune --refits R" in (folder / TUNE_REPORT_HTML).read_text()
