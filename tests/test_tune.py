@@ -348,3 +348,35 @@ def test_the_report_says_when_the_best_trial_is_within_the_seed_noise(tmp_path):
     (tmp_path / "c").mkdir()
     write_outputs(_study_with(tmp_path / "c", [0.6, 0.7], []), folder, base)
     assert "<b>seed noise not measured (etft tune --refits R" in (folder / TUNE_REPORT_HTML).read_text()
+
+
+@pytest.mark.slow   # worker processes
+def test_sigterm_to_the_parent_reaches_every_worker_and_their_exits_are_reported(study_dir):
+    """Each worker gets the signal once (they run in sessions of their own), stops its trial at a checkpoint and
+    exits 143; the parent waits for both, reports each exit and exits 143."""
+    parent = _spawn(study_dir, 8, "--workers", "2", "--set", "train.epochs=50", "--set", "train.max_steps_per_epoch=50",
+                    "--set", "train.early_stopping_patience=50")
+    storage = f"sqlite:///{study_dir / 'logs' / 'tune_etft.db'}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and parent.poll() is None:
+        try:
+            running = [t for t in optuna.load_study(study_name="etft", storage=storage).get_trials()
+                       if t.state.name == "RUNNING" and "pid" in t.user_attrs]
+        except Exception:   # the study is not created yet
+            running = []
+        if len({t.user_attrs["pid"] for t in running}) == 2:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the two workers did not both start a trial: {parent.communicate()[1][-3000:]}")
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 143, err[-3000:]
+    workers = _study(study_dir).user_attrs["workers"]
+    assert [w["exit_code"] for w in workers] == [143, 143]
+    for w in workers:
+        assert f"worker {w['index']} (pid {w['pid']}) exited 143" in err
+    assert err.count("SIGTERM: forwarded to the workers") == 1
+    stopped = [t for t in _study(study_dir).get_trials() if t.state.name == "FAIL"]
+    assert len(stopped) == 2 and all(t.user_attrs["note"].startswith("stopped by SIGTERM; resumable") for t in stopped)
+    assert {t.user_attrs["pid"] for t in stopped} == {w["pid"] for w in workers}

@@ -41,6 +41,7 @@ from ..config.yaml_io import load_yaml_text
 from ..data.pipeline import bar_source, split_plan
 from ..errors import ConfigError, NonFiniteGiveUp, OutOfMemoryGiveUp, TrialFailed, UserError
 from ..runs import SUMMARY_JSON, RunFolder
+from ..runtime.signals import STOP
 from ..tracking import tracker as tracking
 from ..training.recipe import TrainRequest, train_run
 
@@ -462,6 +463,10 @@ def run_study(study: optuna.Study, objective: Objective, timeout_s: float | None
     with tracking.open_group(objective.base, f"study_{study.study_name}", lambda c: Path(c.run.log_dir).name) as group:
         objective.tracking = group
         while not objective.stop_code:
+            if STOP.is_set():   # the signal came between trials (a pruned one, say): start no other
+                objective.stop_code = 143 if STOP.signal_name == "SIGTERM" else 130
+                log.info("%s: no further trial started", STOP.signal_name)
+                return
             optuna.storages.fail_stale_trials(study)   # a killed process's trial: FAIL, and queued again
             trials = study.get_trials(deepcopy=False)
             queued = any(t.state == TrialState.WAITING for t in trials)   # retries and enqueued trials always run
