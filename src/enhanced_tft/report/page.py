@@ -183,8 +183,8 @@ def section_quant(run: RunFiles) -> str:
         "of timestamps with a positive IC); time-series IC: per symbol over time, mean over symbols.")
         + html_table(["", "mean", "std", "ICIR", "positive", "time-series"], ic_rows)
         + note_paragraph(
-            f"Backtests {span}, net of {settings.get('cost_bps', '?')} bps per unit of turnover (turnover = sum of "
-            f"|weight change| per period; costs paid: their sum over the span, a share of capital), "
+            f"Backtests {span}, net of {settings.get('cost_bps', float('nan')):g} bps per unit of turnover (turnover = "
+            f"sum of |weight change| per period; costs paid: their sum over the span, a share of capital), "
             f"{periods_per_year:,.0f} periods a year, positions held {settings.get('horizon', 1)} bar(s); returns are "
             f"simple. Sharpe and volatility are annualised: mean / std of the net period returns x sqrt("
             f"{periods_per_year:,.0f}). " + ("Returns are annualised over the span's years." if annualised else
