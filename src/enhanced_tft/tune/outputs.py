@@ -142,7 +142,8 @@ def report_html(study, trials, best, summary: dict) -> str:
                                   ["best config", "best_config.yaml (etft train --config best_config.yaml)" if best else
                                    "written once a trial completes"]])]
     sections.append(noise_section(summary["noise"]))
-    sections.append("<h2>Search history</h2>" + (img_tag(history_png(trials), "objective per trial") if complete
+    sections.append("<h2>Search history</h2>" + (img_tag(history_png(trials, summary["noise"]["seed_noise"]),
+                                                         "objective per trial") if complete
                                                  else note_paragraph("no complete trial yet")))
     importances, why = param_importances(study, complete)
     sections.append("<h2>Parameter importances</h2>" + (
@@ -177,7 +178,8 @@ def noise_section(noise: dict) -> str:
                                                                                             seed["scores"]))],
                  ["seed noise: sd", _shown(seed["sd"])],
                  [f"threshold ({NOISE_SDS:g} seed sd)", _shown(seed["threshold"])],
-                 ["best - base (mean over seeds)", _shown(noise["best_minus_base"])]]
+                 ["best - base (mean over seeds)", "-" if noise["best_minus_base"] is None
+                  else f"{noise['best_minus_base']:+.6g}"]]
     return ("<h2>Best trial against the seed noise</h2>" + f"<p><b>{html.escape(noise['verdict'])}</b></p>"
             + key_values_table(rows) + note_paragraph(noise["rule"]))
 
@@ -199,11 +201,17 @@ def param_importances(study, complete) -> tuple[dict[str, float], str]:
         return {}, f"importances not available yet: {str(err).splitlines()[0][:200]}"
 
 
-def history_png(trials) -> bytes:
-    """Validation loss per trial (pruned ones at their last reported epoch) and the best so far."""
+def history_png(trials, seed_noise: dict | None = None) -> bytes:
+    """Validation loss per trial (pruned ones at their last reported epoch), the best so far, and where measured the
+    base config's score over seeds with its noise band (mean +- the threshold)."""
 
     fig = new_figure(8, 3.4)
     ax = fig.subplots()
+    if seed_noise:
+        mean, band = seed_noise["base_mean"], seed_noise["threshold"]
+        ax.axhspan(mean - band, mean + band, color="#2ca02c", alpha=0.15, lw=0,
+                   label=f"base config +- {NOISE_SDS:g} seed sd ({seed_noise['num_seeds']} seeds)")
+        ax.axhline(mean, color="#2ca02c", lw=1)
     done = sorted((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.number)
     numbers, values = [t.number for t in done], [t.value for t in done]
     ax.plot(numbers, values, "o", color="#1f77b4", label="complete")
