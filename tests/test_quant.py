@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
+from conftest import SHARED_DATA
 from enhanced_tft import tasks
 from enhanced_tft.evaluation import quant
 from enhanced_tft.report.quant_plots import equity_curve_png
@@ -335,3 +336,44 @@ def test_equity_png_has_the_expected_size(tmp_path):
     image = imread(path)
     assert image.shape == (400, 800, 4)
     assert image[..., :3].std() > 0.05   # lines drawn, not a blank canvas
+
+
+def test_real_daily_stocks_annualise_over_three_years_and_not_over_sixty_days():
+    """AAPL, IBM, MSFT daily bars (split-adjusted): a one-day momentum signal traded long/short by sign. Over the
+    last three years the return is annualised, the same number as by hand; over the last 60 bars it is not, and
+    the console states the span."""
+    path = SHARED_DATA / "us_stocks_daily_5sym_2000_2013_quandl_wiki_pd.csv.gz"
+    if not path.is_file():
+        pytest.skip(f"real market data {path.name} not found in {SHARED_DATA} (the shared data folder beside the "
+                    "project is absent in a fresh clone)")
+    bars = pd.read_csv(path, parse_dates=["date"])
+    bars = bars[bars.symbol.isin(["AAPL", "IBM", "MSFT"])].sort_values(["symbol", "date"])
+    log_close = np.log(bars.adj_close)
+    past = log_close.groupby(bars.symbol).diff()                 # known at the close of the day: the signal
+    frame = pd.DataFrame({"symbol": bars.symbol, "timestamp": bars.date, "value": past,
+                          "actual": past.groupby(bars.symbol).shift(-1)}).dropna()   # the next day's log return
+    stamps = np.sort(frame.timestamp.unique())
+
+    long_span = frame[frame.timestamp >= stamps[-1] - np.timedelta64(3 * 365, "D")]
+    stats = quant.quant_metrics(long_span, "regression", cost_bps=5)["backtest"]["sign"]
+    # by hand: 1/3 of capital per symbol in the direction of its signal, costs on the change of weights
+    weights = np.sign(long_span.pivot(index="timestamp", columns="symbol", values="value")) / 3
+    simple = np.expm1(long_span.pivot(index="timestamp", columns="symbol", values="actual"))
+    turnover = weights.diff().abs().sum(axis=1)
+    turnover.iloc[0] = weights.iloc[0].abs().sum()
+    net = (weights * simple).sum(axis=1) - turnover * 5e-4
+    grid = weights.index
+    per_year = (len(grid) - 1) * 365 / ((grid[-1] - grid[0]) / pd.Timedelta(days=1))
+    years = len(net) / per_year
+    assert 245 < per_year < 255 and 2.9 < years < 3.1            # trading days: weekends and holidays are absent
+    assert stats["span_days"] == pytest.approx(years * 365, rel=1e-12)
+    assert stats["total_return"] == pytest.approx(np.prod(1 + net) - 1, rel=1e-9)
+    assert stats["annualised_return"] == pytest.approx(np.prod(1 + net) ** (1 / years) - 1, rel=1e-9)
+    assert stats["sharpe"] == pytest.approx(net.mean() / net.std(ddof=1) * math.sqrt(per_year), rel=1e-9)
+    assert (stats["cost_bps"], stats["turnover_per_period"]) == (5.0, pytest.approx(turnover.mean(), rel=1e-12))
+
+    short = frame[frame.timestamp >= stamps[-60]]
+    metrics = quant.quant_metrics(short, "regression", cost_bps=5)
+    days = metrics["backtest"]["sign"]["span_days"]
+    assert metrics["backtest"]["sign"]["annualised_return"] is None and 80 < days < 95
+    assert f"backtest over {days:,.0f} days: 5 bps per unit of turnover" in quant.format_quant(metrics)
