@@ -18,6 +18,7 @@ import yaml
 from conftest import REPO
 from enhanced_tft.cli import main as etft_main
 from enhanced_tft.config.schema import load_config
+from enhanced_tft.runtime.threads import available_cpus
 from enhanced_tft.tune.space_file import DEFAULT_SPACE
 from enhanced_tft.tune.study import (BEST_CONFIG_YAML, TRIALS_CSV, TUNE_REPORT_HTML, load_space, parse_space,
                                      trial_config)
@@ -296,6 +297,7 @@ def test_two_workers_share_one_study_and_the_parent_refits_the_base_config(study
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     workers = study.user_attrs["workers"]
     assert [(w["index"], w["exit_code"]) for w in workers] == [(0, 0), (1, 0)]
+    assert [w["threads"] for w in workers] == [max(1, available_cpus() // 2)] * 2   # the CPUs split between them
     pids = {t.user_attrs["pid"] for t in trials}
     assert pids == {w["pid"] for w in workers} and len(pids) == 2 and os.getpid() not in pids
     refits = study.user_attrs["refits"]   # trained by the parent once the workers were done

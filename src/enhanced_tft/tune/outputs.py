@@ -159,7 +159,8 @@ def report_html(study, trials, best, summary: dict) -> str:
                                                      for f in best.user_attrs["folds"]]))
     if summary.get("workers"):
         sections.append("<h2>Worker processes</h2>" + html_table(
-            ["worker", "pid", "exit code"], [[w["index"], w["pid"], w["exit_code"]] for w in summary["workers"]]))
+            ["worker", "pid", "torch threads", "exit code"],
+            [[w["index"], w["pid"], w.get("threads", "-"), w["exit_code"]] for w in summary["workers"]]))
     frame = trials_frame(trials)
     cells = frame.astype(object).where(frame.notna(), "")
     sections.append("<h2>Trials</h2>" + html_table(list(frame.columns), cells.values.tolist()))

@@ -25,6 +25,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]   # the folder holding enhanc
 class WorkerExit:
     index: int
     pid: int
+    threads: int
     exit_code: int
 
 
@@ -55,7 +56,7 @@ def run_workers(command: list[str], num_workers: int) -> tuple[int, list[WorkerE
         for process in processes:
             process.wait()
         raise
-    exits = [WorkerExit(i, p.pid, p.returncode) for i, p in enumerate(processes)]
+    exits = [WorkerExit(i, p.pid, threads, p.returncode) for i, p in enumerate(processes)]
     for worker in exits:
         log.info("worker %d (pid %d) exited %d", worker.index, worker.pid, worker.exit_code)
     if forwarded:
