@@ -386,8 +386,8 @@ class Objective:
             self._source = bar_source(self.base)
         return split_plan(cfg, self._source)
 
-    def score(self, cfg: Config, folder: Path, epoch_hook: Callable[[dict], None] | None = None,
-              on_run: Callable[[Path], None] | None = None) -> tuple[float, list[dict]]:
+    def score(self, cfg: Config, folder: Path,
+              epoch_hook: Callable[[dict], None] | None = None) -> tuple[float, list[dict]]:
         """Train `cfg` in `folder` (once per fold), and score it: the mean of the folds' validation losses, and what
         each fold was (fold, val loss, run folder, its splits). `epoch_hook` sees the first fold trained only (the
         last fold: with one fold, the run today's etft tune trains), so that the pruner compares like with like."""
@@ -400,8 +400,6 @@ class Objective:
             hook = epoch_hook if not records else None
             with self.console() if self.console else nullcontext():
                 code, path = train_run(run_cfg, TrainRequest(epoch_hook=hook), group=self.tracking)
-            if on_run is not None:
-                on_run(path)
             if code != 0:
                 raise Stopped(code, path)
             record = {"fold": fold, "val_loss": run_score(path), "run": str(Path(path).resolve())}
@@ -417,8 +415,7 @@ class Objective:
         folder = self.folder / f"trial_{trial.number:04d}"
         trial.set_user_attr("run", str(folder.resolve()))   # the run folder inside, once it exists
         try:
-            value, folds = self.score(cfg, folder, partial(report_epoch, trial),
-                                      lambda path: trial.set_user_attr("run", str(Path(path).resolve())))
+            value, folds = self.score(cfg, folder, partial(report_epoch, trial))
         except (UserError, OutOfMemoryGiveUp, NonFiniteGiveUp, torch.OutOfMemoryError) as err:
             message = " ".join(str(err).split())[:500]
             trial.set_user_attr("note", message)
@@ -432,7 +429,7 @@ class Objective:
             trial.set_user_attr("note", f"{stopped}; resumable: etft train --resume {stopped.path}")
             trial.set_user_attr("not_counted", "interrupted")   # a run of the study again makes up for it
             raise TrialFailed(str(stopped)) from None
-        finally:
+        finally:   # the latest run folder, also of a fold that failed
             runs = sorted(folder.rglob("training_*"), key=lambda p: p.stat().st_mtime)
             if runs:
                 trial.set_user_attr("run", str(runs[-1].resolve()))
