@@ -195,7 +195,8 @@ def section_quant(run: RunFiles) -> str:
     if curves is not None and "timestamp" in curves:
         curves["timestamp"] = pd.to_datetime(curves["timestamp"])
         series = {c: curves.set_index("timestamp")[c] for c in curves.columns if c != "timestamp"}
-        out += img_tag(equity_curve_png(series, "long/short by sign, growth of 1 net of costs"), "equity curves")
+        title = f"long/short by sign, growth of 1 net of {settings.get('cost_bps', float('nan')):g} bps costs, {span}"
+        out += img_tag(equity_curve_png(series, title), "equity curves")
     return out
 
 
