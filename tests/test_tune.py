@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 from enhanced_tft.cli import main as etft_main
 from enhanced_tft.config.schema import load_config
 from enhanced_tft.runtime.threads import available_cpus
@@ -382,3 +382,39 @@ def test_sigterm_to_the_parent_reaches_every_worker_and_their_exits_are_reported
     stopped = [t for t in _study(study_dir).get_trials() if t.state.name == "FAIL"]
     assert len(stopped) == 2 and all(t.user_attrs["note"].startswith("stopped by SIGTERM; resumable") for t in stopped)
     assert {t.user_attrs["pid"] for t in stopped} == {w["pid"] for w in workers}
+
+
+def test_a_study_keeps_its_folds(study_dir, capsys):
+    """Scores of 1 and of 2 folds do not compare: a study begun with one (here a study of an older version, with
+    trials but no record of its folds) refuses --folds 2 before training anything."""
+    (study_dir / "logs").mkdir()
+    study = optuna.create_study(study_name="etft", storage=f"sqlite:///{study_dir / 'logs' / 'tune_etft.db'}")
+    study.add_trial(optuna.trial.create_trial(
+        params={"train.learning_rate": 1e-3}, value=0.7,
+        distributions={"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}))
+    assert tune(_args(study_dir, 2, "--folds", "2")) == 2
+    assert ("study 'etft' was started with --folds 1; its trials would not compare with --folds 2. Use --folds 1, or "
+            "another --study") in capsys.readouterr().err
+    assert not list((study_dir / "logs").glob("tune_etft/trial_*"))
+
+
+def test_folds_of_real_daily_stocks_are_cut_at_shared_dates_before_the_test_split():
+    """data.split=time on a file: each fold's cut dates (shared by every symbol) lie before the base test split's
+    start, its validation blocks one test block apart, the last fold's test start the base's own."""
+    from enhanced_tft.data.pipeline import bar_source, split_plan
+    from enhanced_tft.tune.study import fold_configs, max_folds
+    path = SHARED_DATA / "us_stocks_daily_5sym_2000_2013_quandl_wiki_pd.csv.gz"
+    if not path.is_file():
+        pytest.skip(f"real market data {path.name} not found in {SHARED_DATA} (the shared data folder beside the "
+                    "project is absent in a fresh clone)")
+    base = load_config(None, ["data.source=file", f"data.path={json.dumps(str(path))}", "data.adjust_column=adj_close"])
+    assert max_folds(base) == 4   # 0.15 + 4 x 0.15 = 0.75; 5 folds would leave 10%
+    source = bar_source(base)
+    test_start = pd.Timestamp(split_plan(base, source)["cut_dates"]["test_start"])
+    cuts = [split_plan(cfg, source)["cut_dates"] for cfg in fold_configs(base, 3)]   # the last fold first
+    assert [cfg.data.fold for cfg in fold_configs(base, 3)] == [2, 1, 0]
+    starts = [(pd.Timestamp(c["val_start"]), pd.Timestamp(c["test_start"])) for c in cuts]
+    assert starts[0][1] == test_start and cuts[0]["end"] is None       # the last fold: the base split
+    for (val_start, val_end), later in zip(starts[1:], starts):        # each fold a block before the next
+        assert val_start < val_end <= later[0] < test_start
+    assert pd.Timestamp(cuts[2]["end"]) == starts[1][1] <= test_start  # fold 0's own test block ends before it
