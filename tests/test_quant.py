@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
+from conftest import SHARED_DATA
 from enhanced_tft import tasks
 from enhanced_tft.evaluation import quant
 from enhanced_tft.report.quant_plots import equity_curve_png
@@ -134,7 +135,12 @@ def test_sign_backtest_with_costs_on_a_hand_computed_path():
     assert stats["total_return"] == pytest.approx(0.02865173927, abs=EXACT)
     assert stats["max_drawdown"] == pytest.approx(-0.101, abs=EXACT)   # peak 1.110891 -> 0.998691009: x 0.899
     assert (stats["num_periods"], stats["hit_rate"], stats["turnover_per_period"]) == (4, 0.75, 0.75)
-    assert stats["annualised_return"] == pytest.approx(1.02865173927 ** (252 / 4) - 1, rel=1e-9)
+    # 4 periods at 252 a year: a span of 4/252 years (5.8 days) is not compounded to a year
+    assert stats["annualised_return"] is None
+    assert stats["span_days"] == pytest.approx(4 / 252 * 365, abs=EXACT)
+    # the costs and the turnover that stand beside the Sharpe
+    assert (stats["cost_bps"], stats["turnover_per_year"]) == (10.0, pytest.approx(0.75 * 252, abs=EXACT))
+    assert stats["costs_total"] == pytest.approx(3 * 10e-4, abs=EXACT)
     assert stats["annualised_volatility"] == pytest.approx(statistics.stdev(net) * math.sqrt(252), abs=EXACT)
     assert stats["sharpe"] == pytest.approx(statistics.mean(net) / statistics.stdev(net) * math.sqrt(252), rel=1e-9)
     # benchmark: (.5, .5) throughout, bought once: gross .06, -.01, .10, -.03; net .059, -.01, .10, -.03
@@ -270,6 +276,58 @@ def test_quant_metrics_is_plain_json_without_nan():
     assert "rank IC  mean" in console and "equal-weight long" in console
 
 
+def test_a_span_of_a_year_or_more_is_annualised_by_hand():
+    # the same 4 periods at 2 a year: 2 years, equity 1.02865173927 -> (1.02865173927) ** (1 / 2) - 1
+    result = quant.backtest(_path(), quant.signal_of(_path(), "regression"), cost_bps=10, periods_per_year=2)
+    stats = result.strategy.stats
+    assert stats["span_days"] == pytest.approx(730, abs=EXACT)
+    assert stats["annualised_return"] == pytest.approx(math.sqrt(1.02865173927) - 1, abs=EXACT)
+    net = [.059, .049, -.101, .03]
+    assert stats["sharpe"] == pytest.approx(statistics.mean(net) / statistics.stdev(net) * math.sqrt(2), rel=1e-9)
+    # exactly one year still counts: 4 periods at 4 a year
+    one_year = quant.backtest(_path(), quant.signal_of(_path(), "regression"), cost_bps=10, periods_per_year=4)
+    assert one_year.strategy.stats["annualised_return"] == pytest.approx(0.02865173927, abs=EXACT)
+
+
+def _console_rows(console: str) -> dict[str, list[str]]:
+    """The backtest table's cells by row label (labels are single words here)."""
+    lines = console.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["total", "ann.ret"])
+    return {line.split()[0]: line.split()[1:] for line in lines[start + 1:] if not line.startswith("  equal")}
+
+
+def test_console_states_the_span_and_costs_beside_each_sharpe():
+    short = quant.quant_metrics(_path(), "regression", cost_bps=10, periods_per_year=365)   # 4 daily periods
+    console = quant.format_quant(short)
+    assert "backtest over 4 days: 10 bps per unit of turnover" in console
+    assert "Sharpe and vol annualised (x sqrt(365 periods/yr)); ann.ret not shown: the span is under a year" in console
+    assert "  total   ann.ret       vol    Sharpe     costs  turnover     maxDD       hit" in console
+    sign = _console_rows(console)["sign"]
+    net = [.059, .049, -.101, .03]
+    sharpe = statistics.mean(net) / statistics.stdev(net) * math.sqrt(365)
+    assert sign[:6] == ["2.9%", "-", f"{statistics.stdev(net) * math.sqrt(365):.1%}", f"{sharpe:.2f}", "10bps",
+                        "0.750"]
+    long_span = quant.format_quant(quant.quant_metrics(_path(), "regression", cost_bps=10, periods_per_year=2))
+    assert "backtest over 2.0 years" in long_span and "ann.ret compounded over the span's years" in long_span
+    assert _console_rows(long_span)["sign"][1] == f"{math.sqrt(1.02865173927) - 1:.1%}"
+
+
+def test_report_section_shows_the_span_and_no_annualised_return_when_short():
+    from types import SimpleNamespace
+
+    from enhanced_tft.report.page import section_quant
+    short = quant.quant_metrics(_path(), "regression", cost_bps=10, periods_per_year=365)
+    page = section_quant(SimpleNamespace(summary={"quant": {"model": short}}, csv=lambda name: None))
+    assert "<th>return over 4 days</th>" in page and "annualised return" not in page
+    assert "<th>Sharpe (ann.)</th><th>costs (bps)</th><th>turnover / period</th>" in page
+    assert "x sqrt(365)" in page and "The span is under a year: its own return is shown" in page
+    assert "<td>model: sign</td><td>0.0287</td>" in page and "<td>10</td><td>0.7500</td>" in page
+    long_span = quant.quant_metrics(_path(), "regression", cost_bps=10, periods_per_year=2)
+    page = section_quant(SimpleNamespace(summary={"quant": {"model": long_span}}, csv=lambda name: None))
+    assert "<th>return over 2.0 years</th><th>annualised return</th>" in page
+    assert f"<td>model: sign</td><td>0.0287</td><td>{math.sqrt(1.02865173927) - 1:.4f}</td>" in page
+
+
 def test_equity_png_has_the_expected_size(tmp_path):
     result = quant.backtest(_path(), quant.signal_of(_path(), "regression"), cost_bps=10, periods_per_year=252)
     path = tmp_path / "equity.png"   # two `$`: as mathtext this label would be typeset as maths or fail
@@ -278,3 +336,44 @@ def test_equity_png_has_the_expected_size(tmp_path):
     image = imread(path)
     assert image.shape == (400, 800, 4)
     assert image[..., :3].std() > 0.05   # lines drawn, not a blank canvas
+
+
+def test_real_daily_stocks_annualise_over_three_years_and_not_over_sixty_days():
+    """AAPL, IBM, MSFT daily bars (split-adjusted): a one-day momentum signal traded long/short by sign. Over the
+    last three years the return is annualised, the same number as by hand; over the last 60 bars it is not, and
+    the console states the span."""
+    path = SHARED_DATA / "us_stocks_daily_5sym_2000_2013_quandl_wiki_pd.csv.gz"
+    if not path.is_file():
+        pytest.skip(f"real market data {path.name} not found in {SHARED_DATA} (the shared data folder beside the "
+                    "project is absent in a fresh clone)")
+    bars = pd.read_csv(path, parse_dates=["date"])
+    bars = bars[bars.symbol.isin(["AAPL", "IBM", "MSFT"])].sort_values(["symbol", "date"])
+    log_close = np.log(bars.adj_close)
+    past = log_close.groupby(bars.symbol).diff()                 # known at the close of the day: the signal
+    frame = pd.DataFrame({"symbol": bars.symbol, "timestamp": bars.date, "value": past,
+                          "actual": past.groupby(bars.symbol).shift(-1)}).dropna()   # the next day's log return
+    stamps = np.sort(frame.timestamp.unique())
+
+    long_span = frame[frame.timestamp >= stamps[-1] - np.timedelta64(3 * 365, "D")]
+    stats = quant.quant_metrics(long_span, "regression", cost_bps=5)["backtest"]["sign"]
+    # by hand: 1/3 of capital per symbol in the direction of its signal, costs on the change of weights
+    weights = np.sign(long_span.pivot(index="timestamp", columns="symbol", values="value")) / 3
+    simple = np.expm1(long_span.pivot(index="timestamp", columns="symbol", values="actual"))
+    turnover = weights.diff().abs().sum(axis=1)
+    turnover.iloc[0] = weights.iloc[0].abs().sum()
+    net = (weights * simple).sum(axis=1) - turnover * 5e-4
+    grid = weights.index
+    per_year = (len(grid) - 1) * 365 / ((grid[-1] - grid[0]) / pd.Timedelta(days=1))
+    years = len(net) / per_year
+    assert 245 < per_year < 255 and 2.9 < years < 3.1            # trading days: weekends and holidays are absent
+    assert stats["span_days"] == pytest.approx(years * 365, rel=1e-12)
+    assert stats["total_return"] == pytest.approx(np.prod(1 + net) - 1, rel=1e-9)
+    assert stats["annualised_return"] == pytest.approx(np.prod(1 + net) ** (1 / years) - 1, rel=1e-9)
+    assert stats["sharpe"] == pytest.approx(net.mean() / net.std(ddof=1) * math.sqrt(per_year), rel=1e-9)
+    assert (stats["cost_bps"], stats["turnover_per_period"]) == (5.0, pytest.approx(turnover.mean(), rel=1e-12))
+
+    short = frame[frame.timestamp >= stamps[-60]]
+    metrics = quant.quant_metrics(short, "regression", cost_bps=5)
+    days = metrics["backtest"]["sign"]["span_days"]
+    assert metrics["backtest"]["sign"]["annualised_return"] is None and 80 < days < 95
+    assert f"backtest over {days:,.0f} days: 5 bps per unit of turnover" in quant.format_quant(metrics)

@@ -1,21 +1,24 @@
 """etft tune: real Optuna studies in a real SQLite file, each trial a real (tiny) training through train_run; the
 command through cli.main(["tune", ...]) or `python -m enhanced_tft tune` in subprocesses (two at once, one killed)."""
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 from enhanced_tft.cli import main as etft_main
 from enhanced_tft.config.schema import load_config
+from enhanced_tft.runtime.threads import available_cpus
 from enhanced_tft.tune.space_file import DEFAULT_SPACE
 from enhanced_tft.tune.study import (BEST_CONFIG_YAML, TRIALS_CSV, TUNE_REPORT_HTML, load_space, parse_space,
                                      trial_config)
@@ -222,3 +225,196 @@ def test_the_default_space_is_valid_and_each_of_its_configs_builds():
         for heads in space["model.num_heads"].choices:
             trial_config(base, {"model.d_model": width, "model.num_heads": heads})   # raises if invalid
     assert yaml.safe_load(DEFAULT_SPACE.read_text()).keys() == space.keys()
+
+
+def _split_plan(cfg):
+    from enhanced_tft.data.pipeline import bar_source, split_plan
+    return split_plan(cfg, bar_source(cfg))
+
+
+def _run_score(run) -> float:
+    """A run's score as its summary.json gives it: the mean over members of each member's best val loss."""
+    members = json.loads((Path(run) / "summary.json").read_text())["ensemble"]["members"]
+    return sum(m["best_val_loss"] for m in members) / len(members)
+
+
+@pytest.mark.slow   # trainings
+def test_folds_2_scores_the_mean_of_its_folds_and_no_fold_reaches_the_test_split(study_dir):
+    assert tune(_args(study_dir, 2, "--folds", "2")) == 0
+    trials = _study(study_dir).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    base = load_config(study_dir / "tiny.yaml")
+    (test_lo, test_hi), = {tuple(rows["test"]) for rows in _split_plan(base)["rows"].values()}   # same per symbol
+    table = pd.read_csv(study_dir / "logs" / "tune_etft" / TRIALS_CSV)
+    for trial, row in zip(trials, table.itertuples()):
+        folds = trial.user_attrs["folds"]
+        assert [f["fold"] for f in folds] == [0, 1]
+        losses = [f["val_loss"] for f in folds]
+        assert trial.value == pytest.approx(sum(losses) / 2, rel=1e-12)
+        assert (row.fold_0_val_loss, row.fold_1_val_loss) == pytest.approx(losses, rel=1e-12)
+        for fold in folds:   # the recorded loss is the fold run's own, and that run trained fold k of 2
+            assert fold["val_loss"] == pytest.approx(_run_score(fold["run"]), rel=1e-12)
+            assert load_config(Path(fold["run"]) / "config.yaml").data.model_dump(
+                include={"walk_forward_folds", "fold"}) == {"walk_forward_folds": 2, "fold": fold["fold"]}
+        # every fold trains and validates on rows before the base test split ([lo, hi) ranges); the validation
+        # blocks are the last two before it. Fold 1 is the walk-forward cut of the base split: its val block ends at
+        # the base test start (the base's purge gap row is its last, by rounding), its test block inside the base's
+        for symbol, rows in folds[0]["splits"]["rows"].items():
+            later = folds[1]["splits"]["rows"][symbol]
+            assert rows["train"][1] <= rows["val"][0] < rows["val"][1] <= later["val"][0] < later["val"][1] <= test_lo
+            assert later["train"][1] <= later["val"][0] and rows["test"][1] <= test_lo
+            assert test_lo <= later["test"][0] and later["test"][1] == test_hi   # its test metrics: never scored
+        assert trial.user_attrs["run"] == folds[1]["run"]
+    summary = json.loads((study_dir / "logs" / "tune_etft" / "tune_summary.json").read_text())
+    assert summary["folds"] == 2 and summary["objective"].startswith("mean over 2 walk-forward folds")
+    assert summary["trial_folds"]["0"] == trials[0].user_attrs["folds"]
+
+
+def test_bad_folds_exit_2_with_the_allowed_range(study_dir, capsys):
+    for folds in ("0", "-1"):
+        assert tune(_args(study_dir, 2, "--folds", folds)) == 2
+        assert f"--folds={folds}; allowed: 1 to 4 (1 = the one split)" in capsys.readouterr().err
+    assert tune(_args(study_dir, 2, "--folds", "5")) == 2   # 0.15 + 5 x 0.15 leaves under 10% to train on
+    assert "--folds=5; allowed: 1 to 4 (each fold's validation block" in capsys.readouterr().err
+    assert tune(_args(study_dir, 2, "--folds", "4", "--set", "data.test_fraction=0.2")) == 2
+    assert "--folds=4; allowed: 1 to 3 (" in capsys.readouterr().err   # 0.15 + 3 x 0.2 = 0.75, 4 x 0.2: 0.95
+    assert tune(_args(study_dir, 2, "--folds", "2", "--set", "data.walk_forward_folds=3", "--set",
+                      "data.fold=1")) == 2
+    assert "the base config already sets data.walk_forward_folds" in capsys.readouterr().err
+    assert tune(_args(study_dir, 2, "--workers", "0")) == 2
+    assert "--workers=0; allowed: an integer from 1 to 64" in capsys.readouterr().err
+    assert tune(_args(study_dir, 2, "--refits", "-1")) == 2
+    assert "--refits=-1; allowed: an integer from 0 to 20" in capsys.readouterr().err
+    assert not (study_dir / "logs").exists()   # nothing opened, nothing trained
+
+
+@pytest.mark.slow   # worker processes
+def test_two_workers_share_one_study_and_the_parent_refits_the_base_config(study_dir):
+    assert tune(_args(study_dir, 4, "--workers", "2", "--refits", "1")) == 0
+    study = _study(study_dir)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    workers = study.user_attrs["workers"]
+    assert [(w["index"], w["exit_code"]) for w in workers] == [(0, 0), (1, 0)]
+    assert [w["threads"] for w in workers] == [max(1, available_cpus() // 2)] * 2   # the CPUs split between them
+    pids = {t.user_attrs["pid"] for t in trials}
+    assert pids == {w["pid"] for w in workers} and len(pids) == 2 and os.getpid() not in pids
+    refits = study.user_attrs["refits"]   # trained by the parent once the workers were done
+    assert [r["seed"] for r in refits] == [7, 8]
+    for refit in refits:
+        assert refit["value"] == pytest.approx(_run_score(refit["run"]), rel=1e-12)
+        assert f"refit_seed_{refit['seed']}" in refit["run"]
+    summary = json.loads((study_dir / "logs" / "tune_etft" / "tune_summary.json").read_text())
+    assert summary["workers"] == workers and summary["noise"]["seed_noise"]["scores"] == [r["value"] for r in refits]
+    page = (study_dir / "logs" / "tune_etft" / TUNE_REPORT_HTML).read_text()
+    assert "Worker processes" in page and "Best trial against the seed noise" in page
+
+
+def _study_with(folder, values: list[float], refits: list[tuple[int, float]]) -> optuna.Study:
+    """A study of complete trials with these scores (no training), and the base config's refits."""
+    study = optuna.create_study(study_name="etft", storage=f"sqlite:///{folder / 'noise.db'}")
+    distribution = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for i, value in enumerate(values):
+        study.add_trial(optuna.trial.create_trial(params={"train.learning_rate": 1e-3 * (i + 1)},
+                                                  distributions=distribution, value=value))
+    if refits:
+        study.set_user_attr("refits", [{"seed": s, "value": v, "run": ""} for s, v in refits])
+    return study
+
+
+def test_the_report_says_when_the_best_trial_is_within_the_seed_noise(tmp_path):
+    from enhanced_tft.tune.outputs import write_outputs
+    base = load_config(None, ["seed=7"])
+    folder = tmp_path / "tune_etft"
+    folder.mkdir()
+    # base 0.695 (seed 7) and 0.715 (seed 8): mean 0.705, sd 0.02 / sqrt(2) = 0.0141421, threshold 2 sd = 0.0282843;
+    # trials 0.700, 0.701, 0.702: best - base = -0.005, range 0.002, both inside it
+    write_outputs(_study_with(tmp_path, [0.702, 0.700, 0.701], [(7, 0.695), (8, 0.715)]), folder, base)
+    noise = json.loads((folder / "tune_summary.json").read_text())["noise"]
+    assert noise["seed_noise"]["sd"] == pytest.approx(0.02 / math.sqrt(2), rel=1e-9)
+    assert noise["best_minus_base"] == pytest.approx(-0.005, abs=1e-12)
+    assert (noise["distinguishable"], noise["all_trials_within_noise"]) == (False, True)
+    assert noise["trials"]["sd"] == pytest.approx(0.001, rel=1e-9) and noise["trials"]["range"] == pytest.approx(0.002)
+    page = (folder / TUNE_REPORT_HTML).read_text()
+    assert ("<b>the best trial is not distinguishable from the base config: best - base = -0.005 (base: mean over 2 "
+            "seeds 0.705); seed noise: sd 0.0141, 2 sd = 0.0283. All 3 complete trials lie within the seed noise of "
+            "each other (range 0.002)") in page
+    # a best trial 0.1 below a base whose seeds agree to 1e-4 stands out
+    (tmp_path / "b").mkdir()
+    write_outputs(_study_with(tmp_path / "b", [0.6, 0.7], [(7, 0.7), (8, 0.7001)]), folder, base)
+    noise = json.loads((folder / "tune_summary.json").read_text())["noise"]
+    assert (noise["distinguishable"], noise["all_trials_within_noise"]) == (True, False)
+    assert "<b>the best trial beats the base config by more than the seed noise: best - base = -0.10005" in (
+        folder / TUNE_REPORT_HTML).read_text()
+    (tmp_path / "c").mkdir()
+    write_outputs(_study_with(tmp_path / "c", [0.6, 0.7], []), folder, base)
+    assert "<b>seed noise not measured (etft tune --refits R" in (folder / TUNE_REPORT_HTML).read_text()
+
+
+@pytest.mark.slow   # worker processes
+def test_sigterm_to_the_parent_reaches_every_worker_and_their_exits_are_reported(study_dir):
+    """Each worker gets the signal once (they run in sessions of their own), stops its trial at a checkpoint and
+    exits 143; the parent waits for both, reports each exit and exits 143."""
+    parent = _spawn(study_dir, 8, "--workers", "2", "--set", "train.epochs=50", "--set", "train.max_steps_per_epoch=50",
+                    "--set", "train.early_stopping_patience=50")
+    storage = f"sqlite:///{study_dir / 'logs' / 'tune_etft.db'}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and parent.poll() is None:
+        try:
+            running = [t for t in optuna.load_study(study_name="etft", storage=storage).get_trials()
+                       if t.state.name == "RUNNING" and "pid" in t.user_attrs]
+        except Exception:   # the study is not created yet
+            running = []
+        if len({t.user_attrs["pid"] for t in running}) == 2:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the two workers did not both start a trial: {parent.communicate()[1][-3000:]}")
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 143, err[-3000:]
+    workers = _study(study_dir).user_attrs["workers"]
+    assert [w["exit_code"] for w in workers] == [143, 143]
+    for w in workers:
+        assert f"worker {w['index']} (pid {w['pid']}) exited 143" in err
+    assert err.count("SIGTERM: forwarded to the workers") == 1
+    stopped = [t for t in _study(study_dir).get_trials() if t.state.name == "FAIL"]
+    assert len(stopped) == 2 and all(t.user_attrs["note"].startswith("stopped by SIGTERM; resumable") for t in stopped)
+    assert {t.user_attrs["pid"] for t in stopped} == {w["pid"] for w in workers}
+
+
+def test_a_study_keeps_its_folds(study_dir, capsys):
+    """Scores of 1 and of 2 folds do not compare: a study begun with one (here a study of an older version, with
+    trials but no record of its folds) refuses --folds 2 before training anything."""
+    (study_dir / "logs").mkdir()
+    study = optuna.create_study(study_name="etft", storage=f"sqlite:///{study_dir / 'logs' / 'tune_etft.db'}")
+    study.add_trial(optuna.trial.create_trial(
+        params={"train.learning_rate": 1e-3}, value=0.7,
+        distributions={"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}))
+    assert tune(_args(study_dir, 2, "--folds", "2")) == 2
+    assert ("study 'etft' was started with --folds 1; its trials would not compare with --folds 2. Use --folds 1, or "
+            "another --study") in capsys.readouterr().err
+    assert not list((study_dir / "logs").glob("tune_etft/trial_*"))
+
+
+def test_folds_of_real_daily_stocks_are_cut_at_shared_dates_before_the_test_split():
+    """data.split=time on a file: each fold's cut dates (shared by every symbol) lie before the base test split's
+    start, its validation blocks one test block apart, the last fold's test start the base's own."""
+    from enhanced_tft.data.pipeline import bar_source, split_plan
+    from enhanced_tft.tune.study import fold_configs, max_folds
+    path = SHARED_DATA / "us_stocks_daily_5sym_2000_2013_quandl_wiki_pd.csv.gz"
+    if not path.is_file():
+        pytest.skip(f"real market data {path.name} not found in {SHARED_DATA} (the shared data folder beside the "
+                    "project is absent in a fresh clone)")
+    base = load_config(None, ["data.source=file", f"data.path={json.dumps(str(path))}", "data.adjust_column=adj_close"])
+    assert max_folds(base) == 4   # 0.15 + 4 x 0.15 = 0.75; 5 folds would leave 10%
+    source = bar_source(base)
+    test_start = pd.Timestamp(split_plan(base, source)["cut_dates"]["test_start"])
+    cuts = [split_plan(cfg, source)["cut_dates"] for cfg in fold_configs(base, 3)]   # the last fold first
+    assert [cfg.data.fold for cfg in fold_configs(base, 3)] == [2, 1, 0]
+    starts = [(pd.Timestamp(c["val_start"]), pd.Timestamp(c["test_start"])) for c in cuts]
+    assert starts[0][1] == test_start and cuts[0]["end"] is None       # the last fold: the base split
+    for (val_start, val_end), later in zip(starts[1:], starts):        # each fold a block before the next
+        assert val_start < val_end <= later[0] < test_start
+    assert pd.Timestamp(cuts[2]["end"]) == starts[1][1] <= test_start  # fold 0's own test block ends before it

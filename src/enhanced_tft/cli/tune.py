@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 
 from ..config import schema as config_mod
 from ..errors import UserError
@@ -12,6 +13,8 @@ from ..runtime.threads import configure_threads
 from ..tune.space_file import DEFAULT_SPACE
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+MAX_REFITS = 20
+MAX_WORKERS = 64
 
 
 def add_parser(commands) -> None:
@@ -33,7 +36,34 @@ def add_parser(commands) -> None:
     tune.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
                       help="a running trial tells the storage it is alive this often; one silent for twice as long "
                            "(its process was killed) is failed and queued again (default: 60)")
+    tune.add_argument("--folds", type=int, default=1, metavar="K",
+                      help="score a trial by the mean validation loss over the last K walk-forward blocks before the "
+                           "test split, each fold trained on the bars before its block (default: 1, the one split)")
+    tune.add_argument("--refits", type=int, default=0, metavar="R",
+                      help="once the trials are done, train the base config again with R other seeds, scored as a "
+                           "trial: the report says whether the best trial beats the base by more than that seed "
+                           "noise (default: 0, not measured)")
+    tune.add_argument("--workers", type=int, default=1, metavar="N",
+                      help="run N local worker processes on the study (its RDB storage), the CPUs split between them "
+                           "(default: 1, this process)")
+    tune.add_argument("--worker", type=int, help=argparse.SUPPRESS)    # a worker process started by --workers
+    tune.add_argument("--threads", type=int, help=argparse.SUPPRESS)   # its torch threads
     tune.add_argument("--verbose", action="store_true", help="show the trainings' own console lines too")
+
+
+WORKER_FLAGS = ("--config", "--space", "--trials", "--study", "--log_dir", "--timeout", "--heartbeat", "--folds")
+
+
+def worker_command(args: argparse.Namespace) -> list[str]:
+    """The `etft tune` each worker runs: this one's study and settings, without --workers or --refits."""
+    command = [sys.executable, "-m", "enhanced_tft", "tune"]
+    for flag in WORKER_FLAGS:
+        value = getattr(args, flag.lstrip("-"))
+        if value is not None:
+            command += [flag, str(value)]
+    for override in args.overrides:
+        command += ["--set", override]
+    return command + (["--verbose"] if args.verbose else [])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
             ("--trials", args.trials, args.trials >= 1, "an integer >= 1, the study's total number of trials"),
             ("--timeout", args.timeout, args.timeout is None or args.timeout > 0, "seconds > 0"),
             ("--heartbeat", args.heartbeat, args.heartbeat >= 1, "whole seconds >= 1"),
-            ("--study", args.study, STUDY_NAME.fullmatch(args.study), "letters, digits, _ . - (it names files)")):
+            ("--study", args.study, STUDY_NAME.fullmatch(args.study), "letters, digits, _ . - (it names files)"),
+            ("--refits", args.refits, 0 <= args.refits <= MAX_REFITS, f"an integer from 0 to {MAX_REFITS}"),
+            ("--workers", args.workers, 1 <= args.workers <= MAX_WORKERS, f"an integer from 1 to {MAX_WORKERS}")):
         if not ok:
             raise UserError(f"{flag}={value!r}; allowed: {allowed}")
     overrides = args.overrides + ([f"run.log_dir={json.dumps(args.log_dir)}"] if args.log_dir else [])
@@ -53,7 +85,28 @@ def run(args: argparse.Namespace) -> int:
         import optuna  # noqa: F401  (an optional extra: say so before any work)
     except ImportError:
         raise UserError("etft tune needs Optuna: pip install 'enhanced-tft[tune]'") from None
+    if args.folds != 1:
+        _check_folds(args.folds, base)
     from ..tune.runner import run_tune
-    configure_threads()   # the CPUs this process may use, as in training
+    configure_threads(args.threads)   # a worker's share of the CPUs, else the CPUs this process may use
+    workers = args.workers if args.workers > 1 else 0
     return run_tune(base, args.space or DEFAULT_SPACE, args.study, args.trials, args.storage, args.heartbeat,
-                    args.timeout, args.verbose)
+                    args.timeout, args.verbose, folds=args.folds, refits=args.refits, workers=workers,
+                    worker_command=worker_command(args) if workers else None, worker=args.worker is not None)
+
+
+def _check_folds(folds: int, base) -> None:
+    """--folds K: walk-forward folds of the base split, as many as its fractions allow; UserError with the range."""
+    from ..tune.study import max_folds  # Optuna: after the cheap checks
+    data = base.data
+    if folds < 1:
+        raise UserError(f"--folds={folds}; allowed: 1 to {max_folds(base)} (1 = the one split)")
+    if data.walk_forward_folds or data.val_start is not None:
+        raise UserError(f"--folds={folds} cuts the base split into walk-forward folds; the base config already sets "
+                        f"{'data.walk_forward_folds' if data.walk_forward_folds else 'date splits (data.val_start)'}: "
+                        "use --folds 1, or fraction splits without walk_forward_folds")
+    most = max_folds(base)
+    if not 1 <= folds <= most:
+        raise UserError(f"--folds={folds}; allowed: 1 to {most} (each fold's validation block is a test_fraction "
+                        f"block earlier: val_fraction {data.val_fraction:g} + folds x test_fraction "
+                        f"{data.test_fraction:g} must stay below 0.9, leaving 10% to train on)")

@@ -161,6 +161,23 @@ def split_bounds(num_rows: int, data: DataConfig, timestamps: np.ndarray | None 
     return {"train": (0, train_end), "val": (train_end + gap, val_end), "test": (val_end + gap, num_rows)}
 
 
+def split_plan(cfg: Config, source: BarSource) -> dict:
+    """Where build_data cuts the splits of `cfg`, without computing a feature: the cut dates shared by every symbol
+    (data.split=time over a known time span), else each series' row ranges [lo, hi) after the feature warm-up,
+    as split_bounds gives them (rows a bar check drops would shift them; dates from data.val_start need the bars)."""
+    data = cfg.data
+    cuts = time_cuts(data, source.time_range)
+    if cuts is not None:
+        return {"cut_dates": {"val_start": str(pd.Timestamp(cuts.val_start)),
+                              "test_start": str(pd.Timestamp(cuts.test_start)),
+                              "end": None if cuts.end is None else str(pd.Timestamp(cuts.end))}}
+    if data.val_start is not None:
+        raise ValueError("split_plan: date splits (data.val_start) are cut on each series' timestamps; build the data")
+    warmup = features.warmup_bars(data.return_lags, data.volatility_windows)
+    return {"rows": {symbol: {name: list(bounds) for name, bounds in
+                              split_bounds(max(n - warmup, 0), data).items()} for symbol, n in source.lengths.items()}}
+
+
 def sample_ends_in(lo: int, hi: int, sequence_length: int, horizon: int) -> np.ndarray:
     """Last-bar rows of every sample whose window and target both lie inside [lo, hi)."""
     first = lo + sequence_length - 1

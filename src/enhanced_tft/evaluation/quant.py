@@ -9,7 +9,11 @@ can call them. Conventions, chosen once here:
 - horizon > 1: non-overlapping periods, a rebalance every `horizon` bars of the timestamp grid, so each
   period's return is a return actually earned once (dividing overlapping returns by the horizon would
   only approximate the staggered portfolio);
-- annualising: `periods_per_year` bars per year (inferred from the data when not given) / horizon.
+- annualising: `periods_per_year` bars per year (inferred from the data when not given) / horizon. The span
+  of a backtest is num_periods / periods_per_year years; a return is annualised only over a span of a year or
+  more (`annualised_return` None otherwise: compounding 2 months to a year turns +80% into +1e8%), the span's own
+  return (`total_return`) and the span in days stand instead. Sharpe and volatility are annualised as usual,
+  x sqrt(periods_per_year), whatever the span (SHARPE_BASIS says so next to each number).
 Rows whose outcome is unknown (actual NaN: the last bars of new data) are left out everywhere.
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ import pandas as pd
 from .. import tasks
 
 DAYS_PER_YEAR = 365.0     # a calendar year: hourly 24/7 bars give 24 * 365 = 8760 per year
+MIN_YEARS_ANNUALISED = 1.0   # a shorter span shows its own return, not one compounded to a year
+SHARPE_BASIS = "annualised: mean / std of the net period returns x sqrt(periods per year)"
 MODES = ("sign", "rank")
 
 
@@ -198,22 +204,40 @@ def _performance(weights: pd.DataFrame, simple: pd.DataFrame, cost_bps: float, p
     net = gross - cost
     equity = (1.0 + net).cumprod().rename("equity")
     periods = pd.DataFrame({"gross": gross, "turnover": turnover, "cost": cost, "net": net})
-    return Performance(weights, periods, equity, _stats(net, turnover, weights, equity, periods_per_year))
+    return Performance(weights, periods, equity, _stats(periods, weights, equity, periods_per_year, cost_bps))
 
 
-def _stats(net, turnover, weights, equity, periods_per_year) -> dict:
+def span_text(days: float) -> str:
+    """'over 67 days', 'over 3.2 years': the span a total return was earned over."""
+    years = days / DAYS_PER_YEAR
+    if years >= 2:
+        return f"over {years:.1f} years"
+    return f"over {days:,.0f} days" if days >= 2 else f"over {days:.2g} days"
+
+
+def _stats(periods: pd.DataFrame, weights, equity, periods_per_year, cost_bps) -> dict:
+    net, turnover = periods.net, periods.turnover
     n = len(net)
+    years = n / periods_per_year
     final = float(equity.iloc[-1])
     std = net.std(ddof=1) if n > 1 else float("nan")
     peak = np.maximum.accumulate(np.concatenate([[1.0], equity.to_numpy()]))[1:]   # the start counts as a peak
+    if years < MIN_YEARS_ANNUALISED:
+        annualised = None
+    else:
+        annualised = _number(final ** (1.0 / years) - 1.0) if final > 0 else -1.0
     return {"num_periods": n,
+            "span_days": _number(years * DAYS_PER_YEAR),
             "total_return": _number(final - 1.0),
             "total_log_return": _number(math.log(final)) if final > 0 else None,
-            "annualised_return": _number(final ** (periods_per_year / n) - 1.0) if final > 0 else -1.0,
+            "annualised_return": annualised,
             "annualised_volatility": _number(std * math.sqrt(periods_per_year)),
             "sharpe": _number(net.mean() / std * math.sqrt(periods_per_year)) if std > 0 else None,
-            "max_drawdown": _number((equity.to_numpy() / peak - 1.0).min()),   # <= 0: -0.25 = a 25% fall
+            "cost_bps": float(cost_bps),
             "turnover_per_period": _number(turnover.mean()),
+            "turnover_per_year": _number(turnover.mean() * periods_per_year),
+            "costs_total": _number(periods.cost.sum()),   # a share of capital: 0.02 = 2% paid over the span
+            "max_drawdown": _number((equity.to_numpy() / peak - 1.0).min()),   # <= 0: -0.25 = a 25% fall
             "gross_exposure": _number(weights.abs().sum(axis=1).mean()),
             "hit_rate": _number((net > 0).mean())}
 
@@ -254,6 +278,9 @@ def backtest(frame: pd.DataFrame, signal: pd.Series, mode: str = "sign", cost_bp
                 "periods_per_year_source": "inferred" if periods_per_year is None else "given",
                 "return_convention": "simple: period return = sum(weight * expm1(actual)); equity = prod(1 + net)",
                 "overlap": "non-overlapping: rebalanced every horizon bars",
+                "sharpe": SHARPE_BASIS,
+                "annualised_return": f"only over a span of {MIN_YEARS_ANNUALISED:g} year or more (None otherwise: "
+                                     "read total_return over span_days)",
                 "num_symbols": int(rows.symbol.nunique())}
     present = signal_wide.notna()
     benchmark = present.div(present.sum(axis=1), axis=0)
@@ -308,11 +335,25 @@ def _percent(value: float | None) -> str:
     return f"{value:.1%}" if abs(value) < 100 else f"{'+' if value > 0 else '-'}1e{int(np.log10(abs(value)) + 2)}%"
 
 
+def _bps(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}bps"
+
+
+COLUMNS = ("total", "ann.ret", "vol", "Sharpe", "costs", "turnover", "maxDD", "hit")
+
+
 def _row(label: str, s: dict) -> str:
+    """Sharpe with its costs (bps per unit of turnover) and turnover per period beside it."""
     cells = [_percent(s["total_return"]), _percent(s["annualised_return"]), _fmt(s["annualised_volatility"], ".1%"),
-             _fmt(s["sharpe"], ".2f"), _fmt(s["max_drawdown"], ".1%"), _fmt(s["turnover_per_period"], ".3f"),
-             _fmt(s["hit_rate"], ".1%")]
+             _fmt(s["sharpe"], ".2f"), _bps(s.get("cost_bps")), _fmt(s["turnover_per_period"], ".3f"),
+             _fmt(s["max_drawdown"], ".1%"), _fmt(s["hit_rate"], ".1%")]
     return f"  {label:<26}" + "".join(f"{c:>10}" for c in cells)
+
+
+def span_of(metrics: dict) -> float | None:
+    """The backtest's span in days (the same for every strategy and the benchmark), None without a backtest."""
+    stats = metrics.get("benchmark") or next((r for r in metrics["backtest"].values() if "skipped" not in r), {})
+    return stats.get("span_days")
 
 
 def format_quant(metrics: dict, strong: dict | None = None, blend: dict | None = None) -> str:
@@ -336,11 +377,16 @@ def format_quant(metrics: dict, strong: dict | None = None, blend: dict | None =
                      f"rank {_fmt(ts['mean_rank'], '+.4f')}")
     settings = metrics.get("settings")
     if settings:
-        lines.append(f"  backtest: {settings['cost_bps']:g} bps per unit of turnover, "
-                     f"{settings['periods_per_year']:,.1f} periods/yr ({settings['horizon']} bar(s) each), "
+        days = span_of(metrics)
+        short = days is not None and days < MIN_YEARS_ANNUALISED * DAYS_PER_YEAR
+        per_year = settings["periods_per_year"]
+        lines.append(f"  backtest {span_text(days) if days is not None else ''}: {settings['cost_bps']:g} bps per unit "
+                     f"of turnover, {per_year:,.1f} periods/yr ({settings['horizon']} bar(s) each), "
                      "simple returns, net of costs")
-        header = ("total", "ann.ret", "vol", "Sharpe", "maxDD", "turnover", "hit")
-        lines.append(f"  {'':<26}" + "".join(f"{h:>10}" for h in header))
+        lines.append(f"  total = return over the span; Sharpe and vol annualised (x sqrt({per_year:,.0f} periods/yr)); "
+                     "ann.ret " + ("not shown: the span is under a year" if short
+                                   else "compounded over the span's years"))
+        lines.append(f"  {'':<26}" + "".join(f"{h:>10}" for h in COLUMNS))
     for name, run in metrics["backtest"].items():
         lines.append(f"  {name:<26}{run['skipped']}" if "skipped" in run else _row(name, run))
     if "benchmark" in metrics:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from .. import tasks
 from ..errors import UserError
+from ..evaluation.quant import span_of, span_text
 from ..evaluation.scorecard import mean_of
 from ..runs import (ATTENTION_CSV, BACKTEST_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV,
                     PREDICTIONS_TEST_CSV, REPORT_HTML, SCALER_JSON, SUMMARY_JSON, RunFolder)
@@ -162,28 +163,44 @@ def section_quant(run: RunFiles) -> str:
             ic_rows.append([f"{name}: {'IC' if kind == 'pearson' else 'rank IC'}", stats.get("mean", "-"),
                             stats.get("std", "-"), stats.get("icir", "-"), stats.get("share_positive", "-"),
                             series.get("mean_pearson" if kind == "pearson" else "mean_rank", "-")])
-    header = ["strategy", "total return", "annualised", "volatility", "Sharpe", "max drawdown", "turnover", "hit rate"]
-    keys = ("total_return", "annualised_return", "annualised_volatility", "sharpe", "max_drawdown",
-            "turnover_per_period", "hit_rate")
-    rows = [[f"{name}: {strategy}"] + [r.get(k) if r.get(k) is not None else "-" for k in keys]
-            for name, q in sources for strategy, r in q["backtest"].items() if "skipped" not in r]
-    benchmark = quant["model"].get("benchmark")
-    if benchmark:
-        rows.append(["equal-weight long"] + [benchmark.get(k) if benchmark.get(k) is not None else "-" for k in keys])
     settings = quant["model"].get("settings", {})
+    days = span_of(quant["model"])
+    span = span_text(days) if days is not None else "over the test split"
+    backtests = [(f"{name}: {strategy}", r) for name, q in sources for strategy, r in q["backtest"].items()
+                 if "skipped" not in r]
+    if quant["model"].get("benchmark"):
+        backtests.append(("equal-weight long", quant["model"]["benchmark"]))
+    annualised = any(r.get("annualised_return") is not None for _, r in backtests)
+    columns = [(f"return {span}", "total_return")] + ([("annualised return", "annualised_return")] if annualised
+                                                        else []) + [
+        ("volatility (ann.)", "annualised_volatility"), ("Sharpe (ann.)", "sharpe"), ("costs (bps)", "cost_bps"),
+        ("turnover / period", "turnover_per_period"), ("costs paid", "costs_total"), ("max drawdown", "max_drawdown"),
+        ("hit rate", "hit_rate")]
+    def cell(r: dict, key: str):
+        value = r.get(key)
+        return "-" if value is None else f"{value:g}" if key == "cost_bps" else value
+
+    rows = [[label] + [cell(r, k) for _, k in columns] for label, r in backtests]
+    periods_per_year = settings.get("periods_per_year", 0)
     out = ("<h2>Signal and backtest (test split)</h2>" + note_paragraph(
         f"Signal: {quant['model']['signal']}. IC per timestamp across symbols (mean, std, ICIR = mean / std, share "
         "of timestamps with a positive IC); time-series IC: per symbol over time, mean over symbols.")
         + html_table(["", "mean", "std", "ICIR", "positive", "time-series"], ic_rows)
-        + note_paragraph(f"Backtests net of {settings.get('cost_bps', '?')} bps per unit of turnover, "
-                f"{settings.get('periods_per_year', 0):,.0f} periods a year, positions held {settings.get('horizon', 1)} "
-                "bar(s); returns are simple. A short test period annualises to large numbers: read the total return.")
-        + html_table(header, rows))
+        + note_paragraph(
+            f"Backtests {span}, net of {settings.get('cost_bps', float('nan')):g} bps per unit of turnover (turnover = "
+            f"sum of |weight change| per period; costs paid: their sum over the span, a share of capital), "
+            f"{periods_per_year:,.0f} periods a year, positions held {settings.get('horizon', 1)} bar(s); returns are "
+            f"simple. Sharpe and volatility are annualised: mean / std of the net period returns x sqrt("
+            f"{periods_per_year:,.0f}). " + ("Returns are annualised over the span's years." if annualised else
+                                             "The span is under a year: its own return is shown, not one compounded "
+                                             "to a year."))
+        + html_table(["strategy"] + [h for h, _ in columns], rows))
     curves = run.csv(BACKTEST_CSV)
     if curves is not None and "timestamp" in curves:
         curves["timestamp"] = pd.to_datetime(curves["timestamp"])
         series = {c: curves.set_index("timestamp")[c] for c in curves.columns if c != "timestamp"}
-        out += img_tag(equity_curve_png(series, "long/short by sign, growth of 1 net of costs"), "equity curves")
+        title = f"long/short by sign, growth of 1 net of {settings.get('cost_bps', float('nan')):g} bps costs, {span}"
+        out += img_tag(equity_curve_png(series, title), "equity curves")
     return out
 
 

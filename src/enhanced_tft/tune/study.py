@@ -1,6 +1,8 @@
 """`etft tune`: an Optuna study over a YAML search space. Each trial is one `etft train` run (train_run) in
 LOG_DIR/tune_<study>/trial_<number>/, scored by its validation loss only (never the test split), pruned epoch by
-epoch, and kept in an RDB storage that several processes or machines share.
+epoch, and kept in an RDB storage that several processes or machines share. With --folds K a trial trains K
+walk-forward folds (trial_<number>/fold_<k>/) and scores the mean of their validation losses: the last K
+validation blocks before the test split, each fold trained on the bars before its block.
 
 Choices, documented in the README:
 - `--trials N` is the study's total, not each process's: a process starts a trial only while the study holds
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -35,8 +38,10 @@ from pydantic import BaseModel, ValidationError
 from ..config import schema as config_mod
 from ..config.schema import Config
 from ..config.yaml_io import load_yaml_text
+from ..data.pipeline import bar_source, split_plan
 from ..errors import ConfigError, NonFiniteGiveUp, OutOfMemoryGiveUp, TrialFailed, UserError
 from ..runs import SUMMARY_JSON, RunFolder
+from ..runtime.signals import STOP
 from ..tracking import tracker as tracking
 from ..training.recipe import TrainRequest, train_run
 
@@ -46,6 +51,7 @@ log = logging.getLogger("enhanced_tft.tune")
 BEST_CONFIG_YAML = "best_config.yaml"
 TRIALS_CSV = "trials.csv"
 TUNE_REPORT_HTML = "tune_report.html"
+TUNE_SUMMARY_JSON = "tune_summary.json"
 PARAM_TYPES = {"int": ("low", "high", "step", "log"), "float": ("low", "high", "step", "log"),
                "categorical": ("choices",)}
 # what a trial may change: the model, its training and the window length; not what the validation loss is
@@ -57,6 +63,7 @@ PRUNER_WARMUP_EPOCHS = 1    # earliest epoch a trial can be pruned at
 SQLITE_TIMEOUT_S = 30       # wait this long for another process's write instead of "database is locked"
 MAX_RETRIES = 2             # a trial whose process died is queued again at most this often
 MAX_INPUT_FAILURES = 3      # trials in a row failing on bad input (missing data, full disk) stop the study
+MAX_FOLDS = 100             # data.walk_forward_folds' own limit
 
 
 # ---------------------------------------------------------------- the search space
@@ -252,16 +259,22 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         self.inner.after_trial(study, trial, state, values)
 
 
-def open_study(storage, name: str, base: Config, space: tuple[Param, ...]) -> optuna.Study:
-    """Create the study, or join it; refused when it was started with another space or base config."""
+def open_study(storage, name: str, base: Config, space: tuple[Param, ...], folds: int = 1) -> optuna.Study:
+    """Create the study, or join it; refused when it was started with another space, base config or --folds."""
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True,
                                 sampler=TrialSeededTPE(base.seed),
                                 pruner=optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_EPOCHS))
     if study.direction != optuna.study.StudyDirection.MINIMIZE:
         raise UserError(f"study {name!r} maximizes; etft tune minimizes the validation loss: give another --study")
-    mine = {"space": [asdict(p) | {"choices": list(p.choices)} for p in space], "base": _comparable(base, space)}
+    mine = {"space": [asdict(p) | {"choices": list(p.choices)} for p in space], "base": _comparable(base, space),
+            "folds": folds}
     for attr, value in mine.items():
         first = study.user_attrs.get(attr)
+        if attr == "folds" and first is None and study.get_trials(deepcopy=False):
+            first = 1   # a study begun before --folds existed scored one split
+        if attr == "folds" and first is not None and first != value:
+            raise UserError(f"study {name!r} was started with --folds {first}; its trials would not compare with "
+                            f"--folds {value}. Use --folds {first}, or another --study")
         if first is None:
             study.set_user_attr(attr, value)
         elif json.dumps(first, sort_keys=True) != json.dumps(value, sort_keys=True):
@@ -294,19 +307,60 @@ def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
             or not (t.number in replaced or t.user_attrs.get("not_counted"))]
 
 
+def fold_configs(cfg: Config, folds: int) -> list[Config]:
+    """What one score trains: `cfg` itself (folds=1, today's split), or walk-forward fold k of `folds` for each k
+    (data/pipeline.py cuts them: fold k validates on the block before its own test block, and trains on all bars
+    before it), the last fold first. The last fold is the plain split (to a row of rounding): its validation block is
+    the last one before the test split; every fold's train and validation blocks end before the test split starts,
+    and every earlier fold's test block too."""
+    if folds == 1:
+        return [cfg]
+    return [config_mod.update(cfg, data={"walk_forward_folds": folds, "fold": k}) for k in reversed(range(folds))]
+
+
+def max_folds(base: Config) -> int:
+    """The most folds the base config's fractions allow, as the config's own check of walk-forward folds decides
+    (val_fraction + folds x test_fraction below 0.9)."""
+    most = 1
+    for folds in range(2, MAX_FOLDS + 1):
+        try:
+            config_mod.update(base, data={"walk_forward_folds": folds, "fold": folds - 1})
+        except ConfigError:
+            break
+        most = folds
+    return most
+
+
+def run_score(path: Path) -> float:
+    """A finished run's score: the mean over its members of each member's best validation loss."""
+    members = RunFolder(path).read_json(SUMMARY_JSON)["ensemble"]["members"]
+    return sum(m["best_val_loss"] for m in members) / len(members)
+
+
+class Stopped(Exception):
+    """A signal stopped a training of a score: its exit code (130, 143) and run folder."""
+
+    def __init__(self, code: int, path: Path):
+        super().__init__(f"stopped by {'SIGTERM' if code == 143 else 'SIGINT'}")
+        self.code, self.path = code, path
+
+
 class Objective:
-    """One trial: its config from the space, trained as `etft train` would, scored by the mean over members of
-    each member's best validation loss."""
+    """One trial: its config from the space, trained as `etft train` would (once per fold with --folds K), scored by
+    the mean over the folds of the mean over members of each member's best validation loss."""
 
     def __init__(self, base: Config, space: tuple[Param, ...], folder: Path, num_trials: int,
-                 console: Callable[[], Any] | None = None):
+                 console: Callable[[], Any] | None = None, folds: int = 1):
         self.base, self.space, self.folder, self.num_trials = base, space, folder, num_trials
         self.console = console            # context manager that quiets the trainings' console lines
+        self.folds = folds
         self.stop_code = 0                # 130 / 143: a signal stopped a trial; start no other
         self.input_failures = 0
         self.tracking: tracking.Group | None = None   # the study's parent run while run_study runs
+        self._source = None               # the bars' lengths and time span, read once for the folds' split plans
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("pid", os.getpid())   # which worker process ran it
         trials = trial.study.get_trials(deepcopy=False)
         me = next(t for t in trials if t.number == trial.number)
         queued = "fixed_params" in me.system_attrs or "failed_trial" in me.system_attrs   # enqueued, or a retry
@@ -326,17 +380,42 @@ class Objective:
         trial.set_user_attr("config", cfg.model_dump(mode="json"))
         return self._train(trial, cfg)
 
+    def split_plan(self, cfg: Config) -> dict:
+        """Where `cfg`'s splits lie (data/pipeline.py's split_plan), the bars' lengths and span read once."""
+        if self._source is None:
+            self._source = bar_source(self.base)
+        return split_plan(cfg, self._source)
+
+    def score(self, cfg: Config, folder: Path,
+              epoch_hook: Callable[[dict], None] | None = None) -> tuple[float, list[dict]]:
+        """Train `cfg` in `folder` (once per fold), and score it: the mean of the folds' validation losses, and what
+        each fold was (fold, val loss, run folder, its splits). `epoch_hook` sees the first fold trained only (the
+        last fold: with one fold, the run today's etft tune trains), so that the pruner compares like with like."""
+        records = []
+        for fold_cfg in fold_configs(cfg, self.folds):
+            fold = fold_cfg.data.fold
+            fold_folder = folder if fold is None else folder / f"fold_{fold}"
+            # LightGBM answers "does it beat the strong baseline" for the best config, not for every trial
+            run_cfg = config_mod.update(fold_cfg, run={"log_dir": str(fold_folder)}, train={"strong_baseline": False})
+            hook = epoch_hook if not records else None
+            with self.console() if self.console else nullcontext():
+                code, path = train_run(run_cfg, TrainRequest(epoch_hook=hook), group=self.tracking)
+            if code != 0:
+                raise Stopped(code, path)
+            record = {"fold": fold, "val_loss": run_score(path), "run": str(Path(path).resolve())}
+            if self.folds > 1:
+                record["splits"] = self.split_plan(fold_cfg)
+            records.append(record)
+        records.sort(key=lambda r: r["fold"] or 0)
+        return sum(r["val_loss"] for r in records) / len(records), records
+
     def _train(self, trial: optuna.Trial, cfg: Config) -> float:
         import torch
 
         folder = self.folder / f"trial_{trial.number:04d}"
-        # LightGBM answers "does it beat the strong baseline" for the best config, not for every trial
-        run_cfg = config_mod.update(cfg, run={"log_dir": str(folder)}, train={"strong_baseline": False})
         trial.set_user_attr("run", str(folder.resolve()))   # the run folder inside, once it exists
         try:
-            with self.console() if self.console else nullcontext():
-                code, path = train_run(run_cfg, TrainRequest(epoch_hook=partial(report_epoch, trial)),
-                                       group=self.tracking)
+            value, folds = self.score(cfg, folder, partial(report_epoch, trial))
         except (UserError, OutOfMemoryGiveUp, NonFiniteGiveUp, torch.OutOfMemoryError) as err:
             message = " ".join(str(err).split())[:500]
             trial.set_user_attr("note", message)
@@ -345,19 +424,20 @@ class Objective:
                 raise UserError(f"{MAX_INPUT_FAILURES} trials in a row failed on their input, the last with: "
                                 f"{message}") from None
             raise TrialFailed(message) from None
-        finally:
-            runs = sorted(folder.glob("training_*"))
+        except Stopped as stopped:
+            self.stop_code = stopped.code
+            trial.set_user_attr("note", f"{stopped}; resumable: etft train --resume {stopped.path}")
+            trial.set_user_attr("not_counted", "interrupted")   # a run of the study again makes up for it
+            raise TrialFailed(str(stopped)) from None
+        finally:   # the latest run folder, also of a fold that failed
+            runs = sorted(folder.rglob("training_*"), key=lambda p: p.stat().st_mtime)
             if runs:
                 trial.set_user_attr("run", str(runs[-1].resolve()))
         self.input_failures = 0
-        if code != 0:
-            self.stop_code = code
-            signal = "SIGTERM" if code == 143 else "SIGINT"
-            trial.set_user_attr("note", f"stopped by {signal}; resumable: etft train --resume {path}")
-            trial.set_user_attr("not_counted", "interrupted")   # a run of the study again makes up for it
-            raise TrialFailed(f"stopped by {signal}")
-        members = RunFolder(path).read_json(SUMMARY_JSON)["ensemble"]["members"]
-        return sum(m["best_val_loss"] for m in members) / len(members)
+        if self.folds > 1:
+            trial.set_user_attr("folds", folds)
+            trial.set_user_attr("run", folds[-1]["run"])   # the last fold: the split etft train would train
+        return value
 
 
 def report_epoch(trial: optuna.Trial, record: dict) -> None:
@@ -380,6 +460,10 @@ def run_study(study: optuna.Study, objective: Objective, timeout_s: float | None
     with tracking.open_group(objective.base, f"study_{study.study_name}", lambda c: Path(c.run.log_dir).name) as group:
         objective.tracking = group
         while not objective.stop_code:
+            if STOP.is_set():   # the signal came between trials (a pruned one, say): start no other
+                objective.stop_code = 143 if STOP.signal_name == "SIGTERM" else 130
+                log.info("%s: no further trial started", STOP.signal_name)
+                return
             optuna.storages.fail_stale_trials(study)   # a killed process's trial: FAIL, and queued again
             trials = study.get_trials(deepcopy=False)
             queued = any(t.state == TrialState.WAITING for t in trials)   # retries and enqueued trials always run
