@@ -33,6 +33,7 @@ from .distributed import SINGLE, World
 from .optim import continue_schedule, lr_lambda, make_optimizer
 from .planner import warn_if_step_exceeds_memory
 from .resume import TrainProgress, rng_state, set_rng_state
+from .warm_start import start_from_linear_rule
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,11 @@ class Trainer:
         train, p = self.cfg.train, self.progress
         if self.device.type == "cpu" and self.world.is_main:   # where a cgroup limit kills instead of failing
             warn_if_step_exceeds_memory(self.cfg, dims_for(self.data.transform), self.micro_batch_size, self.policy.name)
+        if self.model.skip is not None and self.global_step == 0 and p.epoch == 1 and p.step_in_epoch == 0:
+            before, after = start_from_linear_rule(self.model, self.task, self.data.splits["train"], self.device,
+                                                   self.world.on_main)
+            log.info("member %d: linear skip fitted to the last bar's inputs (train loss %.5f -> %.5f); the body "
+                     "starts from a zero read-out", self.member, before, after)
         while p.epoch <= train.epochs:
             epoch = p.epoch
             self.monitor.start_epoch()
