@@ -251,6 +251,7 @@ def walk_forward_figure(summary: dict) -> Figure:
         ax.set_xticks(x, [f"fold {f['fold']}" for f in folds])
         ax.set_title(f"{key} ({'lower' if key in LOWER_IS_BETTER else 'higher'} is better)", fontsize=9)
         ax.tick_params(labelsize=8)
-    axes[0].legend(fontsize=7, loc="lower left")
+    # below the panels, where no bar is
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(sources), fontsize=8)
     fig.suptitle("walk-forward test metrics per fold (dashed: mean over folds)", fontsize=10)
     return fig
