@@ -13,6 +13,7 @@ import pandas as pd
 
 from .. import tasks
 from ..errors import UserError
+from ..evaluation import volatility
 from ..evaluation.scorecard import mean_of
 from ..runs import (ATTENTION_CSV, BACKTEST_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV,
                     PREDICTIONS_TEST_CSV, REPORT_HTML, SCALER_JSON, SUMMARY_JSON, RunFolder)
@@ -125,12 +126,15 @@ def section_metrics(run: RunFiles) -> str:
     keys = [k for k in test if k not in tasks.SPLIT_STATS and k in baseline]
     label = "ensemble" if s["ensemble"]["size"] > 1 else "model"
     strong = s.get("strong_baseline", {}).get("test", {})
+    others = volatility.tested(s)   # persistence and HAR beside a volatility forecaster
     header = (["metric", label] + (["mean member"] if mean_member else []) + (["LightGBM"] if strong else [])
-              + ["naive baseline"])
+              + [name for name, _ in others] + ["naive baseline"])
     rows = [[k, test[k]] + ([mean_member[k]] if mean_member else []) + ([strong.get(k, "-")] if strong else [])
-            + [baseline[k]] for k in keys]
+            + [values.get(k, "-") for _, values in others] + [baseline[k]] for k in keys]
     png = plots.metrics_bars([(k, test[k], mean_member.get(k), baseline[k]) for k in keys], label)
     text = f"{test['num_samples']:,} test samples; baseline: {baseline['rule']}."
+    for found in (s.get("volatility_baselines") or {}).values():
+        text += f" {found['rule'][0].upper()}{found['rule'][1:]}."
     if strong:
         text += f" Strong baseline: {s['strong_baseline'].get('rule', 'LightGBM')}."
     elif "strong_baseline" in s:
