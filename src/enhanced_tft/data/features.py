@@ -9,12 +9,12 @@ Observed inputs (known only up to the bar itself):
   rsi_14         Wilder's relative strength index over 14 bars, as RSI/100 - 1/2, in [-1/2, 1/2]
   atr_14         Wilder's average true range over 14 bars, divided by the close (scale-free)
   <extra>        the file's extra numeric columns (data.extra_columns), as they are
-Volatility inputs (data.volatility_features; on by default for data.target=volatility), see `VolatilityInputs`:
-  rv_day, rv_week, rv_month   trailing realized volatility sqrt(mean r^2) over a day, a week and a month of bars
+Volatility inputs (data.volatility_features; on by default for data.target=volatility), see `VolatilityInputs`,
+each as the log of a volatility (floored at 1e-6: a flat stretch has none), since volatility is log-normal-ish:
+  rv_day, rv_week, rv_month   log trailing realized volatility, sqrt(mean r^2) over a day, a week and a month of bars
   parkinson, garman_klass, rogers_satchell
-                 range-based volatility from each bar's OHLC: the per-bar variance estimator averaged over the
-                 last `horizon` bars, as its square root (volatility units, like the target); left out for data
-                 whose bars carry no high/low range
+                 log range-based volatility from each bar's OHLC: the per-bar variance estimator averaged over the
+                 last `horizon` bars, square-rooted; left out for data whose bars carry no high-low range
 Known-future inputs (calendar, known for every bar ahead): sin/cos of hour of day and day of week.
 The first `warmup_bars` rows of each series lack full history; the pipeline drops them and says so.
 """
@@ -27,6 +27,7 @@ import pandas as pd
 
 VOLUME_WINDOW = 20
 WILDER_WINDOW = 14   # RSI and ATR, Wilder's standard smoothing 1/14
+LOG_FLOOR = 1e-6     # volatility inputs are floored here before their log (tasks.VOL_FLOOR for the target)
 KNOWN_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos")
 
 
@@ -99,12 +100,13 @@ class VolatilityInputs:
         return list(REALIZED_NAMES) + (list(RANGE_NAMES) if self.with_range else [])
 
     def columns(self, bars: pd.DataFrame) -> list[np.ndarray]:
+        """The inputs of one symbol's bars (sorted by time), each (N,) float64, NaN during their warm-up."""
         log_close = np.log(bars["close"].to_numpy(np.float64))
         out = [trailing_realized_volatility(log_close, w) for w in (self.history.day, self.history.week,
                                                                     self.history.month)]
         if self.with_range:
             out += [np.sqrt(_trailing_mean(v, self.history.horizon)) for v in range_variances(bars)]
-        return out
+        return [np.log(np.maximum(v, LOG_FLOOR)) for v in out]   # maximum keeps the warm-up NaN (fmax would not)
 
 
 def has_range(bars: pd.DataFrame) -> bool:
