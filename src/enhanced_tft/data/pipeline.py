@@ -197,7 +197,8 @@ class VolatilityPlan:
             return cls()
         history, note = features.HistoryWindows.for_spacing(source.bar_spacing, data.horizon,
                                                             min(source.lengths.values(), default=None))
-        log.info("volatility history windows: %s (median bar step %s)", note, source.bar_spacing)
+        log.info("volatility history windows: %s (median bar step %s)", note,
+                 "unknown" if source.bar_spacing is None else pd.Timedelta(source.bar_spacing))
         if not data.with_volatility_features:
             return cls(history)
         if not source.has_range:

@@ -111,7 +111,9 @@ def section_data(run: RunFiles) -> str:
             ["observed features", ", ".join(data["observed_features"])],
             ["known features", ", ".join(data["known_features"])]]
     scaler = json.loads(run.text(SCALER_JSON) or "{}")
-    if "target_std" in scaler:
+    if scaler.get("target_log"):   # the model learns log volatility, centred on its train mean
+        rows.append(["train mean of the target (log forward realized volatility)", f"{scaler['target_mean']:.6f}"])
+    elif "target_std" in scaler:
         target = "forward realized volatility" if data.get("target") == "volatility" else "forward log return"
         rows.append([f"train std of the target ({target})", f"{scaler['target_std']:.6f}"])
     rows += [list(row) for row in (run.task().data_notes(scaler) if run.task else [])]
