@@ -1,5 +1,6 @@
 """The volatility target: persistence and HAR baselines, the volatility inputs (causal, range estimators only where
 bars have a range), the QLIKE and log-MSE losses, and their config key."""
+import json
 import logging
 
 import numpy as np
@@ -205,3 +206,38 @@ def test_range_estimators_find_a_regime_that_only_the_ranges_announce(small_raw,
           f"mae with {with_inputs['mae']:.5f} without {without['mae']:.5f}")
     assert with_inputs["qlike"] < 0.8 * without["qlike"]
     assert with_inputs["mae"] < 0.9 * without["mae"]
+
+
+def test_persistence_and_har_sit_in_the_console_table_and_the_walk_forward_comparison():
+    from enhanced_tft.evaluation.scorecard import scorecard_table
+    from enhanced_tft.evaluation.walk_forward import format_walk_forward, walk_forward_summary
+    metrics = {"mae": 0.002, "rmse": 0.003, "qlike": 0.5, "mse_log": 0.2, "num_samples": 10}
+    card = {"test": metrics, "baseline": {**metrics, "qlike": 0.6}, "ensemble": {"size": 1},
+            "volatility_baselines": {"persistence": {"rule": "p", "test": {**metrics, "qlike": 1.5}},
+                                     "har": {"rule": "h", "test": {**metrics, "qlike": 0.9}}}}
+    task = tasks.get("regression")("volatility", volatility_loss="qlike")
+    table = scorecard_table(task, card, "test metrics:", "rule")
+    assert "model persistence         HAR    baseline" in table
+    assert "  qlike                     0.5000      1.5000      0.9000      0.6000" in table
+    folds = [{"fold": k, "run": f"r{k}", "test": metrics, "baseline": metrics, "strong_baseline": None,
+              "persistence": {**metrics, "qlike": 1.0 + k}, "har": {**metrics, "qlike": 0.8}} for k in range(2)]
+    summary = walk_forward_summary(folds)
+    assert summary["over_folds"]["persistence"]["qlike"]["mean"] == pytest.approx(1.5)
+    assert "persistence" in format_walk_forward(summary).splitlines()[1]
+
+
+def test_evaluate_scores_persistence_and_the_saved_har_on_the_same_test_rows(tmp_path, capsys):
+    assert main(["train", "--test_mode", "--task", "regression", "--log_dir", str(tmp_path / "logs"), "--set",
+                 "data.target=volatility", "--set", "data.horizon=3", "--set", "train.max_steps_per_epoch=2", "--set",
+                 "data.num_bars=400", "--set", "train.epochs=1", "--set", "run.report=false", "--set",
+                 "train.strong_baseline=false"]) == 0
+    (run,) = (tmp_path / "logs").glob("training_*")
+    summary = json.loads((run / "summary.json").read_text())
+    found = summary["volatility_baselines"]
+    assert found["har"]["bias_correction"] is False and len(found["har"]["coefficients"]) == 4
+    assert set(found["har"]["test"]) == {"mae", "rmse", "qlike", "mse_log", "num_samples"}
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["volatility_baselines"] == found                     # the same rows, the saved HAR
+    assert {"qlike", "mse_log"} <= set(scored["test"]) and {"qlike", "mse_log"} <= set(scored["baseline"])
