@@ -59,8 +59,8 @@ def har(coefficients: list[float], history_N4: np.ndarray, ends_S: np.ndarray) -
 
 def baselines(history_N4: np.ndarray, target_N: np.ndarray, ends_S: np.ndarray,
               coefficients: list[float]) -> dict[str, dict]:
-    """summary.json's `volatility_baselines`: each rule and its metrics on the samples ending at `ends_S`, whose
-    realized volatility is `target_N[ends_S]`; HAR with `coefficients` (fit_har on the train split)."""
+    """What summary.json keeps as `volatility_baselines`: each rule and its metrics on the samples ending at
+    `ends_S`, whose realized volatility is `target_N[ends_S]`; HAR with `coefficients` (fit_har on the train split)."""
     actual = target_N[ends_S]
     return {"persistence": {"rule": PERSISTENCE_RULE, "test": point_metrics(persistence(history_N4, ends_S), actual)},
             "har": {"rule": HAR_RULE, "coefficients": coefficients, "bias_correction": False,
