@@ -241,3 +241,12 @@ def test_evaluate_scores_persistence_and_the_saved_har_on_the_same_test_rows(tmp
     scored = json.loads(capsys.readouterr().out)
     assert scored["volatility_baselines"] == found                     # the same rows, the saved HAR
     assert {"qlike", "mse_log"} <= set(scored["test"]) and {"qlike", "mse_log"} <= set(scored["baseline"])
+
+
+def test_the_ranks_shared_copy_of_the_data_keeps_the_volatility_history(tmp_path):
+    from enhanced_tft.data.shared import export_bundle, map_bundle
+    data = build_data(_volatility_config(), pd.concat([_bars(400, 0, "S0"), _bars(400, 1, "S1")]))
+    export_bundle(data, tmp_path / "bundle")
+    mapped = map_bundle(tmp_path / "bundle")
+    np.testing.assert_array_equal(mapped.history, data.history)
+    assert isinstance(mapped.history, np.ndarray) and mapped.transform.history_windows == [4, 24, 100, 100]
