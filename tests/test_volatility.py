@@ -250,3 +250,12 @@ def test_the_ranks_shared_copy_of_the_data_keeps_the_volatility_history(tmp_path
     mapped = map_bundle(tmp_path / "bundle")
     np.testing.assert_array_equal(mapped.history, data.history)
     assert isinstance(mapped.history, np.ndarray) and mapped.transform.history_windows == [4, 24, 100, 100]
+
+
+def test_the_default_job_keeps_its_inputs_and_scaler():
+    """Another target than volatility: the same 13 computed inputs, no history, scaler.json without the new keys."""
+    data = build_data(build_config({"data": {"num_symbols": 1, "num_bars": 300, "sequence_length": 8}}))
+    assert data.observed_names == ["ret_1", "ret_2", "ret_3", "ret_5", "ret_10", "ret_20", "vol_10", "vol_30", "range",
+                                   "close_location", "volume_z", "rsi_14", "atr_14"]
+    assert data.history is None and features.warmup_bars([1, 2, 3, 5, 10, 20], [10, 30]) == 31
+    assert not {"history_windows", "target_log"} & set(data.scaler)
