@@ -259,3 +259,12 @@ def test_the_default_job_keeps_its_inputs_and_scaler():
                                    "close_location", "volume_z", "rsi_14", "atr_14"]
     assert data.history is None and features.warmup_bars([1, 2, 3, 5, 10, 20], [10, 30]) == 31
     assert not {"history_windows", "target_log"} & set(data.scaler)
+
+
+def test_range_estimators_of_one_bar_equal_their_formulas():
+    bar = pd.DataFrame({"open": [100.0], "high": [110.0], "low": [95.0], "close": [105.0]})
+    o, h, low, c = np.log([100.0, 110.0, 95.0, 105.0])
+    parkinson, garman_klass, rogers_satchell = (v[0] for v in features.range_variances(bar))
+    assert parkinson == pytest.approx((h - low) ** 2 / (4 * np.log(2)), rel=1e-12)
+    assert garman_klass == pytest.approx(0.5 * (h - low) ** 2 - (2 * np.log(2) - 1) * (c - o) ** 2, rel=1e-12)
+    assert rogers_satchell == pytest.approx((h - c) * (h - o) + (low - c) * (low - o), rel=1e-12)
