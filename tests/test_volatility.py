@@ -268,3 +268,15 @@ def test_range_estimators_of_one_bar_equal_their_formulas():
     assert parkinson == pytest.approx((h - low) ** 2 / (4 * np.log(2)), rel=1e-12)
     assert garman_klass == pytest.approx(0.5 * (h - low) ** 2 - (2 * np.log(2) - 1) * (c - o) ** 2, rel=1e-12)
     assert rogers_satchell == pytest.approx((h - c) * (h - o) + (low - c) * (low - o), rel=1e-12)
+
+
+def test_a_close_only_file_read_with_high_and_low_mapped_to_its_close_has_no_range_estimators(tmp_path, caplog):
+    bars = _bars(500, with_range=False)[["timestamp", "symbol", "open", "close", "volume"]]
+    bars.to_csv(tmp_path / "close_only.csv", index=False)
+    cfg = build_config({"task": "regression", "data": {
+        "source": "file", "path": str(tmp_path / "close_only.csv"), "columns": {"high": "close", "low": "close"},
+        "target": "volatility", "horizon": 4, "sequence_length": 8}})
+    with caplog.at_level(logging.WARNING, logger="enhanced_tft"):
+        data = build_data(cfg)
+    assert data.observed_names[-4:] == ["atr_14", "rv_day", "rv_week", "rv_month"]
+    assert "range estimators (parkinson, garman_klass, rogers_satchell) left out" in caplog.text
