@@ -48,6 +48,7 @@ def test_forward_realized_volatility_is_the_rms_of_the_next_returns():
 def test_volatility_target_is_centred_and_scaled_on_train(small_raw):
     small_raw.update(task="regression")
     small_raw["data"].update(target="volatility", horizon=3)
+    small_raw["train"]["volatility_loss"] = "huber"   # the volatility itself (qlike and log_mse: its log)
     data = build_data(build_config(small_raw))
     train = data.splits["train"]
     raw = train.arrays.raw_return[train.sample_ends].double()

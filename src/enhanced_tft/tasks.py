@@ -21,11 +21,37 @@ QUANTILES = (0.1, 0.5, 0.9)
 SPLIT_STATS = ("num_samples", "up_rate", "majority_rate")   # properties of the data, not of a model
 
 
+VOL_FLOOR = 1e-6   # volatilities are floored here before a log (a flat stretch has zero realized volatility)
+
+
 @dataclass(frozen=True)
 class TargetScale:
-    """How the model's scaled output maps back to the raw target: raw = scaled * std + mean."""
+    """How the model's scaled output maps back to the raw target: raw = scaled * std + mean, or with `log`
+    (log volatility learned) raw = exp(scaled * std + mean)."""
     std: float = 1.0
     mean: float = 0.0
+    log: bool = False
+
+    def to_raw(self, scaled):
+        """Scaled values (torch or numpy) -> the raw target's units."""
+        value = scaled * self.std + self.mean
+        return value.exp() if self.log and hasattr(value, "exp") else np.exp(value) if self.log else value
+
+    def from_raw(self, raw: np.ndarray) -> np.ndarray:
+        """Raw target values (numpy) -> what the model learns."""
+        value = np.log(np.maximum(raw, VOL_FLOOR)) if self.log else raw
+        return (value - self.mean) / self.std
+
+
+def volatility_metrics(forecast, actual) -> dict[str, float]:
+    """QLIKE on the variance, mean(RV^2 / s^2 - log(RV^2 / s^2) - 1) (0 for a perfect forecast; Patton 2011), and
+    the mean squared error of log volatility, for volatility forecasts `forecast` of realized volatilities `actual`
+    (torch tensors or numpy arrays, floored at VOL_FLOOR)."""
+    forecast = np.maximum(np.asarray(forecast, np.float64), VOL_FLOOR)
+    actual = np.maximum(np.asarray(actual, np.float64), VOL_FLOOR)
+    log_ratio = 2.0 * (np.log(actual) - np.log(forecast))          # log(RV^2 / s^2)
+    return {"qlike": float(np.mean(np.exp(log_ratio) - log_ratio - 1.0)),
+            "mse_log": float(np.mean((log_ratio / 2.0) ** 2))}
 
 
 class Task:
@@ -38,8 +64,15 @@ class Task:
     main_metric: ClassVar[str]                # the report's headline metric (learning curves, ensemble spread)
     spread: ClassVar[tuple[str, str]]         # (column, label) of the members' disagreement in the report
 
-    def __init__(self, target: str = "return", regression_loss: str = "huber", huber_delta: float = 1.0):
+    def __init__(self, target: str = "return", regression_loss: str = "huber", huber_delta: float = 1.0,
+                 volatility_loss: str = "huber"):
         self.target, self.regression_loss, self.huber_delta = target, regression_loss, huber_delta
+        self.volatility_loss = volatility_loss
+
+    @property
+    def log_target(self) -> bool:
+        """The model learns log volatility (train.volatility_loss qlike or log_mse on the volatility target)."""
+        return self.target == "volatility" and not self.probabilities and self.volatility_loss in ("qlike", "log_mse")
 
     @property
     def output_size(self) -> int:
@@ -115,6 +148,8 @@ class Task:
         if stacked_MBO.ndim == 2:
             stacked_MBO = stacked_MBO[:, :, None]
         mean_BO = ensemble_mean(stacked_MBO)
+        if scale.log and not self.probabilities:   # log volatility learned: columns in volatility units
+            return self._log_columns(stacked_MBO, mean_BO, scale, with_members and len(member_predictions_MB) > 1)
         spread_BO = stacked_MBO.std(axis=0)   # population std: 0 for a single member
         # Python floats: numpy keeps float32 (a numpy float64 would promote the columns)
         factor, shift = (1.0, 0.0) if self.probabilities else (float(scale.std), float(scale.mean))
@@ -130,6 +165,22 @@ class Task:
             for m in range(stacked_MBO.shape[0]):
                 for j, name in enumerate(self.columns):
                     columns[f"member_{m}_{name}"] = stacked_MBO[m, :, j] * factor + shift
+        return columns
+
+    def _log_columns(self, stacked_MBO: np.ndarray, mean_BO: np.ndarray, scale: TargetScale,
+                     with_members: bool) -> dict[str, np.ndarray]:
+        """prediction_columns of a log-volatility model: exp of the ensemble's mean log (what `metrics` scores),
+        the spread of the members' volatilities."""
+        members_MBO = scale.to_raw(stacked_MBO.astype(np.float64)).astype(np.float32)
+        columns: dict[str, np.ndarray] = {}
+        for j, name in enumerate(self.columns):
+            columns[name] = scale.to_raw(mean_BO[:, j].astype(np.float64)).astype(np.float32)
+        for j, name in enumerate(self.columns):
+            columns[f"{name}_spread"] = members_MBO[:, :, j].std(axis=0)
+        if with_members:
+            for m in range(stacked_MBO.shape[0]):
+                for j, name in enumerate(self.columns):
+                    columns[f"member_{m}_{name}"] = members_MBO[m, :, j]
         return columns
 
 
@@ -250,10 +301,13 @@ class _TargetValues(Task):
     targets = ("return", "volatility")
 
     def make_targets(self, forward_target, forward_return, target_scale, dead_zone):
+        if target_scale.log:
+            return target_scale.from_raw(forward_target.astype(np.float64)).astype(np.float32)
         return ((forward_target - target_scale.mean) / target_scale.std).astype(np.float32)
 
     def prediction_loss(self, prediction, target):
-        """Squared error of the scaled value (quantiles: the mean pinball loss), whatever the training loss."""
+        """Squared error of the scaled value (quantiles: the mean pinball loss), whatever the training loss; for a
+        log target (qlike, log_mse) that is the squared error of log volatility."""
         import torch
         prediction, target = prediction.float(), target.float()
         if prediction.ndim == 1:
@@ -261,6 +315,14 @@ class _TargetValues(Task):
         levels = torch.tensor(QUANTILES, device=prediction.device)
         error = target.unsqueeze(1) - prediction                                               # (N, Q)
         return torch.maximum(levels * error, (levels - 1) * error).mean(dim=1)
+
+    def volatility_loss_of(self, prediction_B, target_B):
+        """qlike or log_mse per sample on log volatility (prediction and target in log units, centred alike):
+        QLIKE = RV^2 / s^2 - log(RV^2 / s^2) - 1 with log(RV^2 / s^2) = 2 (target - prediction)."""
+        if self.volatility_loss == "log_mse":
+            return (prediction_B - target_B).pow(2)
+        log_ratio = (2.0 * (target_B - prediction_B)).clamp(max=30.0)   # exp(30): far beyond any real ratio
+        return log_ratio.exp() - log_ratio - 1.0
 
 
 class Regression(_TargetValues):
@@ -272,6 +334,8 @@ class Regression(_TargetValues):
     def loss(self, output_BO, target_B):
         import torch.nn.functional as F
         prediction = output_BO.float()[:, 0]
+        if self.log_target:
+            return self.volatility_loss_of(prediction, target_B)
         if self.regression_loss == "mae":
             return (prediction - target_B).abs()
         return F.huber_loss(prediction, target_B, reduction="none", delta=self.huber_delta)
@@ -280,12 +344,14 @@ class Regression(_TargetValues):
         return output_BO.float()[:, 0]
 
     def metrics(self, prediction, target, raw, scale):
-        value = prediction.float().cpu() * scale.std + scale.mean
+        value = scale.to_raw(prediction.float().cpu())
         raw = raw.float().cpu()
         error = value - raw
         out = {"mae": float(error.abs().mean()), "rmse": float(error.pow(2).mean().sqrt())}
         if self.target == "return":
             out["direction_accuracy"] = float(((value > 0) == (raw > 0)).float().mean())
+        else:
+            out.update(volatility_metrics(value.numpy(), raw.numpy()))
         return {**out, "num_samples": int(raw.numel())}
 
     def baseline(self, train_target, train_raw, scale):
@@ -293,6 +359,8 @@ class Regression(_TargetValues):
         return torch.tensor(0.0)   # in scaled units: the train mean of the target (0 for returns)
 
     def baseline_rule(self):
+        if self.log_target:
+            return "train mean of log volatility (its exp: the geometric mean)"
         return "train mean of the volatility target" if self.target == "volatility" else "zero return"
 
 
@@ -315,16 +383,21 @@ class QuantileRegression(_TargetValues):
         import torch
         quantiles = torch.tensor(QUANTILES)
         raw = raw.float().cpu()
-        values = prediction.float().cpu() * scale.std + scale.mean                           # (N, Q)
+        values = scale.to_raw(prediction.float().cpu())                                      # (N, Q)
         error = raw.unsqueeze(1) - values
         pinball = torch.maximum(quantiles * error, (quantiles - 1) * error)
         inside = (raw >= values[:, 0]) & (raw <= values[:, -1])
-        return {"quantile_loss": float(pinball.mean()), "coverage_p10_p90": float(inside.float().mean()),
-                "mae_p50": float((values[:, 1] - raw).abs().mean()), "num_samples": int(raw.numel())}
+        out = {"quantile_loss": float(pinball.mean()), "coverage_p10_p90": float(inside.float().mean()),
+               "mae_p50": float((values[:, 1] - raw).abs().mean())}
+        if self.target == "volatility":   # the median as the point forecast
+            out.update(volatility_metrics(values[:, 1].numpy(), raw.numpy()))
+        return {**out, "num_samples": int(raw.numel())}
 
     def baseline(self, train_target, train_raw, scale):
         import torch
         levels = torch.tensor(QUANTILES, dtype=torch.float64)
+        if scale.log:
+            return torch.from_numpy(scale.from_raw(torch.quantile(train_raw.double(), levels).numpy())).float()
         return (torch.quantile(train_raw.double(), levels).float() - scale.mean) / scale.std
 
     def baseline_rule(self):
@@ -360,7 +433,7 @@ def get(name: str) -> type[Task]:
 
 def for_config(cfg) -> Task:
     """The task a validated Config trains, with its loss settings and target."""
-    return get(cfg.task)(cfg.data.target, cfg.train.regression_loss, cfg.train.huber_delta)
+    return get(cfg.task)(cfg.data.target, cfg.train.regression_loss, cfg.train.huber_delta, cfg.train.volatility_loss)
 
 
 def for_transform(transform) -> Task:

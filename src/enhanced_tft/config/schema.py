@@ -102,6 +102,14 @@ class DataConfig(_Section):
                                  description="multiclass: share of train returns labelled flat; sets the dead zone")
     return_lags: list[int] = Field([1, 2, 3, 5, 10, 20], description="lags (bars) of the log-return features")
     volatility_windows: list[int] = Field([10, 30], description="rolling windows of the volatility features")
+    volatility_features: bool | Literal["auto"] = Field(
+        "auto", description="realized volatility over a day, week and month of bars and the Parkinson, Garman-Klass "
+                            "and Rogers-Satchell range estimators as inputs; auto = on for data.target=volatility")
+
+    @property
+    def with_volatility_features(self) -> bool:
+        """data.volatility_features resolved: auto means on for the volatility target only."""
+        return self.target == "volatility" if self.volatility_features == "auto" else bool(self.volatility_features)
 
     @field_validator("return_lags", "volatility_windows")
     @classmethod
@@ -223,6 +231,10 @@ class TrainConfig(_Section):
         "auto", description="auto | fp32 | fp16 | bf16; the seed's true/false still accepted")
     regression_loss: Literal["mae", "huber"] = Field("huber", description="loss of the regression task")
     huber_delta: float = Field(1.0, gt=0.0, description="Huber delta, in train-std units of the target")
+    volatility_loss: Literal["qlike", "log_mse", "huber"] = Field(
+        "qlike", description="data.target=volatility: qlike (QLIKE on the variance, the model predicting log "
+                             "volatility), log_mse (squared error of log volatility), or huber (regression_loss on "
+                             "volatility itself); quantile: qlike and log_mse fit the quantiles of log volatility")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     compile: bool = Field(False, description="torch.compile the model (minutes to compile); falls back to eager, logged, if it fails")
     ensemble_size: int = Field(1, ge=1, le=1_000, description="members trained with seeds seed, seed+1, ...")

@@ -75,7 +75,8 @@ def _extra_columns(found: list[str], data: DataConfig, used: set[str], name: str
     """data.extra_columns as the file names them; 'all' = every other column (those with a value that is not a
     number are left out as the chunks show them). A name the pipeline gives its own inputs is refused in a list and
     left out by 'all': two inputs of one name would be mixed up in the report and the saved scaler."""
-    computed = [*features.observed_feature_names(data.return_lags, data.volatility_windows), *features.KNOWN_FEATURES]
+    computed = [*features.observed_feature_names(data.return_lags, data.volatility_windows), *features.KNOWN_FEATURES,
+                *((*features.REALIZED_NAMES, *features.RANGE_NAMES) if data.with_volatility_features else ())]
     if data.extra_columns == "all":
         taken = [c for c in found if c not in used and (c in computed or c in OUTPUT or c == "adj_close")]
         if taken:

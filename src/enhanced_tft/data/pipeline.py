@@ -44,6 +44,7 @@ class DataBundle:
     symbols = property(lambda self: self.transform.symbols)
     dead_zone = property(lambda self: self.transform.dead_zone)
     num_observed = property(lambda self: len(self.transform.features))
+    history = property(lambda self: self.splits["train"].arrays.history)   # SeriesArrays.history
 
     def target_scale(self) -> tasks.TargetScale:
         return self.transform.target_scale()
@@ -59,9 +60,12 @@ class BarSource:
     the pooled timeline's first and last timestamp where known (for cut dates shared by every symbol)."""
 
     def __init__(self, lengths: dict[str, int], frames: Iterator[tuple[str, pd.DataFrame]], extra_columns: list[str],
-                 time_range: tuple[np.datetime64, np.datetime64] | None = None):
+                 time_range: tuple[np.datetime64, np.datetime64] | None = None,
+                 bar_spacing: np.timedelta64 | None = None, has_range: bool = True):
         self.lengths, self._frames, self.extra_columns = lengths, frames, extra_columns
         self.time_range = time_range
+        self.bar_spacing = bar_spacing   # the median step between a symbol's bars (None: not known)
+        self.has_range = has_range       # some bar's high is above its low (features.has_range)
 
     def frames(self) -> Iterator[tuple[str, pd.DataFrame]]:
         return self._frames
@@ -73,7 +77,10 @@ class BarSource:
         lengths = {str(k): int(v) for k, v in groups.size().items()}
         stamps = bars["timestamp"]
         time_range = (stamps.min().to_datetime64(), stamps.max().to_datetime64()) if len(bars) else None
-        return cls(lengths, ((str(s), f.sort_values("timestamp")) for s, f in groups), extra, time_range)
+        steps = groups["timestamp"].diff().dropna()
+        spacing = steps.median().to_timedelta64() if len(steps) else None
+        return cls(lengths, ((str(s), f.sort_values("timestamp")) for s, f in groups), extra, time_range, spacing,
+                   features.has_range(bars) if len(bars) else True)
 
 
 def bar_source(cfg: Config, bars: pd.DataFrame | None = None) -> BarSource:
@@ -89,7 +96,8 @@ def bar_source(cfg: Config, bars: pd.DataFrame | None = None) -> BarSource:
     frames = ((symbol_name(i), symbol_frame(cfg.seed, i, data.num_bars, data.bar_minutes, num_extra=data.num_extra_features))
               for i in range(data.num_symbols))
     return BarSource({symbol_name(i): data.num_bars for i in range(data.num_symbols)}, frames,
-                     [f"x_{i + 1}" for i in range(data.num_extra_features)])
+                     [f"x_{i + 1}" for i in range(data.num_extra_features)],
+                     bar_spacing=np.timedelta64(data.bar_minutes, "m"))
 
 
 def load_bars(cfg: Config) -> pd.DataFrame:
@@ -192,18 +200,60 @@ def make_targets(task: tasks.Task, forward_target: np.ndarray, forward_return: n
                              transform.dead_zone)
 
 
-def _series_rows(frame: pd.DataFrame, data: DataConfig, extra_columns: list[str], warmup: int) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class VolatilityPlan:
+    """The volatility part of a run's rows: the history windows (None: neither volatility target nor inputs) and
+    the volatility inputs (None: off)."""
+    history: features.HistoryWindows | None = None
+    inputs: features.VolatilityInputs | None = None
+
+    @classmethod
+    def for_training(cls, data: DataConfig, source: BarSource) -> "VolatilityPlan":
+        """From the config and the bars: windows from the bars' spacing, range estimators where bars have a range."""
+        if data.target != "volatility" and not data.with_volatility_features:
+            return cls()
+        history, note = features.HistoryWindows.for_spacing(source.bar_spacing, data.horizon,
+                                                            min(source.lengths.values(), default=None))
+        log.info("volatility history windows: %s (median bar step %s)", note,
+                 "unknown" if source.bar_spacing is None else pd.Timedelta(source.bar_spacing))
+        if not data.with_volatility_features:
+            return cls(history)
+        if not source.has_range:
+            log.warning("volatility inputs: range estimators (%s) left out: no bar has its high above its low, so "
+                        "the bars carry no intrabar range (a close-only file, high and low mapped to its close)",
+                        ", ".join(features.RANGE_NAMES))
+        return cls(history, features.VolatilityInputs(history, source.has_range))
+
+    @classmethod
+    def of_transform(cls, transform: Transform) -> "VolatilityPlan":
+        """What a saved run was trained with: its windows, and its inputs as its feature names list them."""
+        history = transform.history()
+        if history is None or features.REALIZED_NAMES[0] not in transform.features:
+            return cls(history)
+        return cls(history, features.VolatilityInputs(history, features.RANGE_NAMES[0] in transform.features))
+
+    def warmup(self, data: DataConfig) -> int:
+        return features.warmup_bars(data.return_lags, data.volatility_windows, self.inputs, self.history)
+
+
+def _series_rows(frame: pd.DataFrame, data: DataConfig, extra_columns: list[str], warmup: int,
+                 plan: VolatilityPlan = VolatilityPlan()) -> dict[str, np.ndarray]:
     """One symbol's features and raw targets, warm-up rows dropped."""
-    observed = features.observed_features(frame, data.return_lags, data.volatility_windows)
+    observed = features.observed_features(frame, data.return_lags, data.volatility_windows, plan.inputs)
     if extra_columns:
         observed = np.concatenate([observed, frame[extra_columns].to_numpy(np.float32)], axis=1)
     close = frame["close"].to_numpy()
     forward_return = features.forward_log_return(close, data.horizon)
     forward_target = (features.forward_realized_volatility(close, data.horizon) if data.target == "volatility"
                       else forward_return)
-    return {"observed": observed[warmup:], "known": features.known_features(frame["timestamp"])[warmup:],
+    rows = {"observed": observed[warmup:], "known": features.known_features(frame["timestamp"])[warmup:],
             "forward_return": forward_return[warmup:], "forward_target": forward_target[warmup:],
             "timestamp": frame["timestamp"].to_numpy("datetime64[ns]")[warmup:]}
+    if plan.history is not None:
+        log_close = np.log(close.astype(np.float64))
+        rows["history"] = np.stack([features.trailing_realized_volatility(log_close, w)
+                                    for w in plan.history.windows], axis=1)[warmup:].astype(np.float32)
+    return rows
 
 
 def _check_finite(rows: dict[str, np.ndarray], names: list[str], symbol: str) -> None:
@@ -218,8 +268,10 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
     """Turn long-format bars (timestamp, symbol, OHLCV, extra columns) into the three window sets of `cfg.task`."""
     data = cfg.data
     source = bar_source(cfg, bars)
-    warmup = features.warmup_bars(data.return_lags, data.volatility_windows)
-    names = features.observed_feature_names(data.return_lags, data.volatility_windows) + source.extra_columns
+    plan = VolatilityPlan.for_training(data, source)
+    warmup = plan.warmup(data)
+    names = features.observed_feature_names(data.return_lags, data.volatility_windows, plan.inputs) + source.extra_columns
+    history_parts: list[np.ndarray] = []
     total = sum(max(n - warmup, 0) for n in source.lengths.values())
     buffer = SeriesBuffer(total, len(names), len(features.KNOWN_FEATURES), data.memory_map_dir)
     moments = RunningMoments(len(names))
@@ -229,7 +281,7 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
     cuts = time_cuts(data, source.time_range)
     rule = cuts.describe() + " for every symbol" if cuts else _split_rule(data)
     for symbol, frame in source.frames():
-        rows = _series_rows(frame, data, source.extra_columns, warmup)
+        rows = _series_rows(frame, data, source.extra_columns, warmup, plan)
         n = len(rows["observed"])
         bounds = split_bounds(n, data, rows["timestamp"], cuts)
         per_split = {s: sample_ends_in(lo, hi, data.sequence_length, data.horizon) for s, (lo, hi) in bounds.items()}
@@ -245,6 +297,8 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
             continue
         _check_finite(rows, names, symbol)
         offset = buffer.append(rows, len(symbols))
+        if "history" in rows:
+            history_parts.append(rows["history"])
         moments.add(rows["observed"][bounds["train"][0]:bounds["train"][1]])
         for s in SPLITS:
             ends[s].append(per_split[s] + offset)
@@ -263,6 +317,7 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
              len(features.KNOWN_FEATURES), warmup, len(symbols))
 
     arrays = buffer.finish()
+    arrays.history = np.concatenate(history_parts) if history_parts else None
     split_ends = {s: np.concatenate(ends[s]) for s in SPLITS}
     empty = [s for s in SPLITS if len(split_ends[s]) == 0]
     if empty:
@@ -272,17 +327,21 @@ def build_data(cfg: Config, bars: pd.DataFrame | None = None) -> DataBundle:
     train_target = buffer.forward_target[split_ends["train"]].astype(np.float64)
     train_abs_return = np.abs(buffer.forward_return[split_ends["train"]].astype(np.float64))
     volatility = data.target == "volatility"
+    task = tasks.for_config(cfg)
+    if task.log_target:   # log volatility, centred on its train mean, not scaled: QLIKE needs log units
+        train_target = np.log(np.maximum(train_target, tasks.VOL_FLOOR))
     transform = Transform(
         task=cfg.task, target=data.target, sequence_length=data.sequence_length, horizon=data.horizon,
         features=names, known_features=list(features.KNOWN_FEATURES), extra_columns=source.extra_columns,
         symbols=symbols, mean=moments.mean.tolist(), std=moments.std().tolist(),
         target_mean=float(train_target.mean()) if volatility else 0.0,
-        target_std=float(train_target.std()) or 1.0,
+        target_std=1.0 if task.log_target else (float(train_target.std()) or 1.0),
         dead_zone=float(np.quantile(train_abs_return, data.flat_fraction)) if data.flat_fraction else 0.0,
         binary_dead_zone=float(np.quantile(train_abs_return, data.binary_dead_zone)) if data.binary_dead_zone else 0.0,
+        history_windows=list(plan.history.windows) if plan.history else [], target_log=task.log_target,
     )
     transform.scale(buffer.observed)
-    buffer.set_target(make_targets(tasks.for_config(cfg), buffer.forward_target, buffer.forward_return, transform))
+    buffer.set_target(make_targets(task, buffer.forward_target, buffer.forward_return, transform))
     if transform.binary_dead_zone:
         split_ends = _leave_out_dead_zone(split_ends, buffer.forward_return, transform.binary_dead_zone, data)
     from .windows import WindowSet  # torch: here, so that the torch-free ONNX serving path can import this module
@@ -341,14 +400,16 @@ class PredictionRows:
     rows: RowArrays
     sample_ends: np.ndarray    # (num samples,) int64: the row of each sample's last bar
     target_known: np.ndarray   # (num samples,) bool: the bar `horizon` ahead is in the data (False at the end)
+    history: np.ndarray | None = None   # (N, 4) float32 per row: SeriesArrays.history
 
 
 def build_prediction_data(cfg: Config, transform: Transform, bars: pd.DataFrame | None = None) -> PredictionData:
     """Samples ending at every bar that has a full window, scaled with the run's transform (prediction_rows)."""
     found = prediction_rows(cfg, transform, bars)
     from .windows import SeriesArrays, WindowSet  # torch: as in build_data
-    windows = WindowSet(SeriesArrays.from_rows(found.rows), found.sample_ends, transform.sequence_length,
-                        transform.horizon)
+    arrays = SeriesArrays.from_rows(found.rows)
+    arrays.history = found.history
+    windows = WindowSet(arrays, found.sample_ends, transform.sequence_length, transform.horizon)
     return PredictionData(windows, found.target_known, transform)
 
 
@@ -367,13 +428,14 @@ def prediction_rows(cfg: Config, transform: Transform, bars: pd.DataFrame | None
     if unknown:
         raise UserError(f"symbol(s) {', '.join(unknown[:20])} were not in the run's training data; the model knows "
                          f"{', '.join(transform.symbols)} (each symbol has its own learned embedding)")
-    warmup = features.warmup_bars(data.return_lags, data.volatility_windows)
+    plan = VolatilityPlan.of_transform(transform)
+    warmup = plan.warmup(data)
     horizon, length = transform.horizon, transform.sequence_length
     total = sum(max(n - warmup, 0) + horizon for n in source.lengths.values())
     buffer = SeriesBuffer(total, len(transform.features), len(transform.known_features), data.memory_map_dir)
-    ends, known_target = [], []
+    ends, known_target, history_parts = [], [], []
     for symbol, frame in source.frames():
-        rows = _series_rows(frame, data, source.extra_columns, warmup)
+        rows = _series_rows(frame, data, source.extra_columns, warmup, plan)
         n = len(rows["observed"])
         if n < length:
             message = (f"symbol {symbol!r} has {len(frame)} bars, fewer than the {warmup} warm-up bars + "
@@ -384,6 +446,8 @@ def prediction_rows(cfg: Config, transform: Transform, bars: pd.DataFrame | None
             continue
         _check_finite(rows, transform.features, symbol)
         offset = buffer.append(_with_future_rows(rows, horizon), transform.symbols.index(symbol))
+        if "history" in rows:
+            history_parts.append(np.concatenate([rows["history"], np.full((horizon, 4), np.nan, np.float32)]))
         symbol_ends = np.arange(length - 1, n, dtype=np.int64)
         ends.append(symbol_ends + offset)
         known_target.append(symbol_ends <= n - 1 - horizon)
@@ -392,7 +456,8 @@ def prediction_rows(cfg: Config, transform: Transform, bars: pd.DataFrame | None
     buffer.trim()
     transform.scale(buffer.observed)
     target = make_targets(tasks.for_transform(transform), buffer.forward_target, buffer.forward_return, transform)
-    return PredictionRows(buffer.rows(target), np.concatenate(ends), np.concatenate(known_target))
+    return PredictionRows(buffer.rows(target), np.concatenate(ends), np.concatenate(known_target),
+                          np.concatenate(history_parts) if history_parts else None)
 
 
 def _with_future_rows(rows: dict[str, np.ndarray], horizon: int) -> dict[str, np.ndarray]:

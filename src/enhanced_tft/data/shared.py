@@ -18,15 +18,17 @@ from .pipeline import SPLITS, DataBundle
 from .transform import Transform
 from .windows import SeriesArrays, WindowSet
 
+NUMPY_FIELDS = ("history",)   # SeriesArrays fields kept as numpy (read by the evaluation, never by the model)
+
 
 def export_bundle(bundle: DataBundle, folder: Path) -> None:
     """Write `bundle` into `folder` (created): one .npy per array and per split, transform.json."""
     folder.mkdir(parents=True, exist_ok=False)
     arrays = bundle.splits["train"].arrays
     for field in fields(SeriesArrays):
-        tensor = getattr(arrays, field.name)
-        if tensor is not None:
-            np.save(folder / f"{field.name}.npy", tensor.numpy())
+        value = getattr(arrays, field.name)
+        if value is not None:   # tensors, and the volatility history (numpy)
+            np.save(folder / f"{field.name}.npy", value.numpy() if isinstance(value, torch.Tensor) else value)
     for name in SPLITS:
         np.save(folder / f"ends_{name}.npy", bundle.splits[name].sample_ends.numpy())
     split = bundle.splits["train"]
@@ -38,9 +40,12 @@ def map_bundle(folder: Path) -> DataBundle:
     """The bundle `export_bundle` wrote, its arrays memory-mapped copy-on-write (shared until written)."""
     meta = json.loads((folder / "bundle.json").read_text())
 
-    def mapped(name: str) -> torch.Tensor | None:
+    def mapped(name: str) -> torch.Tensor | np.ndarray | None:
         path = folder / f"{name}.npy"
-        return torch.from_numpy(np.load(path, mmap_mode="c")) if path.is_file() else None
+        if not path.is_file():
+            return None
+        array = np.load(path, mmap_mode="c")
+        return array if name in NUMPY_FIELDS else torch.from_numpy(array)
 
     arrays = SeriesArrays(**{field.name: mapped(field.name) for field in fields(SeriesArrays)})
     splits = {name: WindowSet(arrays, np.load(folder / f"ends_{name}.npy"), meta["sequence_length"], meta["horizon"])

@@ -50,7 +50,7 @@ def outcome_columns(rows: RowArrays, ends_B: np.ndarray, known_B: np.ndarray | N
     known = np.ones(len(ends_B), bool) if known_B is None else known_B
     if transform.target == "volatility":
         scale = transform.target_scale()
-        actual = rows.target[ends_B].astype(np.float64) * scale.std + scale.mean
+        actual = scale.to_raw(rows.target[ends_B].astype(np.float64))
     else:
         actual = rows.raw_return[ends_B]
     columns["actual"] = np.where(known, actual, np.nan).astype(np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -12,8 +12,10 @@ from ..config.schema import MAX_HORIZON, MAX_SEQUENCE_LENGTH
 from ..errors import UserError
 from ..tasks import TargetScale
 from ..tasks import names as task_names
+from .features import HistoryWindows
 
 FORMAT_VERSION = 2
+OPTIONAL = ("history_windows", "target_log")   # fields a transform of another target leaves out
 
 
 @dataclass
@@ -33,14 +35,21 @@ class Transform:
     dead_zone: float              # multiclass: |return| at or below this is 'flat'
     binary_dead_zone: float       # classification_binary: samples with |return| at or below this are left out
     version: int = FORMAT_VERSION
+    # data.target=volatility only (absent from other runs' scaler.json, which stay as they were):
+    history_windows: list[int] = field(default_factory=list)   # horizon, day, week, month (features.HistoryWindows)
+    target_log: bool = False      # the target is log volatility: raw = exp(scaled * target_std + target_mean)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for optional in OPTIONAL:
+            if out[optional] in (False, []):
+                del out[optional]
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "the saved transform") -> "Transform":
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - {"version"} - set(raw))
+        missing = sorted(names - {"version", *OPTIONAL} - set(raw))
         if missing or raw.get("version", 1) != FORMAT_VERSION:
             raise UserError(f"{source} is not a saved transform of this version (missing {', '.join(missing) or '-'}, "
                              f"version {raw.get('version', 1)}, expected {FORMAT_VERSION}): retrain the run with this "
@@ -68,7 +77,11 @@ class Transform:
 
     def target_scale(self) -> TargetScale:
         """What turns the model's scaled output back into the raw target's units."""
-        return TargetScale(self.target_std, self.target_mean)
+        return TargetScale(self.target_std, self.target_mean, self.target_log)
+
+    def history(self):
+        """The windows of the trailing realized volatilities (features.HistoryWindows), or None (not volatility)."""
+        return HistoryWindows(*self.history_windows) if self.history_windows else None
 
     def scale(self, observed: np.ndarray, chunk_rows: int = 1 << 16) -> None:
         """(x - mean) / std in place, float32, a chunk of rows at a time (no full-size temporary)."""
@@ -128,6 +141,12 @@ def _problems(raw: dict) -> list[str]:
     number("target_std", 0.0, positive=True)
     number("dead_zone", 0.0)
     number("binary_dead_zone", 0.0)
+    windows = raw.get("history_windows", [])
+    if not isinstance(windows, list) or len(windows) not in (0, 4) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in windows):
+        out.append("history_windows must be four positive integers (horizon, day, week, month) or absent")
+    if not isinstance(raw.get("target_log", False), bool):
+        out.append("target_log must be true or false")
     return out
 
 

@@ -25,6 +25,9 @@ class SeriesArrays:
                                # with data.target=volatility), in its own units, for metrics and baselines
     symbol: torch.Tensor       # (N,) int64: series id
     timestamp: torch.Tensor | None = None   # (N,) int64: the bar's time, ns since 1970 (UTC)
+    # (N, 4) float32 numpy, data.target=volatility only: the trailing realized volatility over the horizon, a day,
+    # a week and a month of bars up to each row, raw (Transform.history_windows): the volatility baselines' inputs
+    history: np.ndarray | None = None
 
     @classmethod
     def from_rows(cls, rows: RowArrays) -> "SeriesArrays":

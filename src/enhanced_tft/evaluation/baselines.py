@@ -118,6 +118,8 @@ def _multiclass(task: tasks.Task) -> list[dict[str, Any]]:
 
 def _regression(task: tasks.Task) -> list[dict[str, Any]]:
     # the model's own loss on the same scaled target (Huber's delta is in train-std units there too)
+    if task.log_target:   # log volatility: squared error of the log (LightGBM has no QLIKE)
+        return [{"objective": "l2"}]
     if task.regression_loss == "mae":
         return [{"objective": "l1"}]
     return [{"objective": "huber", "alpha": task.huber_delta}]

@@ -10,6 +10,7 @@ import torch
 from ..data.tables import table_batches
 from ..tasks import SPLIT_STATS, TargetScale, Task, ensemble_mean, member_stack
 from .quant import backtest, format_quant, quant_metrics, signal_of
+from .volatility import tested as volatility_tested
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,16 @@ def score(task: Task, member_predictions: list[torch.Tensor], target: torch.Tens
 
 
 def metrics_table(task: Task, test: dict, baseline: dict, rule: str, mean_member: dict | None, title: str,
-                  strong: dict | None = None, blend: dict | None = None) -> str:
+                  strong: dict | None = None, blend: dict | None = None,
+                  others: list[tuple[str, dict]] = ()) -> str:
     """The console table: model (or ensemble), mean member when there are several, LightGBM when fitted, the blend
-    of the two (`blend`: summary.json's record), the naive baseline; then the rules and what the split looks like."""
+    of the two (`blend`: summary.json's record), the other baselines (`others`: the volatility target's persistence
+    and HAR), the naive baseline; then the rules and what the split itself looks like."""
     keys = [k for k in test if k not in SPLIT_STATS and k in baseline]
     label = "ensemble" if mean_member else "model"
     columns = [(label, test, 12)] + ([("mean member", mean_member, 14)] if mean_member else [])
     columns += ([("LightGBM", strong, 12)] if strong else []) + ([("blend", blend["test"], 12)] if blend else [])
+    columns += [(name, values, 12) for name, values in others]
     columns += [("baseline", baseline, 12)]
     lines = [title, f"  {'metric':<20}" + "".join(f"{name:>{width}}" for name, _, width in columns)]
     lines += [f"  {k:<20}" + "".join(f"{values[k]:>{width}.4f}" if k in values else f"{'-':>{width}}"
@@ -66,7 +70,8 @@ def scorecard_table(task: Task, card: dict, title: str, rule: str, strong: dict 
     `blend`: the blend's record (weight and test metrics)."""
     several = card["ensemble"]["size"] > 1
     lines = [metrics_table(task, card["test"], card["baseline"], rule,
-                           card["ensemble"]["mean_member"] if several else None, title, strong, blend)]
+                           card["ensemble"]["mean_member"] if several else None, title, strong, blend,
+                           volatility_tested(card))]
     if "quant" in card:
         lines.append(format_quant(card["quant"]["model"], card["quant"].get("strong_baseline"),
                                   card["quant"].get("blend")))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import tasks
 from ..runs import SUMMARY_JSON, RunFolder
+from .volatility import LABELS as VOLATILITY_BASELINES
 
 
 def fold_record(fold: int, run_path: Path) -> dict:
@@ -17,6 +18,8 @@ def fold_record(fold: int, run_path: Path) -> dict:
               "baseline": {k: v for k, v in summary["baseline"].items() if k not in ("rule", "output")},
               "strong_baseline": summary.get("strong_baseline", {}).get("test"),
               "blend": summary.get("blend", {}).get("test")}
+    for name, found in summary.get("volatility_baselines", {}).items():   # persistence and HAR (volatility target)
+        record[name] = found["test"]
     quant = summary.get("quant")
     if quant:
         record["quant"] = {name: {"rank_ic": ((q["information_coefficient"]["cross_sectional"] or {}).get("rank")
@@ -41,7 +44,7 @@ def walk_forward_summary(results: list[dict]) -> dict:
     baseline and LightGBM (where fitted), and the quant numbers (rank IC, the sign backtest's Sharpe)."""
     keys = [k for k, v in results[0]["test"].items() if isinstance(v, float)]
     compared = {"model": [r["test"] for r in results], "baseline": [r["baseline"] for r in results]}
-    for name in ("strong_baseline", "blend"):
+    for name in ("strong_baseline", "blend", *VOLATILITY_BASELINES):
         if all(r.get(name) for r in results):
             compared[name] = [r[name] for r in results]
     over_folds = {name: {k: _mean_sd([m.get(k) for m in metrics]) for k in keys}
@@ -58,8 +61,10 @@ def walk_forward_summary(results: list[dict]) -> dict:
 def format_walk_forward(summary: dict) -> str:
     """The console table: each metric's mean +- sd over the folds, model beside LightGBM and the naive rule."""
     folds = summary["folds"]
-    names = [n for n in ("model", "strong_baseline", "blend", "baseline") if n in summary["over_folds"]]
-    labels = {"model": "model", "strong_baseline": "LightGBM", "blend": "blend", "baseline": "naive baseline"}
+    names = [n for n in ("model", "strong_baseline", "blend", *VOLATILITY_BASELINES, "baseline")
+             if n in summary["over_folds"]]
+    labels = {"model": "model", "strong_baseline": "LightGBM", "blend": "blend", "baseline": "naive baseline",
+              **VOLATILITY_BASELINES}
     lines = [f"walk-forward test metrics ({len(folds)} folds), mean +- sd over folds:",
              f"  {'metric':<20}" + "".join(f"{labels[n]:>24}" for n in names)]
     for key in summary["over_folds"]["model"]:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from .. import tasks
 from ..errors import UserError
+from ..evaluation import volatility
 from ..evaluation.quant import span_of, span_text
 from ..evaluation.scorecard import mean_of
 from ..runs import (ATTENTION_CSV, BACKTEST_CSV, CONFIG_YAML, IMPORTANCE_BY_SYMBOL_CSV, IMPORTANCE_CSV,
@@ -111,7 +112,9 @@ def section_data(run: RunFiles) -> str:
             ["observed features", ", ".join(data["observed_features"])],
             ["known features", ", ".join(data["known_features"])]]
     scaler = json.loads(run.text(SCALER_JSON) or "{}")
-    if "target_std" in scaler:
+    if scaler.get("target_log"):   # the model learns log volatility, centred on its train mean
+        rows.append(["train mean of the target (log forward realized volatility)", f"{scaler['target_mean']:.6f}"])
+    elif "target_std" in scaler:
         target = "forward realized volatility" if data.get("target") == "volatility" else "forward log return"
         rows.append([f"train std of the target ({target})", f"{scaler['target_std']:.6f}"])
     rows += [list(row) for row in (run.task().data_notes(scaler) if run.task else [])]
@@ -127,12 +130,16 @@ def section_metrics(run: RunFiles) -> str:
     label = "ensemble" if s["ensemble"]["size"] > 1 else "model"
     strong = s.get("strong_baseline", {}).get("test", {})
     blend = s.get("blend", {}).get("test", {})
+    others = volatility.tested(s)   # persistence and HAR beside a volatility forecaster
     header = (["metric", label] + (["mean member"] if mean_member else []) + (["LightGBM"] if strong else [])
-              + (["blend"] if blend else []) + ["naive baseline"])
+              + (["blend"] if blend else []) + [name for name, _ in others] + ["naive baseline"])
     rows = [[k, test[k]] + ([mean_member[k]] if mean_member else []) + ([strong.get(k, "-")] if strong else [])
-            + ([blend.get(k, "-")] if blend else []) + [baseline[k]] for k in keys]
+            + ([blend.get(k, "-")] if blend else []) + [values.get(k, "-") for _, values in others] + [baseline[k]]
+            for k in keys]
     png = plots.metrics_bars([(k, test[k], mean_member.get(k), baseline[k]) for k in keys], label)
     text = f"{test['num_samples']:,} test samples; baseline: {baseline['rule']}."
+    for found in (s.get("volatility_baselines") or {}).values():
+        text += f" {found['rule'][0].upper()}{found['rule'][1:]}."
     if strong:
         text += f" Strong baseline: {s['strong_baseline'].get('rule', 'LightGBM')}."
     if blend:

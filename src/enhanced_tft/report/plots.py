@@ -17,7 +17,7 @@ from ..tasks import SPLIT_STATS
 
 MEMBER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 MODEL, MEAN_MEMBER, BASELINE = "#1f77b4", "#8fbbe0", "#b0b0b0"
-LOWER_IS_BETTER = {"mae", "rmse", "quantile_loss", "mae_p50"}
+LOWER_IS_BETTER = {"mae", "rmse", "quantile_loss", "mae_p50", "qlike", "mse_log"}
 NOMINAL = {"coverage_p10_p90": 0.8}   # neither higher nor lower: a calibrated P10-P90 band holds 80%
 
 

@@ -25,7 +25,7 @@ from ..data.tables import READ_KEYS, new_data_config, table_batches
 from ..data.transform import Transform
 from ..data.windows import WindowSet
 from ..errors import UserError
-from ..evaluation import blend
+from ..evaluation import blend, volatility
 from ..evaluation.baselines import predict_saved
 from ..evaluation.scorecard import quant_of, score
 from ..runs import PREDICTIONS_TEST_CSV, STRONG_BASELINE_JSON, RunFolder, atomic_path, spreadsheet_safe
@@ -218,6 +218,10 @@ def evaluate_windows(run: SavedRun, windows: WindowSet, target_known: np.ndarray
             result["blend"] = {"rule": saved_blend["rule"], "weight_model": saved_blend["weight_model"],
                                "weight_strong_baseline": saved_blend["weight_strong_baseline"],
                                "test": task.metrics(blended[mask], target, raw, scale)}
+    har = run.summary.get("volatility_baselines", {}).get("har", {}).get("coefficients")
+    if har is not None and windows.arrays.history is not None:   # the HAR as fitted on the run's train split
+        result["volatility_baselines"] = volatility.baselines(
+            windows.arrays.history, windows.arrays.raw_return.numpy(), windows.sample_ends[mask].numpy(), har)
     quant = quant_of(run.cfg, run.transform, windows, members, target_known)
     if quant is not None:
         result["quant"] = {"model": quant}

@@ -23,6 +23,7 @@ from ..evaluation import blend
 from ..evaluation.baselines import fit_strong_baseline
 from ..evaluation.interpret import WeightSums
 from ..evaluation.scorecard import baseline_output, equity_curves, quant_of, score
+from ..evaluation.volatility import of_split as volatility_baselines
 from ..model.build import build_training_model, dims_for
 from ..runs import STRONG_BASELINE_JSON, SUMMARY_JSON, RunFolder, load_checkpoint, save_checkpoint
 from ..runtime.memory import release_memory
@@ -200,6 +201,7 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
     baseline = baseline_output(task, *train.outcomes(), data.target_scale())
     scores = score(task, [m.prediction for m in members], target, raw, data.target_scale(), baseline)
     records = [m.summary for m in members]
+    volatility = volatility_baselines(data.history, test, train)   # None unless data.target=volatility
     return {
         "task": cfg.task,
         "status": "completed",
@@ -218,6 +220,7 @@ def summarize_ensemble(cfg: Config, task: Task, data: DataBundle, device: torch.
                  "transform_sha256": data.transform.sha256()},   # predict refuses an edited scaler.json
         "effective_batch_size": cfg.train.samples_per_step,
         "wall_time_s": wall_time_s,
+        **({"volatility_baselines": volatility} if volatility else {}),
     }
 
 

@@ -14,7 +14,10 @@ def plan_dims(cfg: Config, num_observed: int | None = None) -> ModelDims:
     data = cfg.data
     extra = data.num_extra_features if data.source == "synthetic" else (
         len(data.extra_columns) if isinstance(data.extra_columns, list) else 0)   # 'all': known only from the file
-    observed = num_observed or len(features.observed_feature_names(data.return_lags, data.volatility_windows)) + extra
+    # the volatility inputs with their range estimators: bars without a range give three fewer (known from the data)
+    volatility = len(features.REALIZED_NAMES) + len(features.RANGE_NAMES) if data.with_volatility_features else 0
+    observed = num_observed or len(features.observed_feature_names(data.return_lags, data.volatility_windows)) + extra \
+        + volatility
     return ModelDims(observed, len(features.KNOWN_FEATURES), data.num_symbols, data.horizon)
 
 
