@@ -46,6 +46,7 @@ def load_configs(files: list[str] | None, overrides: list[str]) -> list[tuple[st
 def run(args: argparse.Namespace) -> int:
     configs = load_configs(args.config, args.overrides)
     from ..training.bench import BenchSettings, validate_request
+
     # --seconds sizes inference's repeats too (they ignored it and lasted 2 s whatever was asked)
     settings = BenchSettings(repeats=args.repeats, warmup_steps=args.warmup, seconds_per_repeat=args.seconds,
                              infer_seconds=args.seconds * 2 / 3)
