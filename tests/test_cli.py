@@ -133,8 +133,10 @@ def test_walk_forward_trains_one_run_per_fold_and_compares_them(tmp_path: Path):
     lgbm = [f["strong_baseline"]["auc"] for f in folds["folds"]]
     assert over["strong_baseline"]["auc"]["mean"] == pytest.approx(sum(lgbm) / 2)
     assert over["baseline"]["auc"]["mean"] == pytest.approx(0.5)
-    assert set(folds["quant_over_folds"]) == {"model", "strong_baseline"}
+    blend = [f["blend"]["auc"] for f in folds["folds"]]
+    assert over["blend"]["auc"]["mean"] == pytest.approx(sum(blend) / 2)
+    assert set(folds["quant_over_folds"]) == {"model", "strong_baseline", "blend"}
     assert "walk-forward test metrics (2 folds), mean +- sd over folds:" in result.stderr
-    assert "LightGBM          naive baseline" in result.stderr
+    assert "LightGBM                   blend          naive baseline" in result.stderr
     from matplotlib.image import imread
     assert imread(report.with_suffix(".png")).shape[1] > 600      # a plot beside the JSON
