@@ -136,7 +136,10 @@ def section_metrics(run: RunFiles) -> str:
     rows = [[k, test[k]] + ([mean_member[k]] if mean_member else []) + ([strong.get(k, "-")] if strong else [])
             + ([blend.get(k, "-")] if blend else []) + [values.get(k, "-") for _, values in others] + [baseline[k]]
             for k in keys]
-    png = plots.metrics_bars([(k, test[k], mean_member.get(k), baseline[k]) for k in keys], label)
+    sources = ([(label, test)] + ([("mean member", mean_member)] if mean_member else []) + [("LightGBM", strong),
+               ("blend", blend)] + list(others) + [("naive baseline", baseline)])
+    png = plots.metrics_bars([(k, [(name, values[k]) for name, values in sources
+                                   if isinstance(values.get(k), (int, float))]) for k in keys])
     text = f"{test['num_samples']:,} test samples; baseline: {baseline['rule']}."
     for found in (s.get("volatility_baselines") or {}).values():
         text += f" {found['rule'][0].upper()}{found['rule'][1:]}."

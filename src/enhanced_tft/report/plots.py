@@ -17,6 +17,7 @@ from ..tasks import SPLIT_STATS
 
 MEMBER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 MODEL, MEAN_MEMBER, BASELINE = "#1f77b4", "#8fbbe0", "#b0b0b0"
+STRONG, BLEND, OTHER = "#2ca02c", "#9467bd", "#ff7f0e"   # LightGBM, the blend, any other forecaster
 LOWER_IS_BETTER = {"mae", "rmse", "quantile_loss", "mae_p50", "qlike", "mse_log"}
 NOMINAL = {"coverage_p10_p90": 0.8}   # neither higher nor lower: a calibrated P10-P90 band holds 80%
 
@@ -37,15 +38,19 @@ def _color(member: int) -> str:
     return MEMBER_COLORS[member % len(MEMBER_COLORS)]
 
 
-def metrics_bars(rows: list[tuple[str, float, float | None, float]], model_label: str) -> bytes:
-    """One small panel per metric: model (or ensemble), mean member, naive baseline."""
-    fig = new_figure(2.6 * len(rows) + 0.4, 3.0)
+def metrics_bars(rows: list[tuple[str, list[tuple[str, float]]]]) -> bytes:
+    """One small panel per metric, a bar per forecaster that has it: [(metric, [(label, value), ...]), ...] with
+    the labels the metrics table uses (model or ensemble, mean member, LightGBM, blend, persistence, HAR, naive
+    baseline); each keeps its colour in every panel and in the walk-forward figure."""
+    palette = {"model": MODEL, "ensemble": MODEL, "mean member": MEAN_MEMBER, "LightGBM": STRONG, "blend": BLEND,
+               "persistence": OTHER, "HAR": "#8c564b", "naive baseline": BASELINE}
+    width = max(len(bars) for _, bars in rows) if rows else 1
+    fig = new_figure((0.6 * width + 0.8) * len(rows) + 0.4, 3.0)
     axes = fig.subplots(1, len(rows), squeeze=False)[0]
-    for ax, (name, model, mean_member, baseline) in zip(axes, rows):
-        labels, values, colors = [model_label], [model], [MODEL]
-        if mean_member is not None:
-            labels, values, colors = labels + ["mean\nmember"], values + [mean_member], colors + [MEAN_MEMBER]
-        labels, values, colors = labels + ["baseline"], values + [baseline], colors + [BASELINE]
+    for ax, (name, shown) in zip(axes, rows):
+        labels = [label.replace(" ", "\n") for label, _ in shown]
+        values = [value for _, value in shown]
+        colors = [palette.get(label, OTHER) for label, _ in shown]
         bars = ax.bar(labels, values, color=colors)
         ax.bar_label(bars, fmt="%.4g", fontsize=8, padding=2)
         if name in NOMINAL:
@@ -218,8 +223,6 @@ def ensemble_spread(metric: str, member_values: list[float], ensemble_value: flo
     return to_png(fig)
 
 
-STRONG = "#2ca02c"
-BLEND = "#9467bd"
 
 
 def walk_forward_figure(summary: dict) -> Figure:
