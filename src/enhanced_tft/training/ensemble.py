@@ -280,7 +280,11 @@ def _blend(cfg: Config, task: Task, data: DataBundle, members: list[MemberResult
     val, test = data.splits["val"], data.splits["test"]
     model_val = torch.from_numpy(ensemble_mean(member_stack([m.val_prediction for m in members])))
     model_test = torch.from_numpy(ensemble_mean(member_stack([m.prediction for m in members])))
-    weight = blend.fit_weight(task, model_val, strong.prediction_val, val.outcomes()[0])
+    try:
+        weight = blend.fit_weight(task, model_val, strong.prediction_val, val.outcomes()[0])
+    except ValueError as err:   # no val sample: the trained run's summary is kept without a blend
+        log.info("blend left out: %s", err)
+        return None
     blended_val = blend.mix(model_val, strong.prediction_val, weight.model)
     blended_test = blend.mix(model_test, strong.prediction_test, weight.model)
     scale = data.target_scale()
