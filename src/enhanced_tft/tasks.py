@@ -306,15 +306,9 @@ class _TargetValues(Task):
         return ((forward_target - target_scale.mean) / target_scale.std).astype(np.float32)
 
     def prediction_loss(self, prediction, target):
-        """Squared error of the scaled value (quantiles: the mean pinball loss), whatever the training loss; for a
-        log target (qlike, log_mse) that is the squared error of log volatility."""
-        import torch
-        prediction, target = prediction.float(), target.float()
-        if prediction.ndim == 1:
-            return (prediction - target) ** 2
-        levels = torch.tensor(QUANTILES, device=prediction.device)
-        error = target.unsqueeze(1) - prediction                                               # (N, Q)
-        return torch.maximum(levels * error, (levels - 1) * error).mean(dim=1)
+        """Squared error of the scaled value, whatever the training loss; for a log target (qlike, log_mse) that
+        is the squared error of log volatility."""
+        return (prediction.float() - target.float()) ** 2
 
     def volatility_loss_of(self, prediction_B, target_B):
         """qlike or log_mse per sample on log volatility (prediction and target in log units, centred alike):
@@ -378,6 +372,9 @@ class QuantileRegression(_TargetValues):
 
     def predict(self, output_BO):
         return output_BO.float().sort(dim=1).values   # keeps P10 <= P50 <= P90
+
+    def prediction_loss(self, prediction, target):   # the mean pinball loss, as in training
+        return self.loss(prediction, target)
 
     def metrics(self, prediction, target, raw, scale):
         import torch
